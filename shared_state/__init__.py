@@ -1,0 +1,41 @@
+"""Routing state shared by all gateway replicas, kept in Redis and changed by Lua scripts."""
+
+from .errors import InvalidInput, StateError, StoreUnavailable, UnknownNode, UnknownStrategy
+from .keys import KeySchema
+from .model import (
+    Lease,
+    Node,
+    NodeState,
+    NodeStatus,
+    Outcome,
+    Pick,
+    Registry,
+    Release,
+    Role,
+    Strategy,
+)
+from .registry import RegistryView, normalize_url
+from .store import Store, StoreSettings
+
+__all__ = [
+    "InvalidInput",
+    "KeySchema",
+    "Lease",
+    "Node",
+    "NodeState",
+    "NodeStatus",
+    "Outcome",
+    "Pick",
+    "Registry",
+    "RegistryView",
+    "Release",
+    "Role",
+    "StateError",
+    "Store",
+    "StoreSettings",
+    "StoreUnavailable",
+    "Strategy",
+    "UnknownNode",
+    "UnknownStrategy",
+    "normalize_url",
+]

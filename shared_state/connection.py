@@ -1,0 +1,86 @@
+"""Opening the store: a Redis URL (redis, rediss, unix, sentinel) or the embedded store."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from .errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_URLS = frozenset({"", "embedded", "memory://"})
+SENTINEL_SCHEMES = frozenset({"redis+sentinel", "sentinel"})
+
+
+def is_embedded(url: str | None) -> bool:
+    return url is None or url.strip() in EMBEDDED_URLS
+
+
+def open_redis(url: str | None, *, timeout_s: float = 0.5) -> aioredis.Redis:
+    """Return a client for ``url``; ``None`` or ``embedded`` gives the in-process store.
+
+    Timeouts are short on purpose: a frozen Redis must not stall requests for seconds, the
+    caller falls back instead. One retry covers a connection dropped by an idle timeout.
+    """
+    if is_embedded(url):
+        return _open_embedded()
+    assert url is not None
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+        "decode_responses": True,
+        "health_check_interval": 30,
+    }
+    scheme = urlsplit(url).scheme
+    if scheme in SENTINEL_SCHEMES:
+        return _open_sentinel(url, options)
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise InvalidInput(
+            f"unsupported store URL scheme {scheme!r}: use redis://, rediss://, unix:// "
+            "or redis+sentinel://"
+        )
+    try:
+        return aioredis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise InvalidInput(f"bad store URL: {exc}") from None
+
+
+def _open_embedded() -> aioredis.Redis:
+    import fakeredis
+
+    client: aioredis.Redis = fakeredis.FakeAsyncRedis(
+        server=fakeredis.FakeServer(), decode_responses=True
+    )
+    return client
+
+
+def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
+    """``redis+sentinel://[:password@]host:port[,host:port]/service[/db]``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    password = unquote(parts.password) if parts.password else None
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidInput(f"bad sentinel address {item!r} in store URL")
+        hosts.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise InvalidInput("sentinel URL needs a service name: redis+sentinel://h:p/service")
+    db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts,
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+    )
+    master: aioredis.Redis = sentinel.master_for(path[0], password=password, db=db, **options)
+    return master

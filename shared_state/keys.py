@@ -1,0 +1,56 @@
+"""The key schema: every key fleetgate keeps in Redis, under one prefix with a hash tag.
+
+All keys share the tag ``{prefix}``, so every script's keys live in one Redis Cluster slot.
+This schema is a public interface (ops tools write it): see docs/state.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    """Builds key names; the hash tag comes from :meth:`tag` alone, the one place to change it."""
+
+    prefix: str = "fleetgate"
+
+    def tag(self) -> str:
+        return "{" + self.prefix + "}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.tag()}:nodes"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.tag()}:epoch"
+
+    @property
+    def cursor(self) -> str:
+        return f"{self.tag()}:rr"
+
+    @property
+    def ejected(self) -> str:
+        return f"{self.tag()}:ejected"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.tag()}:replicas"
+
+    @property
+    def session_ids(self) -> str:
+        return f"{self.tag()}:session_ids"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.tag()}:node:{node_id}"
+
+    def leases(self, node_id: str) -> str:
+        return f"{self.tag()}:leases:{node_id}"
+
+    def latencies(self, node_id: str) -> str:
+        return f"{self.tag()}:lat:{node_id}"
+
+    def node_keys(self, node_id: str) -> tuple[str, str, str]:
+        """The node hash, lease set and latency list of one node, in pick.lua's order."""
+        return self.node(node_id), self.leases(node_id), self.latencies(node_id)

@@ -1,0 +1,221 @@
+-- pick.lua: choose a node for one request and reserve a lease on it, atomically.
+--
+-- KEYS[1]  registry epoch (string int)
+-- KEYS[2]  round-robin cursor (string int)
+-- KEYS[3*i], KEYS[3*i+1], KEYS[3*i+2] for candidate i = 1..n:
+--          node hash, lease sorted set, latency list
+-- ARGV[1]  lease member "<replica>:<request-id>"
+-- ARGV[2]  strategy name
+-- ARGV[3]  lease time, ms
+-- ARGV[4]  random seed, integer in [1, 2147483646] (randomness comes from the caller)
+-- ARGV[5]  model name
+-- ARGV[6]  role wanted (1 Hybrid, 2 Prefill, 3 Decode; 0 any)
+-- ARGV[7]  latency prior for nodes without history, ms (0: mean of the others)
+-- ARGV[8]  exploration probability for min_observed_latency, 0..1
+-- ARGV[9]  age after which scraped cache usage is stale, ms
+-- ARGV[10] default cache share of one request for min_cache_usage, 0..1
+--
+-- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known}:
+--   node_id ""       when no candidate could take the request;
+--   in_flight_after  leases on the winner after reserving;
+--   score            the winner's score under the strategy, as a string;
+--   reused 1         when the member already held a lease (a retried call), which is renewed
+--                    instead of a second lease being taken.
+--
+-- Invariant: a member holds at most one lease in the whole registry; expired leases of every
+-- candidate are pruned before counting, so a crashed replica's leases never count.
+local member = ARGV[1]
+local strategy = ARGV[2]
+local lease_ms = tonumber(ARGV[3])
+local seed = tonumber(ARGV[4])
+local model = ARGV[5]
+local role = tonumber(ARGV[6])
+local prior_ms = tonumber(ARGV[7])
+local explore = tonumber(ARGV[8])
+local stale_ms = tonumber(ARGV[9])
+local default_share = tonumber(ARGV[10])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
+
+-- Park-Miller generator: products stay below 2^53, so doubles keep it exact.
+local function rnd()
+  seed = (seed * 16807) % 2147483647
+  return seed / 2147483647
+end
+
+local function reply(id, inflight, score, eligible, reused, known)
+  return {id, inflight, tostring(score), epoch, eligible, reused, known}
+end
+
+local needle = '\n' .. model .. '\n'
+local eligible = {}
+local ejected = {}
+local known = 0
+local ncand = (#KEYS - 2) / 3
+for i = 1, ncand do
+  local hkey = KEYS[3 * i]
+  local lkey = KEYS[3 * i + 1]
+  local f = redis.call('HMGET', hkey, 'id', 'state', 'models', 'role', 'speed', 'weight',
+    'ejected_until', 'kv_usage', 'kv_running', 'kv_ts')
+  if f[1] then
+    known = known + 1
+    if redis.call('ZSCORE', lkey, member) then
+      -- The same request asked twice (a client-side retry): keep its one lease.
+      redis.call('ZADD', lkey, now + lease_ms, member)
+      return reply(f[1], redis.call('ZCOUNT', lkey, now, '+inf'), 0, 1, 1, known)
+    end
+    local fits = f[2] == 'active'
+      and string.find(f[3] or '', needle, 1, true) ~= nil
+      and (role == 0 or tonumber(f[4]) == role)
+    if fits then
+      redis.call('ZREMRANGEBYSCORE', lkey, '-inf', '(' .. now)
+      local c = {
+        i = i, id = f[1], inflight = redis.call('ZCARD', lkey),
+        speed = tonumber(f[5]), weight = tonumber(f[6]) or 1,
+        kv = tonumber(f[8]), kv_running = tonumber(f[9]), kv_ts = tonumber(f[10]),
+      }
+      if (tonumber(f[7]) or 0) > now then
+        ejected[#ejected + 1] = c
+      else
+        eligible[#eligible + 1] = c
+      end
+    end
+  end
+end
+
+-- Panic mode: when every fitting node is ejected, routing to them beats refusing everything.
+if #eligible == 0 then
+  eligible = ejected
+end
+local n = #eligible
+if n == 0 then
+  return reply('', 0, 0, 0, 0, known)
+end
+
+-- Nodes without a speed count as the mean of those with one (1 when none has one).
+local function fill_speeds()
+  local sum, cnt = 0, 0
+  for _, c in ipairs(eligible) do
+    if c.speed and c.speed > 0 then
+      sum = sum + c.speed
+      cnt = cnt + 1
+    end
+  end
+  local mean = 1
+  if cnt > 0 then mean = sum / cnt end
+  for _, c in ipairs(eligible) do
+    if not (c.speed and c.speed > 0) then c.speed = mean end
+  end
+end
+
+-- Lowest score wins; equal scores are broken uniformly at random.
+local function argmin(list)
+  local best, ties = nil, 0
+  for _, c in ipairs(list) do
+    if best == nil or c.score < best.score - 1e-12 then
+      best, ties = c, 1
+    elseif math.abs(c.score - best.score) <= 1e-12 then
+      ties = ties + 1
+      if rnd() * ties < 1 then best = c end
+    end
+  end
+  return best
+end
+
+local function expected_latency()
+  fill_speeds()
+  for _, c in ipairs(eligible) do c.score = (c.inflight + 1) / c.speed end
+  return argmin(eligible)
+end
+
+local winner
+if strategy == 'least_connections' then
+  for _, c in ipairs(eligible) do c.score = c.inflight end
+  winner = argmin(eligible)
+elseif strategy == 'min_expected_latency' then
+  winner = expected_latency()
+elseif strategy == 'random' then
+  fill_speeds()
+  local total = 0
+  for _, c in ipairs(eligible) do
+    c.score = c.speed * c.weight
+    total = total + c.score
+  end
+  local r = rnd() * total
+  winner = eligible[n]
+  for _, c in ipairs(eligible) do
+    r = r - c.score
+    if r < 0 then
+      winner = c
+      break
+    end
+  end
+elseif strategy == 'round_robin' then
+  local cursor = redis.call('INCR', KEYS[2])
+  winner = eligible[(cursor - 1) % n + 1]
+  winner.score = cursor
+elseif strategy == 'min_observed_latency' then
+  local sum, cnt = 0, 0
+  for _, c in ipairs(eligible) do
+    local samples = redis.call('LRANGE', KEYS[3 * c.i + 2], 0, -1)
+    if #samples > 0 then
+      local s = 0
+      for _, v in ipairs(samples) do s = s + tonumber(v) end
+      c.score = s / #samples
+      sum = sum + c.score
+      cnt = cnt + 1
+    end
+  end
+  -- A node with no history gets a prior (by default the mean of the others), so it is tried
+  -- rather than starved, and does not win every pick at cold start either.
+  local prior = prior_ms
+  if prior <= 0 then
+    prior = 0
+    if cnt > 0 then prior = sum / cnt end
+  end
+  for _, c in ipairs(eligible) do
+    if c.score == nil then c.score = prior end
+  end
+  if n > 1 and rnd() < explore then
+    winner = eligible[math.floor(rnd() * n) + 1]
+  elseif n <= 2 then
+    winner = argmin(eligible)
+  else
+    -- Power of two choices: the best of two random nodes, so replicas reading the same
+    -- slightly stale means do not all herd onto one node.
+    local a = math.floor(rnd() * n) + 1
+    local b = math.floor(rnd() * (n - 1)) + 1
+    if b >= a then b = b + 1 end
+    winner = argmin({eligible[a], eligible[b]})
+  end
+elseif strategy == 'min_cache_usage' then
+  local fresh = true
+  for _, c in ipairs(eligible) do
+    if not (c.kv and c.kv_ts and now - c.kv_ts <= stale_ms) then
+      fresh = false
+      break
+    end
+  end
+  if fresh then
+    -- Scraped usage plus the requests reserved since, each costing the node's own share of
+    -- the cache, so a burst does not herd onto one node for a whole scrape interval.
+    for _, c in ipairs(eligible) do
+      local share = default_share
+      if c.kv_running and c.kv_running > 0 and c.kv > 0 then share = c.kv / c.kv_running end
+      local since = c.inflight - (c.kv_running or 0)
+      if since < 0 then since = 0 end
+      c.score = c.kv + share * since
+    end
+    winner = argmin(eligible)
+  else
+    winner = expected_latency()
+  end
+else
+  return redis.error_reply('unknown strategy ' .. strategy)
+end
+
+local lkey = KEYS[3 * winner.i + 1]
+redis.call('ZADD', lkey, now + lease_ms, member)
+return reply(winner.id, winner.inflight + 1, winner.score, n, 0, known)

@@ -1,0 +1,90 @@
+-- release.lua: end a lease; record the request's outcome only if the lease was still held.
+--
+-- KEYS[1]  node hash
+-- KEYS[2]  lease sorted set of the node
+-- KEYS[3]  latency list of the node (newest first)
+-- KEYS[4]  ejected sorted set (node id scored by ejected-until, ms)
+-- ARGV[1]  lease member "<replica>:<request-id>"
+-- ARGV[2]  outcome: "ok", "fail" or "neutral" (client error, cancel: no sample)
+-- ARGV[3]  latency, ms
+-- ARGV[4]  latency window, samples kept
+-- ARGV[5]  failure penalty, ms: a failure is recorded as at least this slow
+-- ARGV[6]  consecutive failures that eject the node
+-- ARGV[7]  first ejection time, ms (doubles per ejection)
+-- ARGV[8]  longest ejection time, ms
+-- ARGV[9]  pool size: active nodes sharing a model with this one, itself included
+-- ARGV[10..] ids of the other nodes of the pool (sent with failures only)
+--
+-- Returns {released, consecutive_failures, ejected_until_ms}: released 0 means the lease had
+-- already expired or been released, and nothing was recorded (releases are idempotent).
+--
+-- Invariant: never more than half of a pool is ejected at once; a failure never lowers a
+-- node's observed latency.
+local member = ARGV[1]
+local outcome = ARGV[2]
+local latency_ms = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local penalty_ms = tonumber(ARGV[5])
+local threshold = tonumber(ARGV[6])
+local base_ms = tonumber(ARGV[7])
+local max_ms = tonumber(ARGV[8])
+local pool = tonumber(ARGV[9])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = redis.call('ZSCORE', KEYS[2], member)
+if not deadline then
+  return {0, 0, 0}
+end
+redis.call('ZREM', KEYS[2], member)
+if tonumber(deadline) < now then
+  -- Expired: the request already stopped counting, so its outcome is not recorded either.
+  return {0, 0, 0}
+end
+if outcome == 'neutral' or redis.call('EXISTS', KEYS[1]) == 0 then
+  return {1, 0, 0}
+end
+
+if outcome == 'ok' then
+  redis.call('LPUSH', KEYS[3], latency_ms)
+  redis.call('LTRIM', KEYS[3], 0, window - 1)
+  redis.call('HINCRBY', KEYS[1], 'ok_total', 1)
+  redis.call('HSET', KEYS[1], 'consecutive_failures', 0)
+  return {1, 0, 0}
+end
+
+if latency_ms < penalty_ms then latency_ms = penalty_ms end
+redis.call('LPUSH', KEYS[3], latency_ms)
+redis.call('LTRIM', KEYS[3], 0, window - 1)
+redis.call('HINCRBY', KEYS[1], 'fail_total', 1)
+local fails = redis.call('HINCRBY', KEYS[1], 'consecutive_failures', 1)
+if fails < threshold then
+  return {1, fails, 0}
+end
+
+local f = redis.call('HMGET', KEYS[1], 'id', 'ejected_until', 'eject_count')
+local until_ms = tonumber(f[2]) or 0
+if until_ms > now then
+  return {1, fails, until_ms}
+end
+local ejected_now = 1
+for i = 10, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[4], ARGV[i])
+  if score and tonumber(score) > now then ejected_now = ejected_now + 1 end
+end
+if ejected_now * 2 > pool then
+  redis.call('HINCRBY', KEYS[1], 'eject_capped_total', 1)
+  return {1, fails, 0}
+end
+local count = tonumber(f[3]) or 0
+-- The backoff forgets a node that stayed healthy for a whole longest-ejection time.
+if until_ms > 0 and now - until_ms > max_ms then count = 0 end
+local span = base_ms * 2 ^ count
+if span > max_ms then span = max_ms end
+until_ms = now + span
+redis.call('HSET', KEYS[1], 'ejected_until', until_ms, 'eject_count', count + 1)
+redis.call('HINCRBY', KEYS[1], 'eject_total', 1)
+redis.call('ZADD', KEYS[4], until_ms, f[1])
+-- After its backoff the node starts again from the prior instead of its failure samples.
+redis.call('DEL', KEYS[3])
+return {1, fails, until_ms}

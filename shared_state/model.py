@@ -1,0 +1,102 @@
+"""Typed values that leave the shared state: nodes, picks, releases, strategies."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Role(enum.IntEnum):
+    """A node's serving role, numbered as LMDeploy numbers them."""
+
+    HYBRID = 1
+    PREFILL = 2
+    DECODE = 3
+
+
+class NodeState(enum.StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+
+
+class Strategy(enum.StrEnum):
+    RANDOM = "random"
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONNECTIONS = "least_connections"
+    MIN_EXPECTED_LATENCY = "min_expected_latency"
+    MIN_OBSERVED_LATENCY = "min_observed_latency"
+    MIN_CACHE_USAGE = "min_cache_usage"
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended, as the latency history and passive ejection see it."""
+
+    OK = "ok"
+    FAIL = "fail"  # connect error, reset, 502/503/504, timeout: counts as a slow sample
+    NEUTRAL = "neutral"  # client error or cancellation: no sample, no failure
+
+
+class Node(msgspec.Struct, frozen=True, kw_only=True):
+    """One registered node as stored in its hash."""
+
+    id: str
+    url: str
+    models: tuple[str, ...]
+    role: Role = Role.HYBRID
+    speed: float | None = None
+    weight: float = 1.0
+    api_key: str | None = None
+    state: NodeState = NodeState.ACTIVE
+    state_reason: str = ""
+    state_since_ms: int = 0
+    added_ms: int = 0
+    ejected_until_ms: int = 0
+    eject_count: int = 0
+    consecutive_failures: int = 0
+    ok_total: int = 0
+    fail_total: int = 0
+    kv_usage: float | None = None
+    kv_running: int | None = None
+    kv_ts_ms: int | None = None
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A node with its live load: leases in force and recent latencies (seconds)."""
+
+    node: Node
+    in_flight: int
+    latencies_s: tuple[float, ...]
+
+
+class Registry(msgspec.Struct, frozen=True):
+    """A consistent-enough snapshot of the registry, tagged with the epoch it was read at."""
+
+    epoch: int
+    nodes: tuple[Node, ...]
+
+
+class Lease(msgspec.Struct, frozen=True):
+    """A reservation of one request on one node; ``member`` is ``<replica>:<request-id>``."""
+
+    node_id: str
+    member: str
+
+
+class Pick(msgspec.Struct, frozen=True, kw_only=True):
+    """The winner of pick-and-reserve and why it won."""
+
+    lease: Lease
+    node: Node
+    in_flight: int
+    score: float
+    epoch: int
+    eligible: int
+    reused: bool
+
+
+class Release(msgspec.Struct, frozen=True, kw_only=True):
+    released: bool
+    consecutive_failures: int
+    ejected_until_ms: int

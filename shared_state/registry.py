@@ -1,0 +1,161 @@
+"""Encoding nodes to and from their Redis hash, validation, and a cached view of the registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+from .errors import InvalidInput
+from .model import Node, NodeState, Registry, Role
+
+MODELS_SEPARATOR = "\n"
+
+
+def normalize_url(url: object) -> str:
+    """Return the canonical form of a node URL (its id), or raise :class:`InvalidInput`."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput("node url must be a non-empty string")
+    text = url.strip()
+    if any(c.isspace() for c in text):
+        raise InvalidInput(f"node url {text!r} contains whitespace")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidInput(f"node url {text!r} is malformed: {exc}") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise InvalidInput(f"node url {text!r} must be http(s)://host[:port]")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidInput(f"node url {text!r} must not carry credentials, query or fragment")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def validate_models(models: Iterable[object]) -> tuple[str, ...]:
+    out: list[str] = []
+    for m in models:
+        if not isinstance(m, str) or not m.strip() or MODELS_SEPARATOR in m:
+            raise InvalidInput(f"model name {m!r} must be a non-empty single-line string")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise InvalidInput("a node needs at least one model")
+    return tuple(out)
+
+
+def validate_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{name} must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidInput(f"{name} must be a positive number")
+    return number
+
+
+def validate_role(role: object) -> Role:
+    if isinstance(role, int) and not isinstance(role, bool) and role in Role._value2member_map_:
+        return Role(role)
+    raise InvalidInput(f"role must be 1 (Hybrid), 2 (Prefill) or 3 (Decode), not {role!r}")
+
+
+def encode_models(models: Iterable[str]) -> str:
+    """Models as pick.lua searches them: each name between newlines."""
+    return MODELS_SEPARATOR + MODELS_SEPARATOR.join(models) + MODELS_SEPARATOR
+
+
+def _int(fields: Mapping[str, str], name: str, default: int = 0) -> int:
+    value = fields.get(name)
+    return int(float(value)) if value else default
+
+
+def _float(fields: Mapping[str, str], name: str) -> float | None:
+    value = fields.get(name)
+    return float(value) if value else None
+
+
+def decode_node(fields: Mapping[str, str]) -> Node:
+    """Turn a node hash (as HGETALL returns it) into a :class:`Node`."""
+    models = tuple(m for m in fields.get("models", "").split(MODELS_SEPARATOR) if m)
+    state = fields.get("state", NodeState.ACTIVE.value)
+    role = _int(fields, "role", Role.HYBRID)
+    kv_running = fields.get("kv_running")
+    return Node(
+        id=fields["id"],
+        url=fields.get("url", fields["id"]),
+        models=models,
+        role=Role(role) if role in Role._value2member_map_ else Role.HYBRID,
+        speed=_float(fields, "speed"),
+        weight=_float(fields, "weight") or 1.0,
+        api_key=fields.get("api_key") or None,
+        state=NodeState(state) if state in NodeState._value2member_map_ else NodeState.UNHEALTHY,
+        state_reason=fields.get("state_reason", ""),
+        state_since_ms=_int(fields, "state_since_ms"),
+        added_ms=_int(fields, "added_ms"),
+        ejected_until_ms=_int(fields, "ejected_until"),
+        eject_count=_int(fields, "eject_count"),
+        consecutive_failures=_int(fields, "consecutive_failures"),
+        ok_total=_int(fields, "ok_total"),
+        fail_total=_int(fields, "fail_total"),
+        kv_usage=_float(fields, "kv_usage"),
+        kv_running=int(float(kv_running)) if kv_running else None,
+        kv_ts_ms=_int(fields, "kv_ts") or None,
+    )
+
+
+class RegistryView:
+    """A replica's cached copy of the registry, indexed by model; replaced when the epoch moves."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.by_id = {n.id: n for n in registry.nodes}
+        index: dict[str, list[str]] = {}
+        for node in sorted(registry.nodes, key=lambda n: n.id):
+            for model in node.models:
+                index.setdefault(model, []).append(node.id)
+        self._by_model = {m: tuple(ids) for m, ids in index.items()}
+
+    @property
+    def epoch(self) -> int:
+        return self.registry.epoch
+
+    def serves(self, model: str) -> bool:
+        return model in self._by_model
+
+    def models(self, *, active_only: bool = True) -> list[str]:
+        """The de-duplicated models of the registry, in first-registered order of their nodes."""
+        seen: dict[str, None] = {}
+        for node in sorted(self.registry.nodes, key=lambda n: (n.added_ms, n.id)):
+            if active_only and node.state is not NodeState.ACTIVE:
+                continue
+            for m in node.models:
+                seen.setdefault(m, None)
+        return list(seen)
+
+    def candidates(self, model: str, role: int = 0, exclude: Iterable[str] = ()) -> list[str]:
+        """Active nodes serving ``model`` in ``role`` (0: any), ordered by id."""
+        skip = set(exclude)
+        out = []
+        for node_id in self._by_model.get(model, ()):
+            node = self.by_id[node_id]
+            if node_id in skip or node.state is not NodeState.ACTIVE:
+                continue
+            if role and node.role != role:
+                continue
+            out.append(node_id)
+        return out
+
+    def pool(self, node_id: str) -> list[str]:
+        """Active nodes sharing a model with ``node_id``, itself included."""
+        node = self.by_id.get(node_id)
+        if node is None:
+            return [node_id]
+        ids = {node_id}
+        for model in node.models:
+            for other in self._by_model.get(model, ()):
+                if self.by_id[other].state is NodeState.ACTIVE:
+                    ids.add(other)
+        return sorted(ids)

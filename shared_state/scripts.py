@@ -1,0 +1,32 @@
+"""The Lua scripts of shared_state/lua, loaded once and run by SHA with a fallback to EVAL."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+
+class Script:
+    """One ``.lua`` file; runs with EVALSHA and loads itself when the server lacks it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+PICK = Script("pick")
+RELEASE = Script("release")
+RENEW = Script("renew")
+NODE_UPSERT = Script("node_upsert")
+NODE_REMOVE = Script("node_remove")

@@ -1,0 +1,458 @@
+"""The typed async API over the shared state: registry, pick-and-reserve, release, renew.
+
+This is the only module that issues Redis commands. Replies become msgspec Structs or ints
+before they leave it; Redis failures become :class:`StoreUnavailable` within the short
+socket timeout, and a breaker then fails fast until the store answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from . import scripts
+from .connection import is_embedded, open_redis
+from .errors import InvalidInput, StoreUnavailable, UnknownNode, UnknownStrategy
+from .keys import KeySchema
+from .model import (
+    Lease,
+    Node,
+    NodeState,
+    NodeStatus,
+    Outcome,
+    Pick,
+    Registry,
+    Release,
+    Role,
+    Strategy,
+)
+from .registry import (
+    RegistryView,
+    decode_node,
+    encode_models,
+    normalize_url,
+    validate_models,
+    validate_positive,
+    validate_role,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Tunables of routing state; times in milliseconds as the scripts take them."""
+
+    lease_ms: int = 30_000
+    latency_window: int = 15
+    latency_prior_ms: float = 0.0  # 0: a new node's prior is the mean of the others
+    explore: float = 0.02
+    failure_penalty_ms: float = 10_000.0
+    eject_threshold: int = 5
+    eject_base_ms: int = 5_000
+    eject_max_ms: int = 300_000
+    cache_stale_ms: int = 15_000
+    cache_share: float = 0.02
+    full_scan_limit: int = 32
+    sample_size: int = 8
+    breaker_cooldown_s: float = 1.0
+
+
+_REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
+
+
+class Store:
+    """Shared routing state of one gateway replica (or of an ops tool)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        schema: KeySchema | None = None,
+        settings: StoreSettings | None = None,
+        rng: random.Random | None = None,
+        embedded: bool = False,
+    ) -> None:
+        self.client = client
+        self.keys = schema or KeySchema()
+        self.settings = settings or StoreSettings()
+        self.embedded = embedded
+        self._rng = rng or random.Random()
+        self._view: RegistryView | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._open_until = 0.0
+
+    @classmethod
+    def open(
+        cls,
+        url: str | None,
+        *,
+        prefix: str = "fleetgate",
+        timeout_s: float = 0.5,
+        settings: StoreSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> Store:
+        """Open the store at ``url`` (``None``: the embedded, in-process store)."""
+        return cls(
+            open_redis(url, timeout_s=timeout_s),
+            schema=KeySchema(prefix),
+            settings=settings,
+            rng=rng,
+            embedded=is_embedded(url),
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # -- failure handling -------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        """True while the breaker is open: the store failed within the cooldown."""
+        return time.monotonic() < self._open_until
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        if self.degraded:
+            raise StoreUnavailable("store unreachable (breaker open)")
+        try:
+            yield
+        except _REDIS_DOWN as exc:
+            self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            raise StoreUnavailable(f"store unreachable: {exc}") from None
+        except rexc.ResponseError as exc:
+            if "unknown node" in str(exc):
+                raise UnknownNode(str(exc).split("unknown node", 1)[-1].strip()) from None
+            raise
+
+    async def _run(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        async with self._guard():
+            return await script(self.client, keys, args)
+
+    async def ping(self) -> bool:
+        """True when the store answers now (ignores the breaker)."""
+        try:
+            await self.client.ping()
+        except _REDIS_DOWN:
+            self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            return False
+        self._open_until = 0.0
+        return True
+
+    # -- registry ---------------------------------------------------------------------
+
+    async def add_node(
+        self,
+        url: str,
+        models: Iterable[str],
+        *,
+        role: int = Role.HYBRID,
+        speed: float | None = None,
+        weight: float = 1.0,
+        api_key: str | None = None,
+        state: NodeState = NodeState.ACTIVE,
+        reason: str = "registered",
+    ) -> tuple[Node, bool]:
+        """Register a node, or update it if its URL is known; returns it and whether it is new."""
+        node_id = normalize_url(url)
+        fields: dict[str, str] = {
+            "url": node_id,
+            "models": encode_models(validate_models(models)),
+            "role": str(int(validate_role(role))),
+            "speed": "" if speed is None else repr(validate_positive("speed", speed)),
+            "weight": repr(validate_positive("weight", weight)),
+            "api_key": api_key or "",
+            "state": NodeState(state).value,
+            "state_reason": reason,
+        }
+        created = await self._upsert(node_id, fields, create=True)
+        return await self.get_node(node_id), created
+
+    async def update_node(
+        self,
+        url: str,
+        *,
+        models: Iterable[str] | None = None,
+        role: int | None = None,
+        speed: float | None = None,
+        weight: float | None = None,
+        api_key: str | None = None,
+    ) -> Node:
+        """Change some fields of a known node (``api_key=""`` removes its key)."""
+        node_id = normalize_url(url)
+        fields: dict[str, str] = {}
+        if models is not None:
+            fields["models"] = encode_models(validate_models(models))
+        if role is not None:
+            fields["role"] = str(int(validate_role(role)))
+        if speed is not None:
+            fields["speed"] = repr(validate_positive("speed", speed))
+        if weight is not None:
+            fields["weight"] = repr(validate_positive("weight", weight))
+        if api_key is not None:
+            fields["api_key"] = api_key
+        await self._upsert(node_id, fields, create=False)
+        return await self.get_node(node_id)
+
+    async def set_state(self, url: str, state: NodeState, reason: str = "") -> Node:
+        """Move a known node to ``state``, recording why; every replica sees it at once."""
+        node_id = normalize_url(url)
+        state = NodeState(state)
+        await self._upsert(node_id, {"state": state.value, "state_reason": reason}, create=False)
+        return await self.get_node(node_id)
+
+    async def drain(self, url: str) -> Node:
+        """Stop routing new requests to a node; requests in flight finish."""
+        return await self.set_state(url, NodeState.DRAINING, "drained by operator")
+
+    async def _upsert(self, node_id: str, fields: dict[str, str], *, create: bool) -> bool:
+        flat = [v for kv in fields.items() for v in kv]
+        keys = [self.keys.nodes, self.keys.node(node_id), self.keys.epoch]
+        created, _epoch = await self._run(
+            scripts.NODE_UPSERT, keys, [node_id, "1" if create else "0", *flat]
+        )
+        return bool(created)
+
+    async def remove_node(self, url: str) -> None:
+        """Remove a node with its leases and history; :class:`UnknownNode` if it is not there."""
+        node_id = normalize_url(url)
+        keys = [
+            self.keys.nodes,
+            *self.keys.node_keys(node_id),
+            self.keys.ejected,
+            self.keys.epoch,
+        ]
+        removed, _epoch = await self._run(scripts.NODE_REMOVE, keys, [node_id])
+        if not removed:
+            raise UnknownNode(node_id)
+
+    async def get_node(self, url: str) -> Node:
+        node_id = normalize_url(url)
+        async with self._guard():
+            fields = cast(dict[str, str], await self.client.hgetall(self.keys.node(node_id)))
+        if not fields:
+            raise UnknownNode(node_id)
+        return decode_node(fields)
+
+    async def epoch(self) -> int:
+        async with self._guard():
+            value = await self.client.get(self.keys.epoch)
+        return int(value or 0)
+
+    async def registry(self) -> Registry:
+        """Read the whole registry (ops tools and cache refreshes; never per request)."""
+        async with self._guard():
+            members = cast(set[str], await self.client.smembers(self.keys.nodes))
+            ids = sorted(members)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self.keys.epoch)
+                for node_id in ids:
+                    pipe.hgetall(self.keys.node(node_id))
+                replies = await pipe.execute()
+        nodes = tuple(decode_node(f) for f in replies[1:] if f)
+        return Registry(int(replies[0] or 0), nodes)
+
+    async def view(self) -> RegistryView:
+        """The cached registry view, read from the store on first use."""
+        if self._view is None:
+            await self.refresh()
+        assert self._view is not None
+        return self._view
+
+    @property
+    def cached_view(self) -> RegistryView | None:
+        """The last registry view read, even while the store is unreachable."""
+        return self._view
+
+    async def refresh(self, seen_epoch: int | None = None) -> RegistryView:
+        """Re-read the registry, unless a concurrent refresh already reached ``seen_epoch``."""
+        async with self._refresh_lock:
+            view = self._view
+            if view is not None and seen_epoch is not None and view.epoch >= seen_epoch:
+                return view
+            self._view = RegistryView(await self.registry())
+            return self._view
+
+    async def status(self) -> list[NodeStatus]:
+        """Every node with its leases in force and recent latencies."""
+        registry = await self.registry()
+        async with self._guard():
+            sec, usec = await self.client.time()
+            now_ms = int(sec) * 1000 + int(usec) // 1000
+            async with self.client.pipeline(transaction=False) as pipe:
+                for node in registry.nodes:
+                    pipe.zcount(self.keys.leases(node.id), now_ms, "+inf")
+                    pipe.lrange(self.keys.latencies(node.id), 0, -1)
+                replies = await pipe.execute()
+        return [
+            NodeStatus(
+                node=node,
+                in_flight=int(replies[2 * i]),
+                latencies_s=tuple(float(v) / 1000 for v in replies[2 * i + 1]),
+            )
+            for i, node in enumerate(registry.nodes)
+        ]
+
+    async def in_flight(self, url: str) -> int:
+        """Leases in force on one node."""
+        node_id = normalize_url(url)
+        async with self._guard():
+            sec, usec = await self.client.time()
+            now_ms = int(sec) * 1000 + int(usec) // 1000
+            return int(await self.client.zcount(self.keys.leases(node_id), now_ms, "+inf"))
+
+    # -- routing ----------------------------------------------------------------------
+
+    async def pick(
+        self,
+        model: str,
+        *,
+        strategy: Strategy | str,
+        replica: str,
+        request_id: str,
+        role: int = 0,
+        exclude: Iterable[str] = (),
+        seed: int | None = None,
+    ) -> Pick | None:
+        """Choose a node for ``model`` and reserve a lease on it, in one atomic script.
+
+        ``None`` when no active node can take it. Calling again with the same replica and
+        request id while the lease is held returns the same node and keeps one lease.
+        """
+        strategy = _strategy(strategy)
+        if not isinstance(model, str) or not model:
+            raise InvalidInput("model must be a non-empty string")
+        if not replica or not request_id or ":" in replica:
+            raise InvalidInput("replica and request id must be non-empty (replica without ':')")
+        view = await self.view()
+        result = await self._pick_once(
+            view, model, strategy, replica, request_id, role, exclude, seed
+        )
+        if result is not None and result[0] is not None:
+            return result[0]
+        # No candidate in the cache may only mean the cache is old: ask the epoch.
+        epoch = result[1] if result is not None else await self.epoch()
+        if epoch != view.epoch:
+            # The registry moved since this replica cached it: try once more on the new one.
+            view = await self.refresh(epoch)
+            again = await self._pick_once(
+                view, model, strategy, replica, request_id, role, exclude, seed
+            )
+            if again is not None:
+                return again[0]
+        return None
+
+    async def _pick_once(
+        self,
+        view: RegistryView,
+        model: str,
+        strategy: Strategy,
+        replica: str,
+        request_id: str,
+        role: int,
+        exclude: Iterable[str],
+        seed: int | None,
+    ) -> tuple[Pick | None, int] | None:
+        candidates = view.candidates(model, role, exclude)
+        if not candidates:
+            return None
+        limit = self.settings.full_scan_limit
+        if len(candidates) > limit and strategy is not Strategy.ROUND_ROBIN:
+            # Past the limit a random sample keeps the script's cost flat in the fleet size.
+            candidates = self._rng.sample(candidates, self.settings.sample_size)
+        keys = [self.keys.epoch, self.keys.cursor]
+        for node_id in candidates:
+            keys.extend(self.keys.node_keys(node_id))
+        s = self.settings
+        args = [
+            f"{replica}:{request_id}",
+            strategy.value,
+            s.lease_ms,
+            seed if seed is not None else self._rng.randint(1, 2_147_483_646),
+            model,
+            int(role),
+            s.latency_prior_ms,
+            s.explore,
+            s.cache_stale_ms,
+            s.cache_share,
+        ]
+        node_id, in_flight, score, epoch, eligible, reused, _known = await self._run(
+            scripts.PICK, keys, args
+        )
+        epoch = int(epoch)
+        if epoch != view.epoch:
+            asyncio.get_running_loop().create_task(self._quiet_refresh(epoch))
+        if not node_id:
+            return None, epoch
+        node = view.by_id[node_id]
+        return (
+            Pick(
+                lease=Lease(node_id, f"{replica}:{request_id}"),
+                node=node,
+                in_flight=int(in_flight),
+                score=float(score),
+                epoch=epoch,
+                eligible=int(eligible),
+                reused=bool(reused),
+            ),
+            epoch,
+        )
+
+    async def _quiet_refresh(self, epoch: int) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.refresh(epoch)
+
+    async def release(self, lease: Lease, outcome: Outcome, latency_s: float) -> Release:
+        """End ``lease``; record ``outcome`` and ``latency_s`` only if the lease was held."""
+        outcome = Outcome(outcome)
+        s = self.settings
+        pool: list[str] = []
+        if outcome is Outcome.FAIL:
+            view = self._view
+            pool = view.pool(lease.node_id) if view is not None else [lease.node_id]
+        others = [p for p in pool if p != lease.node_id]
+        keys = [*self.keys.node_keys(lease.node_id), self.keys.ejected]
+        args = [
+            lease.member,
+            outcome.value,
+            round(max(latency_s, 0.0) * 1000, 3),
+            s.latency_window,
+            s.failure_penalty_ms,
+            s.eject_threshold,
+            s.eject_base_ms,
+            s.eject_max_ms,
+            max(len(pool), 1),
+            *others,
+        ]
+        released, fails, until = await self._run(scripts.RELEASE, keys, args)
+        return Release(
+            released=bool(released), consecutive_failures=int(fails), ejected_until_ms=int(until)
+        )
+
+    async def renew(self, replica: str, leases: Iterable[Lease]) -> int:
+        """Extend all of ``replica``'s live leases in one call; returns how many were renewed."""
+        by_node: dict[str, list[str]] = defaultdict(list)
+        for lease in leases:
+            by_node[lease.node_id].append(lease.member)
+        keys = [self.keys.replicas]
+        args: list[Any] = [replica, self.settings.lease_ms]
+        for node_id, members in by_node.items():
+            keys.append(self.keys.leases(node_id))
+            args.append(len(members))
+            args.extend(members)
+        return int(await self._run(scripts.RENEW, keys, args))
+
+
+def _strategy(value: Strategy | str) -> Strategy:
+    try:
+        return Strategy(value)
+    except ValueError:
+        names = ", ".join(s.value for s in Strategy)
+        raise UnknownStrategy(f"unknown strategy {value!r}; expected one of: {names}") from None
