@@ -117,6 +117,8 @@ class RegistryView:
             for model in node.models:
                 index.setdefault(model, []).append(node.id)
         self._by_model = {m: tuple(ids) for m, ids in index.items()}
+        # Computed on first use per (model, role): the view is immutable for its epoch.
+        self._candidates: dict[tuple[str, int], tuple[str, ...]] = {}
 
     @property
     def epoch(self) -> int:
@@ -137,16 +139,20 @@ class RegistryView:
 
     def candidates(self, model: str, role: int = 0, exclude: Iterable[str] = ()) -> list[str]:
         """Active nodes serving ``model`` in ``role`` (0: any), ordered by id."""
-        skip = set(exclude)
-        out = []
-        for node_id in self._by_model.get(model, ()):
-            node = self.by_id[node_id]
-            if node_id in skip or node.state is not NodeState.ACTIVE:
-                continue
-            if role and node.role != role:
-                continue
-            out.append(node_id)
-        return out
+        key = (model, role)
+        found = self._candidates.get(key)
+        if found is None:
+            found = tuple(
+                node_id
+                for node_id in self._by_model.get(model, ())
+                if self.by_id[node_id].state is NodeState.ACTIVE
+                and (not role or self.by_id[node_id].role == role)
+            )
+            self._candidates[key] = found
+        if exclude:
+            skip = set(exclude)
+            return [n for n in found if n not in skip]
+        return list(found)
 
     def pool(self, node_id: str) -> list[str]:
         """Active nodes sharing a model with ``node_id``, itself included."""

@@ -35,9 +35,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def store_factory(
-    backend: str, redis_server: RedisServer
-) -> AsyncIterator[StoreFactory]:
+async def store_factory(backend: str, redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
     factory = StoreFactory(backend, redis_server)
     await factory.flush()
     yield factory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import random
 import statistics
@@ -35,12 +36,12 @@ async def redis_now_ms(store: Store) -> int:
 async def hold(store: Store, node: str, count: int, tag: str = "held") -> None:
     """Put ``count`` live leases on ``node`` the way another replica would."""
     deadline = await redis_now_ms(store) + 60_000
-    await store.client.zadd(
-        store.keys.leases(node), {f"{tag}:{i}": deadline for i in range(count)}
-    )
+    await store.client.zadd(store.keys.leases(node), {f"{tag}:{i}": deadline for i in range(count)})
 
 
-async def picks(store: Store, n: int, strategy: Strategy, model: str = "m", **kw: object) -> list[str]:
+async def picks(
+    store: Store, n: int, strategy: Strategy, model: str = "m", **kw: object
+) -> list[str]:
     """``n`` sequential pick+release pairs; returns the winners."""
     out = []
     for i in range(n):
@@ -207,18 +208,25 @@ class TestStrategies:
         order = []
         for i in range(9):
             store = one if i % 2 else two
-            p = await store.pick("m", strategy="round_robin", replica=f"r{i % 2}", request_id=str(i))
+            p = await store.pick(
+                "m", strategy="round_robin", replica=f"r{i % 2}", request_id=str(i)
+            )
             assert p is not None
             order.append(p.node.id)
         assert collections.Counter(order) == {A: 3, B: 3, C: 3}
         # Consecutive picks never repeat a node: the cursor is shared, not per replica.
-        assert all(x != y for x, y in zip(order, order[1:], strict=False))
+        assert all(x != y for x, y in itertools.pairwise(order))
 
-    async def _latencies(self, store: Store, node: str, values: list[float], ok: bool = True) -> None:
+    async def _latencies(
+        self, store: Store, node: str, values: list[float], ok: bool = True
+    ) -> None:
         outcome = Outcome.OK if ok else Outcome.FAIL
         for i, v in enumerate(values):
             p = await store.pick(
-                "m", strategy="least_connections", replica="seed", request_id=f"{node}{i}",
+                "m",
+                strategy="least_connections",
+                replica="seed",
+                request_id=f"{node}{i}",
                 exclude=[n for n in (A, B, C, D) if n != node],
             )
             assert p is not None and p.node.id == node
@@ -281,8 +289,12 @@ class TestStrategies:
         await store.add_node(A, ["m"], speed=1)
         await store.add_node(B, ["m"], speed=100)
         now = await redis_now_ms(store)
-        await store.client.hset(store.keys.node(A), mapping={"kv_usage": 0.1, "kv_running": 1, "kv_ts": now})
-        await store.client.hset(store.keys.node(B), mapping={"kv_usage": 0.8, "kv_running": 8, "kv_ts": now})
+        await store.client.hset(
+            store.keys.node(A), mapping={"kv_usage": 0.1, "kv_running": 1, "kv_ts": now}
+        )
+        await store.client.hset(
+            store.keys.node(B), mapping={"kv_usage": 0.8, "kv_running": 8, "kv_ts": now}
+        )
         assert set(await picks(store, 5, Strategy.MIN_CACHE_USAGE)) == {A}
         # A's reserved requests add its per-request share (0.1) until it passes B.
         await hold(store, A, 9)
@@ -325,7 +337,10 @@ class TestFiltering:
         await store.add_node(A, ["m"])
         await store.add_node(B, ["m"])
         assert set(await picks(store, 10, Strategy.RANDOM, exclude=[A])) == {B}
-        assert await store.pick("m", strategy="random", replica="r", request_id="x", exclude=[A, B]) is None
+        assert (
+            await store.pick("m", strategy="random", replica="r", request_id="x", exclude=[A, B])
+            is None
+        )
 
 
 class TestLeases:
@@ -342,7 +357,9 @@ class TestLeases:
         again = await store.release(second.lease, Outcome.OK, 0.1)
         assert not again.released
         assert sum([await store.in_flight(u) for u in (A, B, C)]) == 0
-        assert [s.latencies_s for s in await store.status() if s.node.id == first.node.id] == [(0.1,)]
+        assert [s.latencies_s for s in await store.status() if s.node.id == first.node.id] == [
+            (0.1,)
+        ]
 
     async def test_lease_expires_when_replica_stops_renewing(
         self, store_factory: StoreFactory
@@ -382,8 +399,9 @@ class TestLeases:
 
             async def one(store: Store, replica: str, i: int) -> None:
                 nonlocal peak
-                p = await store.pick("m", strategy="least_connections", replica=replica,
-                                     request_id=f"{tag}{i}")
+                p = await store.pick(
+                    "m", strategy="least_connections", replica=replica, request_id=f"{tag}{i}"
+                )
                 assert p is not None
                 assert p.in_flight >= 1
                 peak = max(peak, p.in_flight)
@@ -391,11 +409,13 @@ class TestLeases:
                 await asyncio.sleep(rng.random() * 0.01)
                 assert (await store.release(p.lease, Outcome.OK, 0.01)).released
 
-            await asyncio.gather(*(
-                one(store, f"rep{k}", i)
-                for k, store in enumerate(stores)
-                for i in range(per_replica * 2 // len(stores))
-            ))
+            await asyncio.gather(
+                *(
+                    one(store, f"rep{k}", i)
+                    for k, store in enumerate(stores)
+                    for i in range(per_replica * 2 // len(stores))
+                )
+            )
             return counts, peak
 
         two = [store_factory(seed=1), store_factory(seed=2)]
@@ -418,11 +438,14 @@ class TestLeases:
         store = store_factory()
         await store.add_node(A, ["m"])
         await store.add_node(B, ["m"])
-        got = [await store.pick("m", strategy="round_robin", replica="r", request_id=str(i)) for i in range(4)]
+        got = [
+            await store.pick("m", strategy="round_robin", replica="r", request_id=str(i))
+            for i in range(4)
+        ]
         leases = [p.lease for p in got if p is not None]
         assert await store.renew("r", leases) == 4
         await store.release(leases[0], Outcome.NEUTRAL, 0)
-        assert await store.renew("r", leases + [Lease(A, "r:ghost")]) == 3
+        assert await store.renew("r", [*leases, Lease(A, "r:ghost")]) == 3
 
     async def test_fleet_above_scan_limit_is_sampled(self, store_factory: StoreFactory) -> None:
         store = store_factory()
@@ -452,8 +475,13 @@ class TestEjection:
         async def fail_on(node: str, times: int) -> int:
             until = 0
             for i in range(times):
-                p = await store.pick("m", strategy="random", replica="r", request_id=f"f{node}{i}",
-                                     exclude=[n for n in (A, B, C) if n != node])
+                p = await store.pick(
+                    "m",
+                    strategy="random",
+                    replica="r",
+                    request_id=f"f{node}{i}",
+                    exclude=[n for n in (A, B, C) if n != node],
+                )
                 assert p is not None and p.node.id == node
                 until = (await store.release(p.lease, Outcome.FAIL, 0.01)).ejected_until_ms
             return until
@@ -465,7 +493,9 @@ class TestEjection:
         assert A not in set(await picks(store, 30, Strategy.RANDOM))
         spans = []
         for _ in range(3):  # let each ejection lapse; the next one failure re-ejects, doubled
-            await store.client.hset(store.keys.node(A), "ejected_until", await redis_now_ms(store) - 1)
+            await store.client.hset(
+                store.keys.node(A), "ejected_until", await redis_now_ms(store) - 1
+            )
             now = await redis_now_ms(store)
             spans.append(await fail_on(A, 1) - now)
         assert 19_000 <= spans[0] <= 21_000
@@ -476,7 +506,9 @@ class TestEjection:
         assert p is not None
         await store.release(p.lease, Outcome.OK, 0.1)
         for i in range(10):
-            p = await store.pick("m", strategy="random", replica="r", request_id=f"4xx{i}", exclude=[B, C])
+            p = await store.pick(
+                "m", strategy="random", replica="r", request_id=f"4xx{i}", exclude=[B, C]
+            )
             assert p is not None
             r = await store.release(p.lease, Outcome.NEUTRAL, 0.001)
             assert r.consecutive_failures == 0 and r.ejected_until_ms == 0
@@ -493,8 +525,13 @@ class TestEjection:
         ejected = 0
         for round_ in range(3):
             for url in nodes:
-                p = await store.pick("m", strategy="random", replica="r", request_id=f"{round_}{url}",
-                                     exclude=[n for n in nodes if n != url])
+                p = await store.pick(
+                    "m",
+                    strategy="random",
+                    replica="r",
+                    request_id=f"{round_}{url}",
+                    exclude=[n for n in nodes if n != url],
+                )
                 assert p is not None
                 if (await store.release(p.lease, Outcome.FAIL, 0.01)).ejected_until_ms:
                     ejected += 1
@@ -515,5 +552,7 @@ class TestEjection:
         assert p is not None
         assert (await store.release(p.lease, Outcome.FAIL, 0.01)).ejected_until_ms == 0
         # Even ejected by hand, the last node still takes traffic (panic mode).
-        await store.client.hset(store.keys.node(A), "ejected_until", await redis_now_ms(store) + 60_000)
+        await store.client.hset(
+            store.keys.node(A), "ejected_until", await redis_now_ms(store) + 60_000
+        )
         assert await picks(store, 3, Strategy.RANDOM) == [A] * 3

@@ -1,0 +1,643 @@
+"""Simulated OpenAI-compatible LLM inference node.
+
+It stands in for vLLM-like backends in tests, benchmarks and the demo: a fixed pool of batch
+slots with a waiting queue, deterministic output ("tok0 tok1 ..."), vLLM-style Prometheus
+gauges, and faults that can be switched on at start-up (``--fault``) or at runtime
+(``POST /sim/fault``) to exercise the gateway's failure handling. With ``--tokens-per-s 0``
+(or ``inf``) and no prefill it never sleeps, so it can serve as the "direct to backend"
+baseline in benchmarks.
+
+Run it with ``python -m gateway.simnode --port 0``; it prints one line
+``fleetgate-sim listening on http://HOST:PORT name=NAME models=M1,M2 slots=N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import math
+import signal
+import socket
+import struct
+import sys
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+FAULT_MODES: Final = frozenset(
+    {"none", "fail", "status_503", "status_429", "hang", "slow"}
+    | {"reset", "die_mid_stream", "unhealthy", "cannot_generate"}
+)
+# Faults that answer with an error status at once: (status, error type, error code).
+_STATUS_FAULTS: Final = {
+    "fail": (500, "server_error", "internal_error"),
+    "cannot_generate": (500, "server_error", "cannot_generate"),
+    "status_503": (503, "server_error", "overloaded"),
+    "status_429": (429, "rate_limit_error", "rate_limit_exceeded"),
+}
+# How often blocked requests look for a client disconnect: aiohttp does not cancel handlers
+# when the peer goes away (handler_cancellation is off by default), so we must notice ourselves.
+_POLL_S: Final = 0.05
+# Shorter waits are folded into the next one: a timer wake-up per token would dominate the CPU
+# cost at high token rates, and clients cannot tell a few milliseconds apart anyway.
+_MIN_SLEEP_S: Final = 0.005
+_MAX_TOKENS_LIMIT: Final = 1_000_000
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE: Final = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    models: tuple[str, ...] = ("sim-model",)
+    slots: int = 8
+    tokens_per_s: float = 50.0  # 0 or inf: instant decode
+    prefill_ms: float = 0.0
+    max_queue: int = 256
+    api_key: str | None = None
+    fault: str = "none"
+    name: str | None = None  # None: "host:port" of the bound socket
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("at least one model is required")
+        if self.slots < 1 or self.max_queue < 0 or self.prefill_ms < 0 or self.tokens_per_s < 0:
+            raise ValueError("slots must be >= 1; max_queue, prefill_ms, tokens_per_s >= 0")
+        if self.fault not in FAULT_MODES:
+            raise ValueError(f"unknown fault mode {self.fault!r}")
+
+
+@dataclass(slots=True)
+class _Fault:
+    mode: str = "none"
+    remaining: int | None = None  # None: until changed
+    delay_s: float = 1.0  # slow: extra seconds before the first byte
+    factor: float = 10.0  # slow: multiplier of prefill and per-token time
+    after_tokens: int = 3  # die_mid_stream: tokens sent before the cut
+
+
+class _ApiError(Exception):
+    """Raised anywhere in a handler to answer with an OpenAI-shaped error."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _ClientGone(Exception):
+    """The peer disconnected (or the server is shutting down): stop working on the request."""
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _count_words(value: object) -> int:
+    """Deterministic stand-in for a tokenizer: words in strings, one per token id."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(_count_words(v) for v in value)
+    if isinstance(value, dict):
+        return _count_words(value.get("content")) + _count_words(value.get("text"))
+    return 0
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    n = body.get("max_completion_tokens")
+    if n is None:
+        n = body.get("max_tokens")
+    if n is None:
+        return 16
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= _MAX_TOKENS_LIMIT:
+        msg = "max_tokens must be a non-negative integer"
+        raise _ApiError(_error(400, msg, param="max_tokens"))
+    return n
+
+
+def _embedding(item: object) -> list[float]:
+    digest = hashlib.blake2b(orjson.dumps(item), digest_size=8).digest()
+    return [round((b - 127.5) / 127.5, 6) for b in digest]
+
+
+def _abort(request: web.Request, rst: bool) -> None:
+    transport = request.transport
+    if transport is None:
+        return
+    if rst:  # linger 0 turns close() into a TCP RST, the way a crashed peer looks
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class SimNode:
+    """State and handlers of one simulated node; ``app[NODE_KEY]`` gives it to tests."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.name = config.name
+        tps = config.tokens_per_s
+        self._dt = 0.0 if tps == 0 or math.isinf(tps) else 1.0 / tps
+        self._prefill = config.prefill_ms / 1000.0
+        self._free = config.slots
+        self._queue: deque[asyncio.Future[None]] = deque()
+        self.running = dict.fromkeys(config.models, 0)
+        self.waiting = dict.fromkeys(config.models, 0)
+        self._n_running = 0
+        self._n_waiting = 0
+        self.served = 0
+        self.requests_total = 0
+        self.fault = _Fault(config.fault)
+        self._fault_epoch = 0  # bumped by explicit changes only, which is what releases "hang"
+        self._closing = False
+        self._conns: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._created = int(time.time())
+        self._ids = itertools.count()
+        self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    # --- state -------------------------------------------------------------------------
+    def set_fault(
+        self,
+        mode: str,
+        count: int | None = None,
+        delay_s: float | None = None,
+        factor: float | None = None,
+        after_tokens: int | None = None,
+    ) -> None:
+        if mode not in FAULT_MODES:
+            raise ValueError(f"unknown fault mode {mode!r}")
+        if count is not None and count < 1:
+            raise ValueError("count must be >= 1")
+        fault = _Fault(mode, count)
+        if delay_s is not None:
+            fault.delay_s = delay_s
+        if factor is not None:
+            fault.factor = factor
+        if after_tokens is not None:
+            fault.after_tokens = after_tokens
+        self.fault = fault
+        self._fault_epoch += 1
+
+    def reset(self) -> None:
+        self.set_fault("none")
+        self.served = 0
+        self.requests_total = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": self._n_running,
+            "waiting": self._n_waiting,
+            "served": self.served,
+            "active_connections": sum(1 for t in self._conns if not t.is_closing()),
+            "fault": self.fault.mode,
+            "fault_remaining": self.fault.remaining,
+            "requests_total": self.requests_total,
+            "slots": self.config.slots,
+        }
+
+    def _consume(self, fault: _Fault) -> None:
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0 and self.fault is fault:
+                self.fault = _Fault()
+
+    def _gone(self, request: web.Request) -> bool:
+        transport = request.transport
+        return self._closing or transport is None or transport.is_closing()
+
+    async def _sleep(self, request: web.Request, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(left, _POLL_S))
+            if self._gone(request):
+                raise _ClientGone
+
+    async def _acquire(self, request: web.Request, model: str) -> None:
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+            return
+        if self._n_waiting >= self.config.max_queue:
+            raise _ApiError(_error(503, "queue is full", "server_error", None, "queue_full"))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(fut)
+        self.waiting[model] += 1
+        self._n_waiting += 1
+        try:
+            while not fut.done():
+                await asyncio.wait((fut,), timeout=_POLL_S)
+                if not fut.done() and self._gone(request):
+                    raise _ClientGone
+        except BaseException:
+            if not fut.done():
+                fut.cancel()
+                self._queue.remove(fut)
+            elif not fut.cancelled():
+                self._release()  # the slot was handed over just as we gave up
+            raise
+        finally:
+            self.waiting[model] -= 1
+            self._n_waiting -= 1
+
+    def _release(self) -> None:
+        while self._queue:
+            fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+    # --- HTTP ----------------------------------------------------------------------------
+    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        transport = request.transport
+        if transport is not None:
+            self._conns.add(transport)
+            if self.name is None:
+                host, port = transport.get_extra_info("sockname")[:2]
+                self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        response.headers["x-sim-node"] = self.name or ""
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self._closing = True  # lets hung and sleeping handlers return before shutdown times out
+
+    def _check_auth(self, request: web.Request) -> None:
+        if self._auth is not None:
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, self._auth):
+                raise _ApiError(_error(401, "Incorrect API key provided.", code="invalid_api_key"))
+
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any], str]:
+        self._check_auth(request)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise _ApiError(_error(400, f"Invalid JSON body: {exc}")) from None
+        if not isinstance(body, dict):
+            raise _ApiError(_error(400, "The request body must be a JSON object."))
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _ApiError(_error(400, "You must provide a model parameter.", param="model"))
+        if model not in self.running:
+            msg = f"The model `{model}` does not exist."
+            raise _ApiError(_error(404, msg, param="model", code="model_not_found"))
+        return body, model
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            self._check_auth(request)
+        except _ApiError as exc:
+            return exc.response
+        data = [
+            {"id": m, "object": "model", "created": self._created, "owned_by": "fleetgate-sim"}
+            for m in self.config.models
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "text")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "embed")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self.requests_total += 1
+        try:
+            body, model = await self._read(request)
+            n = 0 if kind == "embed" else _max_tokens(body)
+            fault = self.fault
+            if fault.mode in ("none", "unhealthy"):
+                fault = _Fault()
+            else:
+                self._consume(fault)
+            mode = fault.mode
+            if (spec := _STATUS_FAULTS.get(mode)) is not None:
+                return _error(spec[0], f"simulated fault: {mode}", spec[1], None, spec[2])
+            if mode == "reset":
+                _abort(request, rst=True)
+                raise _ClientGone
+            await self._acquire(request, model)
+            self.running[model] += 1
+            self._n_running += 1
+            try:
+                return await self._produce(request, kind, body, model, n, fault)
+            finally:
+                self.running[model] -= 1
+                self._n_running -= 1
+                self._release()
+        except _ApiError as exc:
+            return exc.response
+        except _ClientGone:
+            # Usually unwritable; a client still there only sees it when the server shuts down.
+            return _error(503, "the node is shutting down", "server_error")
+
+    async def _produce(
+        self,
+        request: web.Request,
+        kind: str,
+        body: dict[str, Any],
+        model: str,
+        n: int,
+        fault: _Fault,
+    ) -> web.StreamResponse:
+        if fault.mode == "hang":
+            epoch = self._fault_epoch
+            while self._fault_epoch == epoch:
+                await asyncio.sleep(_POLL_S)
+                if self._gone(request):
+                    raise _ClientGone
+        slow = fault.mode == "slow"
+        factor = fault.factor if slow else 1.0
+        dt = self._dt * factor
+        prefill = self._prefill * factor + (fault.delay_s if slow else 0.0)
+        if prefill > 0:
+            await self._sleep(request, prefill)
+        cut = fault.after_tokens if fault.mode == "die_mid_stream" else None
+        if kind == "embed":
+            result = self._embed(body, model)
+        elif body.get("stream") is True:
+            return await self._stream(request, kind, body, model, n, dt, cut)
+        else:
+            if n and dt:
+                await self._sleep(request, n * dt)
+            result = self._complete(kind, body, model, n)
+        if cut is not None:
+            _abort(request, rst=False)
+            raise _ClientGone
+        self.served += 1
+        return _json(result)
+
+    def _usage(self, kind: str, body: dict[str, Any], n: int) -> dict[str, int]:
+        prompt = _count_words(body.get("messages") if kind == "chat" else body.get("prompt"))
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    def _complete(self, kind: str, body: dict[str, Any], model: str, n: int) -> dict[str, Any]:
+        text = "".join([f"tok{i} " for i in range(n)])
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+            rid, obj = f"chatcmpl-sim{next(self._ids)}", "chat.completion"
+        else:
+            choice["text"] = text
+            rid, obj = f"cmpl-sim{next(self._ids)}", "text_completion"
+        return {
+            "id": rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": self._usage(kind, body, n),
+        }
+
+    def _embed(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        inp = body.get("input")
+        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
+            items: list[Any] = [inp]
+        elif isinstance(inp, list) and inp and all(isinstance(x, str | list) for x in inp):
+            items = inp
+        else:
+            raise _ApiError(
+                _error(400, "input must be a string or a list of strings", param="input")
+            )
+        b64 = body.get("encoding_format") == "base64"  # the openai SDK asks for this by default
+        data = []
+        for i, item in enumerate(items):
+            vec = _embedding(item)
+            emb: object = base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        prompt = _count_words(items)
+        return {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+
+    async def _stream(
+        self,
+        request: web.Request,
+        kind: str,
+        body: dict[str, Any],
+        model: str,
+        n: int,
+        dt: float,
+        cut: int | None,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        chat = kind == "chat"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-sim{next(self._ids)}"
+        head = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        loop = asyncio.get_running_loop()
+        buf: list[bytes] = []
+        try:
+            await resp.prepare(request)
+            t0 = loop.time()
+            for i in range(n if cut is None else min(n, cut)):
+                if dt and (wait := t0 + (i + 1) * dt - loop.time()) >= _MIN_SLEEP_S:
+                    if buf:
+                        await resp.write(b"".join(buf))
+                        buf.clear()
+                    await self._sleep(request, wait)
+                tok = f"tok{i} "
+                if chat:
+                    delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
+                    choice: dict[str, Any] = {"index": 0, "delta": delta}
+                else:
+                    choice = {"index": 0, "text": tok}
+                choice["logprobs"] = choice["finish_reason"] = None
+                buf.append(_sse({**head, "choices": [choice]}))
+            if cut is not None:
+                await resp.write(b"".join(buf))
+                _abort(request, rst=False)
+                return resp
+            end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+            end["logprobs"], end["finish_reason"] = None, "length"
+            buf.append(_sse({**head, "choices": [end]}))
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage") is True:
+                buf.append(_sse({**head, "choices": [], "usage": self._usage(kind, body, n)}))
+            buf.append(_DONE)
+            await resp.write(b"".join(buf))
+        except (ConnectionError, _ClientGone):
+            return resp  # aiohttp's write_eof then fails quietly on the dead connection
+        self.served += 1
+        return resp
+
+    async def health(self, request: web.Request) -> web.Response:
+        fault = self.fault
+        if fault.mode == "unhealthy":
+            self._consume(fault)
+            return _json({"status": "unhealthy"}, status=503)
+        return _json({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        kv = self._n_running / self.config.slots
+        lines: list[str] = []
+        for metric, kind, values in (
+            ("vllm:num_requests_running", "gauge", self.running),
+            ("vllm:num_requests_waiting", "gauge", self.waiting),
+            ("vllm:kv_cache_usage_perc", "gauge", dict.fromkeys(self.running, kv)),
+        ):
+            lines += [f"# HELP {metric} Simulated {metric}.", f"# TYPE {metric} {kind}"]
+            for model, value in values.items():
+                label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                lines.append(f'{metric}{{model_name="{label}"}} {float(value)}')
+        lines += [
+            "# HELP sim_requests_total Generation requests received.",
+            "# TYPE sim_requests_total counter",
+            f"sim_requests_total {self.requests_total}",
+        ]
+        return web.Response(
+            body=("\n".join(lines) + "\n").encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def sim_fault(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+            count, delay, factor, after = (
+                body.get(k) for k in ("count", "delay_s", "factor", "after_tokens")
+            )
+            self.set_fault(
+                body["mode"],
+                None if count is None else int(count),
+                None if delay is None else float(delay),
+                None if factor is None else float(factor),
+                None if after is None else int(after),
+            )
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            return _error(400, f"bad fault request: {exc!r}")
+        return _json(self.stats())
+
+    async def sim_stats(self, request: web.Request) -> web.Response:
+        return _json(self.stats())
+
+    async def sim_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json(self.stats())
+
+
+NODE_KEY: Final = web.AppKey("fleetgate_simnode", SimNode)
+
+
+def build_app(config: SimConfig) -> web.Application:
+    node = SimNode(config)
+    app = web.Application(client_max_size=64 * 1024**2)  # long prompts in benchmarks
+    app[NODE_KEY] = node
+    app.on_response_prepare.append(node._on_prepare)
+    app.on_shutdown.append(node._on_shutdown)
+    app.router.add_get("/v1/models", node.models)
+    app.router.add_post("/v1/chat/completions", node.chat)
+    app.router.add_post("/v1/completions", node.completions)
+    app.router.add_post("/v1/embeddings", node.embeddings)
+    app.router.add_get("/health", node.health)
+    app.router.add_get("/metrics", node.metrics)
+    app.router.add_post("/sim/fault", node.sim_fault)
+    app.router.add_get("/sim/stats", node.sim_stats)
+    app.router.add_post("/sim/reset", node.sim_reset)
+    return app
+
+
+async def serve(config: SimConfig) -> None:
+    """Serve until SIGINT or SIGTERM, printing the listening line once bound."""
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        port = runner.addresses[0][1]
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        node = app[NODE_KEY]
+        node.name = config.name or f"{host}:{port}"
+        print(
+            f"fleetgate-sim listening on http://{host}:{port} name={node.name} "
+            f"models={','.join(config.models)} slots={config.slots}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gateway.simnode", description="Simulated LLM node.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001, help="0 picks a free port")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="repeatable (default: sim-model)",
+    )
+    p.add_argument("--slots", type=int, default=8, help="concurrent sequences in the batch")
+    p.add_argument("--tokens-per-s", type=float, default=50.0, help="0 or inf: instant")
+    p.add_argument("--prefill-ms", type=float, default=0.0)
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--fault", default="none", choices=sorted(FAULT_MODES))
+    p.add_argument("--name", default=None, help="label in x-sim-node (default host:port)")
+    args = p.parse_args(argv)
+    try:
+        config = SimConfig(**{**vars(args), "models": tuple(args.models or ("sim-model",))})
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        pass
+    except OSError as exc:
+        print(f"fleetgate-sim: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
