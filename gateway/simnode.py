@@ -284,8 +284,10 @@ class SimNode:
         transport = request.transport
         if transport is not None:
             self._conns.add(transport)
-            if self.name is None:
-                host, port = transport.get_extra_info("sockname")[:2]
+            if self.name is None and isinstance(
+                addr := transport.get_extra_info("sockname"), tuple
+            ):
+                host, port = addr[:2]
                 self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         response.headers["x-sim-node"] = self.name or ""
 

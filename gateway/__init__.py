@@ -1,0 +1,1 @@
+"""fleetgate's gateway: an OpenAI-compatible load balancer replica on Starlette + hypercorn."""

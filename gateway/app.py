@@ -1,0 +1,239 @@
+"""The gateway application: the OpenAI hot path as raw ASGI in front of a Starlette app for
+everything else (models, node API, health, readiness, metrics), and their shared lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from shared_state import Node, NodeState, StateError, Store, StoreSettings, StoreUnavailable
+
+from .auth import Authenticator
+from .errors import GatewayError, MethodNotAllowed, NotFound, render
+from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send
+from .metrics import GatewayMetrics
+from .nodes_api import NodesAPI, json_response
+from .proxy import Timeouts, Upstream, UpstreamFailure
+from .routing import Router
+from .settings import GatewaySettings
+
+log = logging.getLogger("fleetgate.gateway")
+
+EMBEDDED_WARNING = (
+    "no --redis-url: using the embedded in-process store; state is private to this process, "
+    "so several replicas (or workers) need a shared Redis"
+)
+
+
+class Gateway:
+    """Everything one gateway process holds, built from its settings."""
+
+    def __init__(self, settings: GatewaySettings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.replica = settings.replica()
+        store_settings = StoreSettings(lease_ms=int(settings.lease_seconds * 1000))
+        self.store = store or Store.open(
+            settings.redis_url,
+            prefix=settings.prefix,
+            timeout_s=settings.store_timeout,
+            settings=store_settings,
+        )
+        self.metrics = GatewayMetrics()
+        self.router = Router(self.store, self.replica, settings.strategy, self.metrics)
+        self.upstream = Upstream(
+            Timeouts(
+                settings.connect_timeout, settings.first_byte_timeout, settings.request_timeout
+            )
+        )
+        self.auth = Authenticator(settings.api_key, settings.admin_key, settings.register_allow)
+        self.proxy = ProxyHandler(
+            self.router,
+            self.upstream,
+            self.auth,
+            self.metrics,
+            max_body_bytes=settings.max_body_bytes,
+            max_attempts=settings.max_attempts,
+        )
+        self.nodes = NodesAPI(self.store, self.upstream, self.auth)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._register_metrics()
+
+    def _register_metrics(self) -> None:
+        self.metrics.gauge(
+            "fleetgate_degraded",
+            "1 while the store is unreachable and routing uses local counts.",
+            lambda: [((), 1.0 if self.router.degraded_since is not None else 0.0)],
+        )
+        self.metrics.gauge(
+            "fleetgate_in_flight",
+            "Requests this replica has in flight, by node.",
+            lambda: [((("node", k),), float(v)) for k, v in self.router.local_in_flight.items()],
+        )
+        self.metrics.gauge(
+            "fleetgate_in_flight_total",
+            "Requests this replica has in flight (for autoscaling).",
+            lambda: [((), float(sum(self.router.local_in_flight.values())))],
+        )
+
+        def node_states() -> list[tuple[tuple[tuple[str, str], ...], float]]:
+            view = self.store.cached_view
+            counts = dict.fromkeys(NodeState, 0)
+            for node in view.registry.nodes if view else ():
+                counts[node.state] += 1
+            return [((("state", s.value),), float(c)) for s, c in counts.items()]
+
+        self.metrics.gauge("fleetgate_nodes", "Registered nodes by state.", node_states)
+
+    async def start(self) -> None:
+        if self.store.embedded:
+            log.warning(EMBEDDED_WARNING)
+        try:
+            await self.store.refresh()
+        except StoreUnavailable as exc:
+            log.warning("store unreachable at start (%s): will retry", exc)
+        self.router.start()
+        if self.settings.node:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._register_nodes()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.router.stop()
+        await self.upstream.close()
+        await self.store.close()
+
+    async def _register_nodes(self) -> None:
+        """Register the --node URLs, asking each its models; retry until each answers."""
+        pending = list(self.settings.node)
+        delay = 0.5
+        while pending:
+            for url in list(pending):
+                probe = Node(id=url, url=url, models=())
+                try:
+                    listing = await self.upstream.get_json(probe, "/v1/models")
+                    data = listing.get("data") if isinstance(listing, dict) else None
+                    models = [m["id"] for m in data or [] if isinstance(m, dict) and "id" in m]
+                    await self.store.add_node(url, models, reason="--node at start")
+                    await self.store.refresh(await self.store.epoch())
+                    pending.remove(url)
+                    log.info("registered node %s with models %s", url, models)
+                except (UpstreamFailure, StateError) as exc:
+                    log.warning("node %s not registered yet: %s", url, exc)
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # -- Starlette endpoints -------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.auth.check_client(request.headers.raw)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.refresh(await self.store.epoch())
+        view = self.store.cached_view
+        names = view.models() if view else []
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "fleetgate", "root": m}
+                    for m in names
+                ],
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok", "replica": self.replica})
+
+    async def ready(self, request: Request) -> Response:
+        store_ok = await self.store.ping()
+        view = self.store.cached_view
+        if store_ok:
+            with contextlib.suppress(StoreUnavailable):
+                view = await self.store.refresh(await self.store.epoch())
+        active = sum(1 for n in view.registry.nodes if n.state is NodeState.ACTIVE) if view else 0
+        ready = store_ok and active > 0
+        body = {
+            "ready": ready,
+            "store": "ok" if store_ok else "unreachable",
+            "degraded": self.router.degraded_since is not None or not store_ok,
+            "active_nodes": active,
+            "replica": self.replica,
+        }
+        return json_response(body, 200 if ready else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _error_handler(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 405:
+            exc = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        elif exc.status_code == 404:
+            exc = NotFound(f"no route {request.url.path}")
+        else:
+            exc = GatewayError(str(exc.detail))
+    elif not isinstance(exc, GatewayError | StateError):
+        log.exception("unhandled error on %s", request.url.path)
+    status, body, extra = render(exc)
+    headers = {k.decode(): v.decode() for k, v in extra}
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def build_starlette(gateway: Gateway) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes = [
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/ready", gateway.ready, methods=["GET"]),
+        Route("/metrics", gateway.metrics_text, methods=["GET"]),
+        Route("/nodes/status", gateway.nodes.status, methods=["GET"]),
+        Route("/nodes/add", gateway.nodes.add, methods=["POST"]),
+        Route("/nodes/remove", gateway.nodes.remove, methods=["POST"]),
+        Route("/nodes/drain", gateway.nodes.drain, methods=["POST"]),
+    ]
+    handlers: dict[Any, Any] = {HTTPException: _error_handler, Exception: _error_handler}
+    for cls in (GatewayError, StateError):
+        handlers[cls] = _error_handler
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+class GatewayApp:
+    """ASGI entry: OpenAI generation paths go straight to the proxy handler, the rest to
+    Starlette (its router and request objects cost more than the hot path can afford).
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.starlette = build_starlette(gateway)
+        self.proxy = gateway.proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in PROXY_PATHS:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def create_app(settings: GatewaySettings, store: Store | None = None) -> GatewayApp:
+    return GatewayApp(Gateway(settings, store))

@@ -1,0 +1,397 @@
+"""The OpenAI request path, as raw ASGI: read the body once, route, relay, release.
+
+Only ``model`` and ``stream`` are decoded; the original bytes go upstream untouched. A failed
+attempt is retried on another node only while nothing has reached the client; after that a
+failure ends the stream with an OpenAI-shaped SSE error event. A client disconnect cancels
+the upstream request, and every lease is released in a ``finally`` shielded from that
+cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from shared_state import Outcome, StateError
+
+from .auth import Authenticator
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+    InvalidJSON,
+    MethodNotAllowed,
+    MissingModel,
+    ModelNotFound,
+    NoHealthyNode,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+    render,
+    sse_error_event,
+)
+from .metrics import GatewayMetrics
+from .proxy import Upstream, UpstreamFailure, UpstreamResponse
+from .routing import RetryBudget, Route, Router
+
+log = logging.getLogger("fleetgate.request")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Any
+Send = Any
+
+PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_JSON = b"application/json"
+
+
+class RequestView(msgspec.Struct):
+    """The only fields the gateway reads from a request body."""
+
+    model: str | None = None
+    stream: bool | None = None
+
+
+_decode_view = msgspec.json.Decoder(RequestView).decode
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was read."""
+
+
+def outcome_of(status: int) -> Outcome:
+    """How a final status counts for the node: 4xx is the client's doing, 5xx the node's."""
+    if status >= 500:
+        return Outcome.FAIL
+    if status >= 400:
+        return Outcome.NEUTRAL
+    return Outcome.OK
+
+
+class _Exchange:
+    """What this request has sent so far."""
+
+    __slots__ = ("node_id", "send", "started", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.status = 0
+        self.node_id = ""
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, more: bool = False) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+class ProxyHandler:
+    """Serves POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+
+    def __init__(
+        self,
+        router: Router,
+        upstream: Upstream,
+        auth: Authenticator,
+        metrics: GatewayMetrics,
+        *,
+        max_body_bytes: int,
+        max_attempts: int,
+    ) -> None:
+        self.router = router
+        self.upstream = upstream
+        self.auth = auth
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_attempts = max_attempts
+        self.budget = RetryBudget()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_at = time.perf_counter()
+        request_id = _request_id(scope["headers"])
+        exchange = _Exchange(send)
+        model = ""
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
+            headers = scope["headers"]
+            self.auth.check_client(headers)
+            _check_content_type(headers)
+            body = await self._read_body(headers, receive)
+            view = _decode(body)
+            model = view.model or ""
+            self.budget.on_request()
+            await self._serve_watching(scope, receive, exchange, body, model, request_id)
+        except ClientGone:
+            self.metrics.disconnects.inc()
+        except (GatewayError, StateError) as exc:
+            await self._send_error(exchange, exc, request_id)
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            await self._send_error(exchange, exc, request_id)
+        finally:
+            labels = (
+                ("node", exchange.node_id),
+                ("model", model),
+                ("status", str(exchange.status)),
+            )
+            self.metrics.requests.inc(labels)
+            if exchange.status:
+                self.metrics.latency.observe((("model", model),), time.perf_counter() - started_at)
+
+    async def _send_error(self, exchange: _Exchange, exc: Exception, request_id: str) -> None:
+        if exchange.started:
+            return
+        status, body, extra = render(exc)
+        headers = [
+            (b"content-type", _JSON),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+            *extra,
+        ]
+        with contextlib.suppress(OSError):
+            await exchange.start(status, headers)
+            await exchange.body(body)
+
+    async def _read_body(self, headers: list[tuple[bytes, bytes]], receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in headers:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BadRequest("invalid Content-Length header") from None
+                if declared > limit:
+                    raise BodyTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _serve_watching(
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        body: bytes,
+        model: str,
+        request_id: str,
+    ) -> None:
+        """Route the request while watching for the client to go away."""
+        work = asyncio.ensure_future(self._route(scope, exchange, body, model, request_id))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                self.metrics.disconnects.inc()
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return
+            work.result()
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+
+    async def _route(
+        self, scope: Scope, exchange: _Exchange, body: bytes, model: str, request_id: str
+    ) -> None:
+        tried: list[str] = []
+        last_error: GatewayError | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                if not self.budget.try_spend():
+                    self.metrics.retry_budget_exhausted.inc()
+                    break
+                self.metrics.retries.inc()
+            route = await self.router.pick(model, f"{request_id}.{attempt}", tried)
+            if route is None:
+                if attempt == 1:
+                    view = self.router.view()
+                    if view is None or not view.serves(model):
+                        raise ModelNotFound(f"The model `{model}` does not exist.")
+                    raise NoHealthyNode(f"no healthy node can serve model `{model}` now")
+                break
+            tried.append(route.node.id)
+            final = attempt == self.max_attempts
+            error = await self._attempt(scope, exchange, body, model, request_id, route, final)
+            if error is None:
+                return
+            last_error = error
+        raise last_error or NoHealthyNode(f"no healthy node can serve model `{model}` now")
+
+    async def _attempt(
+        self,
+        scope: Scope,
+        exchange: _Exchange,
+        body: bytes,
+        model: str,
+        request_id: str,
+        route: Route,
+        final: bool,
+    ) -> GatewayError | None:
+        """One try on one node: ``None`` when the client got an answer, else the error."""
+        node = route.node
+        started_at = time.perf_counter()
+        outcome = Outcome.NEUTRAL
+        response: UpstreamResponse | None = None
+        try:
+            try:
+                response = await self.upstream.send(
+                    node, "POST", scope["path"], scope["headers"], body, request_id
+                )
+            except UpstreamFailure as exc:
+                outcome = Outcome.FAIL
+                self.metrics.attempts.inc((("node", node.id), ("result", "error")))
+                if exc.timeout:
+                    return UpstreamTimeout(f"node {node.id} timed out")
+                return UpstreamError(f"node {node.id} failed: {exc}")
+            status = response.status
+            self.metrics.ttfb.observe((("model", model),), time.perf_counter() - started_at)
+            if status in RETRY_STATUSES and not final:
+                outcome = Outcome.NEUTRAL if status == 429 else Outcome.FAIL
+                self.metrics.attempts.inc((("node", node.id), ("result", str(status))))
+                return UpstreamError(f"node {node.id} answered {status}")
+            exchange.node_id = node.id
+            if response.is_event_stream:
+                outcome = await self._relay_stream(exchange, response, request_id, route)
+            else:
+                try:
+                    data = await response.read()
+                except UpstreamFailure as exc:
+                    outcome = Outcome.FAIL
+                    self.metrics.attempts.inc((("node", node.id), ("result", "error")))
+                    return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
+                outcome = outcome_of(status)
+                await self._send_buffered(exchange, response, data, request_id, route)
+            self.metrics.attempts.inc((("node", node.id), ("result", str(status))))
+            return None
+        finally:
+            if response is not None:
+                response.close()
+            latency = time.perf_counter() - started_at
+            await asyncio.shield(self.router.release(route, outcome, latency))
+
+    def _headers(self, request_id: str, route: Route) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-request-id", request_id.encode()),
+            (b"x-fleetgate-node", route.node.id.encode()),
+        ]
+
+    async def _send_buffered(
+        self,
+        exchange: _Exchange,
+        response: UpstreamResponse,
+        data: bytes,
+        request_id: str,
+        route: Route,
+    ) -> None:
+        status = response.status
+        headers = response.relay_headers(keep_length=False)
+        if status >= 400 and not _is_json(headers):
+            # A node's plain-text error becomes an OpenAI-shaped one; never text/plain.
+            text = data.decode("utf-8", "replace").strip()[:500]
+            data = error_body(f"node answered {status}: {text}", "upstream_error", "upstream_error")
+            headers = [
+                (k, v) for k, v in headers if k not in (b"content-type", b"content-encoding")
+            ]
+            headers.append((b"content-type", _JSON))
+            if status < 500:
+                status = 502
+        headers.append((b"content-length", str(len(data)).encode()))
+        headers.extend(self._headers(request_id, route))
+        await exchange.start(status, headers)
+        await exchange.body(data)
+
+    async def _relay_stream(
+        self, exchange: _Exchange, response: UpstreamResponse, request_id: str, route: Route
+    ) -> Outcome:
+        headers = response.relay_headers(keep_length=False)
+        headers.extend(self._headers(request_id, route))
+        await exchange.start(response.status, headers)
+        try:
+            async for chunk in response.chunks():
+                if chunk:
+                    await exchange.body(chunk, more=True)
+        except UpstreamFailure as exc:
+            self.metrics.stream_errors.inc((("node", route.node.id),))
+            log.warning("stream %s from %s broke: %s", request_id, route.node.id, exc)
+            await exchange.body(
+                sse_error_event(f"the node failed mid-stream: {exc}", "upstream_stream_error"),
+                more=True,
+            )
+            await exchange.body(b"")
+            return Outcome.FAIL
+        await exchange.body(b"")
+        return outcome_of(response.status)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.match(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+def _check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media != _JSON and not media.endswith(b"+json"):
+                raise UnsupportedMediaType(
+                    f"Content-Type {media.decode('latin-1')!r} is not supported; "
+                    "send application/json"
+                )
+            return
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+def _decode(body: bytes) -> RequestView:
+    try:
+        view = _decode_view(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError:
+        raise InvalidJSON("request body is not valid JSON") from None
+    if not view.model:
+        raise MissingModel("you must provide a model parameter")
+    return view

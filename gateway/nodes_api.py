@@ -1,0 +1,202 @@
+"""LMDeploy's node API: /nodes/status, /nodes/add, /nodes/remove, plus /nodes/drain.
+
+``/nodes/add`` accepts ``lmdeploy serve api_server --proxy-url``'s self-registration payload
+unchanged: ``{"url": ..., "status": {"models": [...], "role": 1}}``, or just ``{"url"}``, in
+which case the node is asked for its models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared_state import InvalidInput, Node, NodeStatus, Role, Store, normalize_url
+
+from .auth import Authenticator
+from .errors import BadRequest, InvalidJSON, UpstreamError
+from .proxy import Upstream, UpstreamFailure
+
+ROLE_NAMES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
+UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::", "[::]"})
+
+
+def json_response(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def node_status_entry(status: NodeStatus) -> dict[str, Any]:
+    """LMDeploy's status fields first, then what fleetgate knows besides."""
+    node = status.node
+    return {
+        "models": list(node.models),
+        "unfinished": status.in_flight,
+        "latency": list(status.latencies_s),
+        "speed": node.speed,
+        "role": int(node.role),
+        "state": node.state.value,
+        "state_reason": node.state_reason,
+        "weight": node.weight,
+        "has_api_key": node.api_key is not None,
+        "ejected_until_ms": node.ejected_until_ms,
+        "consecutive_failures": node.consecutive_failures,
+        "ok_total": node.ok_total,
+        "fail_total": node.fail_total,
+        "kv_cache_usage": node.kv_usage,
+    }
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    return {
+        "url": node.url,
+        "models": list(node.models),
+        "role": int(node.role),
+        "speed": node.speed,
+        "weight": node.weight,
+        "state": node.state.value,
+    }
+
+
+def substitute_host(url: str, client_host: str | None) -> str:
+    """Replace an unspecified listen address (0.0.0.0, ::) with the caller's address."""
+    parts = urlsplit(url)
+    if parts.hostname not in UNSPECIFIED_HOSTS or not client_host:
+        return url
+    host = client_host
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _role(value: object) -> int:
+    if value is None:
+        return Role.HYBRID
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("enginerole.")
+        if key in ROLE_NAMES:
+            return ROLE_NAMES[key]
+        if key.isdigit():
+            return int(key)
+        raise BadRequest(f"unknown role {value!r}", param="role")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadRequest(f"unknown role {value!r}", param="role")
+
+
+def _speed(value: object) -> float | None:
+    # LMDeploy sends null, or sometimes -1 for "unknown".
+    if value is None or (isinstance(value, int | float) and value <= 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest("speed must be a number", param="speed")
+    return float(value)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON("request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
+
+
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+class NodesAPI:
+    def __init__(self, store: Store, upstream: Upstream, auth: Authenticator) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.auth = auth
+
+    async def status(self, request: Request) -> Response:
+        self.auth.check_reader(request.headers.raw, _client_host(request))
+        entries = {s.node.url: node_status_entry(s) for s in await self.store.status()}
+        return json_response(entries)
+
+    async def add(self, request: Request) -> Response:
+        self.auth.check_register(request.headers.raw, _client_host(request))
+        payload = await _json_object(request)
+        url = payload.get("url", request.query_params.get("node_url"))
+        if not isinstance(url, str) or not url.strip():
+            raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
+        url = normalize_url(substitute_host(url.strip(), _client_host(request)))
+        status = payload.get("status") or {}
+        if not isinstance(status, dict):
+            raise BadRequest("status must be an object")
+        models = status.get("models") or payload.get("models")
+        api_key = payload.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise BadRequest("api_key must be a string", param="api_key")
+        weight = payload.get("weight", 1.0)
+        if not models:
+            models = await self._ask_models(url, api_key)
+        if not isinstance(models, list):
+            raise BadRequest("models must be a list of names", param="models")
+        node, created = await self.store.add_node(
+            url,
+            models,
+            role=_role(status.get("role", payload.get("role"))),
+            speed=_speed(status.get("speed", payload.get("speed"))),
+            weight=weight,
+            api_key=api_key,
+            reason="registered through /nodes/add",
+        )
+        await self.store.refresh(await self.store.epoch())
+        return json_response(
+            {"message": "Added successfully", "created": created, "node": node_json(node)}
+        )
+
+    async def _ask_models(self, url: str, api_key: str | None) -> list[str]:
+        probe = Node(id=url, url=url, models=(), api_key=api_key)
+        try:
+            listing = await self.upstream.get_json(probe, "/v1/models")
+        except UpstreamFailure as exc:
+            raise UpstreamError(
+                f"no models given and the node's /v1/models could not be read: {exc}"
+            ) from None
+        data = listing.get("data") if isinstance(listing, dict) else None
+        models = [m.get("id") for m in data or [] if isinstance(m, dict)]
+        if not models:
+            raise UpstreamError("the node's /v1/models lists no models")
+        return [m for m in models if isinstance(m, str)]
+
+    async def _target(self, request: Request) -> str:
+        payload = await _json_object(request)
+        url = payload.get("url", request.query_params.get("node_url"))
+        if not isinstance(url, str):
+            raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
+        try:
+            return normalize_url(url)
+        except InvalidInput as exc:
+            raise BadRequest(str(exc), param="url") from None
+
+    async def remove(self, request: Request) -> Response:
+        self.auth.check_admin(request.headers.raw, _client_host(request))
+        url = await self._target(request)
+        await self.store.remove_node(url)
+        await self.store.refresh(await self.store.epoch())
+        return json_response({"message": "Deleted successfully", "url": url})
+
+    async def drain(self, request: Request) -> Response:
+        self.auth.check_admin(request.headers.raw, _client_host(request))
+        url = await self._target(request)
+        node = await self.store.drain(url)
+        in_flight = await self.store.in_flight(url)
+        return json_response(
+            {"message": "Draining", "node": node_json(node), "unfinished": in_flight}
+        )

@@ -1,0 +1,192 @@
+"""Routing for one replica: pick through the shared state, fall back to local counts when
+the store is unreachable, keep this replica's leases renewed, and budget retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from shared_state import (
+    Lease,
+    Node,
+    Outcome,
+    RegistryView,
+    StateError,
+    Store,
+    StoreUnavailable,
+    Strategy,
+)
+
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("fleetgate.routing")
+
+
+@dataclass(slots=True)
+class Route:
+    """A node chosen for one attempt, and how: through the store or from local counts."""
+
+    node: Node
+    lease: Lease
+    local: bool
+    in_flight: int
+    eligible: int
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` of the requests seen, plus a small floor.
+
+    A token bucket fed by requests: it keeps a failing fleet from being hit by a retry storm.
+    """
+
+    def __init__(self, ratio: float = 0.2, floor: float = 10.0, cap: float = 100.0) -> None:
+        self.ratio, self.cap = ratio, cap
+        self.tokens = floor
+
+    def on_request(self) -> None:
+        self.tokens = min(self.cap, self.tokens + self.ratio)
+
+    def try_spend(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Router:
+    """Chooses nodes for this replica and owns its leases."""
+
+    def __init__(
+        self,
+        store: Store,
+        replica: str,
+        strategy: Strategy,
+        metrics: GatewayMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.replica = replica
+        self.strategy = strategy
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.leases: dict[str, Lease] = {}
+        self.local_in_flight: Counter[str] = Counter()
+        self.degraded_since: float | None = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    # -- picking -------------------------------------------------------------------------
+
+    async def pick(
+        self, model: str, request_id: str, exclude: list[str], role: int = 0
+    ) -> Route | None:
+        try:
+            pick = await self.store.pick(
+                model,
+                strategy=self.strategy,
+                replica=self.replica,
+                request_id=request_id,
+                role=role,
+                exclude=exclude,
+            )
+        except StoreUnavailable:
+            self.metrics.store_errors.inc((("op", "pick"),))
+            self._enter_degraded()
+            return self._local_pick(model, request_id, exclude, role)
+        self.degraded_since = None
+        if pick is None:
+            return None
+        self.leases[pick.lease.member] = pick.lease
+        self.local_in_flight[pick.node.id] += 1
+        return Route(pick.node, pick.lease, False, pick.in_flight, pick.eligible)
+
+    def _enter_degraded(self) -> None:
+        if self.degraded_since is None:
+            self.degraded_since = time.monotonic()
+            log.warning("store unreachable: routing on the last registry snapshot and local counts")
+
+    def _local_pick(
+        self, model: str, request_id: str, exclude: list[str], role: int
+    ) -> Route | None:
+        """min_expected_latency on this replica's own in-flight counts, from the cached view."""
+        view = self.store.cached_view
+        if view is None:
+            return None
+        ids = view.candidates(model, role, exclude)
+        if not ids:
+            return None
+        nodes = [view.by_id[i] for i in ids]
+        speeds = [n.speed for n in nodes if n.speed]
+        mean = sum(speeds) / len(speeds) if speeds else 1.0
+        best: list[Node] = []
+        best_score = float("inf")
+        for node in nodes:
+            score = (self.local_in_flight[node.id] + 1) / (node.speed or mean)
+            if score < best_score - 1e-12:
+                best, best_score = [node], score
+            elif abs(score - best_score) <= 1e-12:
+                best.append(node)
+        node = self.rng.choice(best)
+        self.local_in_flight[node.id] += 1
+        lease = Lease(node.id, f"{self.replica}:{request_id}")
+        return Route(node, lease, True, self.local_in_flight[node.id], len(nodes))
+
+    def view(self) -> RegistryView | None:
+        return self.store.cached_view
+
+    # -- releasing -----------------------------------------------------------------------
+
+    async def release(self, route: Route, outcome: Outcome, latency_s: float) -> None:
+        """End a route's lease; never raises (a lease the store missed expires by itself)."""
+        self.local_in_flight[route.node.id] -= 1
+        if self.local_in_flight[route.node.id] <= 0:
+            del self.local_in_flight[route.node.id]
+        if route.local:
+            return
+        self.leases.pop(route.lease.member, None)
+        try:
+            result = await self.store.release(route.lease, outcome, latency_s)
+        except StoreUnavailable:
+            self.metrics.store_errors.inc((("op", "release"),))
+            return
+        except StateError:
+            log.exception("release of %s failed", route.lease.member)
+            return
+        if result.ejected_until_ms:
+            self.metrics.ejections.inc((("node", route.node.id),))
+
+    # -- lease renewal -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        interval = self.store.settings.lease_ms / 1000 / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.renew(self.replica, list(self.leases.values()))
+                if self.degraded_since is not None and await self.store.ping():
+                    self.degraded_since = None
+                await self.store.refresh(await self.store.epoch())
+            except StoreUnavailable:
+                self.metrics.store_errors.inc((("op", "renew"),))
+                self._enter_degraded()
+            except Exception:
+                log.exception("lease renewal failed")
+
+    async def stop(self) -> None:
+        """Stop renewing and give back every lease this replica still holds."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for lease in list(self.leases.values()):
+            with contextlib.suppress(StateError):
+                await self.store.release(lease, Outcome.NEUTRAL, 0.0)
+        self.leases.clear()

@@ -1,0 +1,76 @@
+"""``fleetgate serve``: hypercorn serving the gateway, one process or ``--workers N``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+
+from .app import create_app
+from .config import ConfigError, argv_for_workers
+from .settings import GatewaySettings, load_settings
+
+
+def hypercorn_config(settings: GatewaySettings) -> Config:
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.keep_alive_timeout = 75.0
+    config.graceful_timeout = 10.0
+    config.loglevel = settings.log_level.upper()
+    return config
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve_async(settings: GatewaySettings) -> None:
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    store = "embedded" if settings.embedded else "redis"
+    print(
+        f"fleetgate: gateway {app.gateway.replica} on http://{settings.host}:{settings.port} "
+        f"(strategy {settings.strategy.value}, store {store})",
+        flush=True,
+    )
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        print(f"fleetgate serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    if settings.workers > 1:
+        from hypercorn.run import run
+
+        os.environ.update(argv_for_workers(args))
+        config = hypercorn_config(settings)
+        config.workers = settings.workers
+        config.application_path = "gateway.asgi:app"
+        return run(config)
+    try:
+        asyncio.run(serve_async(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,127 @@
+"""The gateway's settings: one frozen object built once from flags, environment and file."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shared_state import Strategy, normalize_url
+from shared_state.connection import is_embedded
+from shared_state.errors import InvalidInput
+
+from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _strategy(text: str) -> Strategy:
+    try:
+        return Strategy(text)
+    except ValueError:
+        raise ValueError(
+            f"unknown strategy {text!r}; expected one of: {', '.join(s.value for s in Strategy)}"
+        ) from None
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not a network in CIDR form: {text!r}") from None
+
+
+def _node_url(text: str) -> str:
+    try:
+        return normalize_url(text)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", non_empty, "127.0.0.1", "address to listen on"),
+    Option("port", port, 8000, "port to listen on"),
+    Option("workers", int_range(1, 64), 1, "worker processes (needs --redis-url when > 1)"),
+    Option(
+        "redis-url",
+        str,
+        None,
+        "Redis URL (redis://, rediss://, unix://, "
+        "redis+sentinel://); absent: the embedded single-replica store",
+    ),
+    Option("prefix", non_empty, "fleetgate", "key prefix (hash tag) in Redis"),
+    Option("strategy", _strategy, Strategy.MIN_EXPECTED_LATENCY, "routing strategy"),
+    Option("node", _node_url, (), "register this node at start (repeatable)", repeatable=True),
+    Option("api-key", non_empty, (), "client API key (repeatable); none: open", repeatable=True),
+    Option("admin-key", non_empty, None, "key for /nodes/*; absent: admin from loopback only"),
+    Option(
+        "register-allow",
+        _network,
+        (),
+        "network allowed to /nodes/add without a key (repeatable)",
+        repeatable=True,
+    ),
+    Option("lease-seconds", positive_float, 30.0, "lease time of a request on a node, s"),
+    Option("connect-timeout", positive_float, 2.0, "upstream connect timeout, s"),
+    Option("first-byte-timeout", positive_float, 300.0, "upstream time to response headers, s"),
+    Option("request-timeout", positive_float, 900.0, "upstream whole-request timeout, s"),
+    Option("max-body-bytes", int_range(1, 1 << 31), 16 << 20, "largest request body, bytes"),
+    Option("max-attempts", int_range(1, 10), 3, "nodes tried per request (first byte not sent)"),
+    Option("store-timeout", positive_float, 0.25, "Redis socket timeout, s"),
+    Option("replica-id", non_empty, None, "this replica's id in leases (default: host-pid-random)"),
+    Option("log-level", non_empty, "info", "log level"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    redis_url: str | None = None
+    prefix: str = "fleetgate"
+    strategy: Strategy = Strategy.MIN_EXPECTED_LATENCY
+    node: tuple[str, ...] = ()
+    api_key: tuple[str, ...] = ()
+    admin_key: str | None = None
+    register_allow: tuple[IPNetwork, ...] = ()
+    lease_seconds: float = 30.0
+    connect_timeout: float = 2.0
+    first_byte_timeout: float = 300.0
+    request_timeout: float = 900.0
+    max_body_bytes: int = 16 << 20
+    max_attempts: int = 3
+    store_timeout: float = 0.25
+    replica_id: str | None = None
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        return is_embedded(self.redis_url)
+
+    def replica(self) -> str:
+        """This process's replica id: configured, or unique per process."""
+        if self.replica_id:
+            return self.replica_id.replace(":", "-")
+        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}".replace(":", "-")
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> GatewaySettings:
+    """Build the settings; :class:`ConfigError` carries the one-line reason to stop."""
+    values = resolve("fleetgate serve", "Run one gateway replica.", OPTIONS, argv, environ)
+    settings = GatewaySettings(**values)
+    if settings.workers > 1 and settings.embedded:
+        raise ConfigError(
+            "--workers > 1 needs --redis-url: each worker would keep its own embedded state"
+        )
+    if settings.redis_url is not None and not settings.embedded:
+        scheme = settings.redis_url.split("://", 1)[0]
+        if scheme not in {"redis", "rediss", "unix", "redis+sentinel", "sentinel"}:
+            raise ConfigError(f"--redis-url: unsupported scheme {scheme!r}")
+    if settings.first_byte_timeout > settings.request_timeout:
+        raise ConfigError("--first-byte-timeout must not exceed --request-timeout")
+    return settings
