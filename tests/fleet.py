@@ -1,0 +1,122 @@
+"""Real processes for end-to-end tests: simulated nodes and gateway replicas on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import httpx
+
+from tests.support import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_LINE = re.compile(rb"fleetgate-sim listening on http://[^:]+:(\d+)")
+
+
+class Process:
+    """A child process with its output kept in a file for post-mortems."""
+
+    def __init__(self, args: Sequence[str], log_name: str, env: dict[str, str] | None = None):
+        self.args = list(args)
+        self.log_path = (
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"fleetgate-test-{log_name}-{os.getpid()}.log"
+        )
+        self.log = self.log_path.open("wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 10.0) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.kill()
+        self.log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+class SimNode(Process):
+    def __init__(self, *flags: str, name: str = "sim") -> None:
+        self.port = free_port()
+        super().__init__(
+            [sys.executable, "-m", "gateway.simnode", "--port", str(self.port), *flags],
+            f"{name}-{self.port}",
+        )
+        wait_for_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def fault(self, mode: str, **extra: object) -> None:
+        httpx.post(
+            f"{self.url}/sim/fault", json={"mode": mode, **extra}, timeout=5
+        ).raise_for_status()
+
+    def stats(self) -> dict[str, object]:
+        response = httpx.get(f"{self.url}/sim/stats", timeout=5)
+        response.raise_for_status()
+        data: dict[str, object] = response.json()
+        return data
+
+
+class Gateway(Process):
+    def __init__(self, *flags: str, name: str = "gw", env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        super().__init__(
+            [sys.executable, "-m", "gateway", "--port", str(self.port), *flags],
+            f"{name}-{self.port}",
+            env,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        try:
+            wait_for_port(self.port, timeout_s=20)
+        except TimeoutError:
+            raise RuntimeError(f"gateway did not start:\n{self.output()}") from None
+
+    def wait_models(self, model: str, timeout_s: float = 10.0) -> None:
+        """Wait until the gateway lists ``model`` (its --node registrations are done)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            listing = httpx.get(f"{self.url}/v1/models", timeout=5).json()
+            if any(m["id"] == model for m in listing["data"]):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url} never listed {model}:\n{self.output()}")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+    """Poll ``check`` until it holds or ``timeout_s`` passes; returns whether it held."""
+    deadline = time.monotonic() + timeout_s
+    for _ in itertools.count():
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return False

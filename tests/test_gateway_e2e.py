@@ -1,0 +1,308 @@
+"""End to end with real processes: the openai SDK through hypercorn-served gateways to
+simulated nodes, sharing a real Redis; failures injected into nodes and into Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from shared_state.devserver import RedisServer
+from tests.fleet import Gateway, SimNode, eventually
+
+MODEL = "sim-model"
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[SimNode | Gateway]]:
+    procs: list[SimNode | Gateway] = []
+    yield procs
+    for proc in reversed(procs):
+        proc.close()
+
+
+def start_node(cleanup: list[SimNode | Gateway], *flags: str) -> SimNode:
+    node = SimNode(*flags)
+    cleanup.append(node)
+    return node
+
+
+def start_gateway(
+    cleanup: list[SimNode | Gateway],
+    redis_url: str | None,
+    *nodes: SimNode,
+    flags: tuple[str, ...] = (),
+) -> Gateway:
+    args = [*flags]
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    for node in nodes:
+        args += ["--node", node.url]
+    gateway = Gateway(*args)
+    cleanup.append(gateway)
+    if nodes:
+        gateway.wait_models(MODEL)
+    return gateway
+
+
+def client(gateway: Gateway, **kw: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+async def unfinished(gateway: Gateway) -> int:
+    async with httpx.AsyncClient() as http:
+        status = (await http.get(f"{gateway.url}/nodes/status")).json()
+    return sum(int(entry["unfinished"]) for entry in status.values())
+
+
+async def test_openai_sdk_plain_and_streaming(redis_url: str, cleanup: list) -> None:
+    a = start_node(cleanup, "--tokens-per-s", "inf")
+    b = start_node(cleanup, "--tokens-per-s", "inf")
+    gateway = start_gateway(cleanup, redis_url, a, b)
+    sdk = client(gateway)
+    models = await sdk.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 "
+    completion = await sdk.completions.create(model=MODEL, prompt="x", max_tokens=3)
+    assert completion.choices[0].text.split() == ["tok0", "tok1", "tok2"]
+    stream = await sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=7, stream=True
+    )  # type: ignore[arg-type]
+    pieces = [
+        c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(pieces).split() == [f"tok{i}" for i in range(7)]
+    embedding = await sdk.embeddings.create(model=MODEL, input=["a", "b"])
+    assert len(embedding.data) == 2
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=CHAT, max_tokens=1
+    )  # type: ignore[arg-type]
+    assert raw.headers["x-request-id"] and raw.headers["x-fleetgate-node"] in {a.url, b.url}
+    await sdk.close()
+    assert await unfinished(gateway) == 0
+
+
+async def test_two_replicas_share_in_flight_state(redis_url: str, cleanup: list) -> None:
+    nodes = [start_node(cleanup, "--tokens-per-s", "50") for _ in range(3)]
+    one = start_gateway(cleanup, redis_url, *nodes)
+    two = start_gateway(cleanup, redis_url)
+    two.wait_models(MODEL)
+    async with httpx.AsyncClient(timeout=30) as http:
+        # A long request held through replica one...
+        long_body = {"model": MODEL, "messages": CHAT, "max_tokens": 150, "stream": True}
+        async with http.stream("POST", f"{one.url}/v1/chat/completions", json=long_body) as held:
+            busy = held.headers["x-fleetgate-node"]
+            seen = set()
+            # ...makes replica two send every new request elsewhere (min_expected_latency).
+            for _ in range(12):
+                r = await http.post(
+                    f"{two.url}/v1/chat/completions",
+                    json={"model": MODEL, "messages": CHAT, "max_tokens": 1},
+                )
+                assert r.status_code == 200
+                seen.add(r.headers["x-fleetgate-node"])
+            assert busy not in seen and len(seen) == 2
+            assert await unfinished(two) == 1  # replica two sees replica one's lease
+    await asyncio.sleep(0.2)
+    assert await unfinished(one) == 0
+
+
+async def test_concurrent_requests_through_two_replicas_leave_no_lease(
+    redis_url: str, cleanup: list
+) -> None:
+    nodes = [start_node(cleanup, "--tokens-per-s", "2000") for _ in range(3)]
+    one = start_gateway(cleanup, redis_url, *nodes)
+    two = start_gateway(cleanup, redis_url)
+    two.wait_models(MODEL)
+    sdks = [client(one), client(two)]
+
+    async def call(i: int) -> str:
+        sdk = sdks[i % 2]
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=20,
+            stream=False,  # type: ignore[arg-type]
+        )
+        return raw.headers["x-fleetgate-node"]
+
+    winners = await asyncio.gather(*(call(i) for i in range(150)))
+    counts = {n.url: winners.count(n.url) for n in nodes}
+    assert sum(counts.values()) == 150 and min(counts.values()) >= 25, counts
+    for sdk in sdks:
+        await sdk.close()
+    assert await unfinished(one) == 0 and await unfinished(two) == 0
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "status_503", "status_429"])
+async def test_retry_before_first_byte_goes_elsewhere(
+    redis_url: str, cleanup: list, fault: str
+) -> None:
+    good = start_node(cleanup, "--tokens-per-s", "inf")
+    gateway = start_gateway(cleanup, redis_url, good, flags=("--strategy", "round_robin"))
+    if fault == "refuse":
+        from tests.support import free_port
+
+        bad_url = f"http://127.0.0.1:{free_port()}"  # registered, but nothing listens there
+    else:
+        bad_url = start_node(cleanup, "--fault", fault).url
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            f"{gateway.url}/nodes/add", json={"url": bad_url, "status": {"models": [MODEL]}}
+        )
+        assert r.status_code == 200
+    sdk = client(gateway)
+    for _ in range(8):
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=2,  # type: ignore[arg-type]
+        )
+        assert raw.headers["x-fleetgate-node"] == good.url
+    await sdk.close()
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{gateway.url}/metrics")).text
+    retries = [line for line in metrics.splitlines() if line.startswith("fleetgate_retries_total")]
+    assert retries and float(retries[0].split()[-1]) >= 1
+    assert await unfinished(gateway) == 0
+
+
+async def test_hanging_node_times_out_and_request_moves_on(redis_url: str, cleanup: list) -> None:
+    hanging = start_node(cleanup, "--fault", "hang")
+    good = start_node(cleanup, "--tokens-per-s", "inf")
+    gateway = start_gateway(
+        cleanup,
+        redis_url,
+        hanging,
+        good,
+        flags=("--first-byte-timeout", "0.5", "--strategy", "round_robin"),
+    )
+    sdk = client(gateway, timeout=10)
+    for _ in range(4):
+        t0 = time.monotonic()
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=MODEL, messages=CHAT, max_tokens=2
+        )  # type: ignore[arg-type]
+        assert raw.headers["x-fleetgate-node"] == good.url
+        assert time.monotonic() - t0 < 5
+    await sdk.close()
+
+
+async def test_node_dying_mid_stream_ends_with_sse_error(redis_url: str, cleanup: list) -> None:
+    dying = start_node(cleanup, "--fault", "die_mid_stream", "--tokens-per-s", "200")
+    gateway = start_gateway(cleanup, redis_url, dying)
+    sdk = client(gateway, timeout=10)
+    stream = await sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=50, stream=True
+    )  # type: ignore[arg-type]
+    got = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got.append(chunk.choices[0].delta.content)
+    assert 0 < len(got) < 50
+    await sdk.close()
+    async with httpx.AsyncClient(timeout=10) as http:
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 50, "stream": True}
+        async with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as r:
+            text = b"".join([chunk async for chunk in r.aiter_raw()]).decode()
+    assert '"error"' in text.splitlines()[-2] and "[DONE]" not in text
+    assert await unfinished(gateway) == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_releases_lease_and_cancels_upstream(
+    redis_url: str, cleanup: list, stream: bool
+) -> None:
+    slow = start_node(cleanup, "--tokens-per-s", "5")
+    gateway = start_gateway(cleanup, redis_url, slow)
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "stream": stream}
+    async with httpx.AsyncClient(timeout=30) as http:
+        if stream:
+            async with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as r:
+                async for _ in r.aiter_raw():
+                    break  # first event arrived: now hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=0.5)
+
+    async def no_lease() -> bool:
+        return await unfinished(gateway) == 0
+
+    async def node_idle() -> bool:
+        return slow.stats()["running"] == 0
+
+    assert await eventually(no_lease, 1.0)
+    # The node stops generating too: the upstream request was cancelled.
+    assert await eventually(node_idle, 2.0)
+
+
+async def test_leases_are_renewed_while_requests_run(redis_url: str, cleanup: list) -> None:
+    slow = start_node(cleanup, "--tokens-per-s", "10")
+    gateway = start_gateway(cleanup, redis_url, slow, flags=("--lease-seconds", "0.6"))
+    async with httpx.AsyncClient(timeout=30) as http:
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 20}
+        task = asyncio.ensure_future(http.post(f"{gateway.url}/v1/chat/completions", json=body))
+        await asyncio.sleep(1.5)  # well past the lease time
+        assert await unfinished(gateway) == 1
+        assert (await task).status_code == 200
+    assert await unfinished(gateway) == 0
+
+
+async def test_redis_killed_mid_run_requests_keep_succeeding(cleanup: list) -> None:
+    server = RedisServer().start()
+    try:
+        a = start_node(cleanup, "--tokens-per-s", "inf")
+        b = start_node(cleanup, "--tokens-per-s", "inf")
+        gateway = start_gateway(cleanup, server.url, a, b)
+        sdk = client(gateway, timeout=10)
+        for _ in range(5):
+            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        server.stop()
+        seen = set()
+        for _ in range(20):
+            t0 = time.monotonic()
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=MODEL, messages=CHAT, max_tokens=1
+            )  # type: ignore[arg-type]
+            assert raw.http_request is not None and time.monotonic() - t0 < 2.0
+            seen.add(raw.headers["x-fleetgate-node"])
+        assert seen == {a.url, b.url}
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{gateway.url}/ready")
+            assert ready.status_code == 503 and ready.json()["degraded"] is True
+            metrics = (await http.get(f"{gateway.url}/metrics")).text
+            assert "fleetgate_degraded 1" in metrics
+            add = await http.post(
+                f"{gateway.url}/nodes/add", json={"url": a.url, "status": {"models": [MODEL]}}
+            )
+            assert add.status_code == 503 and add.json()["error"]["code"] == "store_unavailable"
+        await sdk.close()
+    finally:
+        server.close()
+
+
+async def test_frozen_redis_does_not_stall_requests(cleanup: list) -> None:
+    server = RedisServer().start()
+    try:
+        a = start_node(cleanup, "--tokens-per-s", "inf")
+        gateway = start_gateway(cleanup, server.url, a)
+        sdk = client(gateway, timeout=10)
+        await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        server.pause()
+        t0 = time.monotonic()
+        for _ in range(10):
+            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        # Short store timeouts and the breaker: no 5-second stalls per call.
+        assert time.monotonic() - t0 < 5.0
+        server.resume()
+        await sdk.close()
+    finally:
+        server.resume() if server.proc else None
+        server.close()
