@@ -50,3 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetgate: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     return command(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,7 @@ def hypercorn_config(settings: GatewaySettings) -> Config:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = None  # hypercorn.error propagates to the root logging set up here
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = 10.0
     config.loglevel = settings.log_level.upper()
