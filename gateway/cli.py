@@ -9,6 +9,7 @@ USAGE = """usage: fleetgate COMMAND [options]
 
 commands:
   serve           run one gateway replica (hypercorn + Starlette)
+  health-checker  probe nodes, mark health, deregister dead ones (one leads, others stand by)
   sim-node        run a simulated OpenAI-compatible LLM node
   demo            start a whole fleet on this machine: store, simulated nodes, gateway
 
@@ -17,6 +18,12 @@ Run "fleetgate COMMAND --help" for the options of a command."""
 
 def _serve(argv: Sequence[str]) -> int:
     from .server import main
+
+    return main(argv)
+
+
+def _checker(argv: Sequence[str]) -> int:
+    from .checker import main
 
     return main(argv)
 
@@ -35,6 +42,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": _serve,
+    "health-checker": _checker,
     "sim-node": _sim_node,
     "demo": _demo,
 }

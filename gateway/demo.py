@@ -1,7 +1,7 @@
 """``fleetgate demo``: a whole fleet in one process for a first look, with no Redis and no GPU.
 
-Starts the embedded store, three simulated nodes of different speeds, and a gateway in front
-of them, prints commands to try, and stops cleanly on Ctrl-C.
+Starts the embedded store, three simulated nodes of different speeds, a gateway in front of
+them and a health-checker, prints commands to try, and stops cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from shared_state import Store, StoreSettings, Strategy
 
 from .app import create_app
+from .checker import CheckerSettings, HealthChecker
 from .server import hypercorn_config, setup_logging
 from .settings import GatewaySettings
 from .simnode import SimConfig, build_app
@@ -77,11 +78,23 @@ async def run_demo(host: str, port: int, strategy: Strategy) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         base = f"http://{host}:{port}"
-        print(f"fleetgate demo: gateway {base} (strategy {strategy.value}, embedded store)")
+        print(
+            f"fleetgate demo: gateway {base} (strategy {strategy.value}, embedded store, "
+            "health-checker every 2 s)"
+        )
         for url, tokens_per_s, slots in urls:
             print(f"  simulated node {url}: {slots} slots x {tokens_per_s:g} tokens/s")
         print(instructions(base), flush=True)
-        await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        checker = HealthChecker(
+            CheckerSettings(interval=2.0, timeout=1.0, deregister_after=0.0, checker_id="demo"),
+            store,
+        )
+        checking = loop.create_task(checker.run(stop))
+        try:
+            await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        finally:
+            stop.set()
+            await checking
     finally:
         for runner in runners:
             await runner.cleanup()

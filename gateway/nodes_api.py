@@ -47,6 +47,13 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "ok_total": node.ok_total,
         "fail_total": node.fail_total,
         "kv_cache_usage": node.kv_usage,
+        "requests_waiting": node.kv_waiting,
+        "probe": {
+            "failures": node.probe_failures,
+            "successes": node.probe_successes,
+            "last_ms": node.last_probe_ms,
+            "detail": node.probe_detail,
+        },
     }
 
 

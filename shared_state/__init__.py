@@ -1,6 +1,13 @@
 """Routing state shared by all gateway replicas, kept in Redis and changed by Lua scripts."""
 
-from .errors import InvalidInput, StateError, StoreUnavailable, UnknownNode, UnknownStrategy
+from .errors import (
+    Fenced,
+    InvalidInput,
+    StateError,
+    StoreUnavailable,
+    UnknownNode,
+    UnknownStrategy,
+)
 from .keys import KeySchema
 from .model import (
     Lease,
@@ -18,6 +25,7 @@ from .registry import RegistryView, normalize_url
 from .store import Store, StoreSettings
 
 __all__ = [
+    "Fenced",
     "InvalidInput",
     "KeySchema",
     "Lease",

@@ -35,3 +35,11 @@ class StoreUnavailable(StateError):
     status_code = 503
     error_type = "service_unavailable"
     code = "store_unavailable"
+
+
+class Fenced(StateError):
+    """A write by a health-checker that no longer holds the leader lease; nothing changed."""
+
+    status_code = 409
+    error_type = "conflict"
+    code = "fenced"

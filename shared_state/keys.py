@@ -39,6 +39,18 @@ class KeySchema:
         return f"{self.tag()}:replicas"
 
     @property
+    def leader(self) -> str:
+        return f"{self.tag()}:checker:leader"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag()}:checker:fence"
+
+    @property
+    def events(self) -> str:
+        return f"{self.tag()}:events"
+
+    @property
     def session_ids(self) -> str:
         return f"{self.tag()}:session_ids"
 

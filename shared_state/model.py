@@ -59,7 +59,12 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     fail_total: int = 0
     kv_usage: float | None = None
     kv_running: int | None = None
+    kv_waiting: int | None = None
     kv_ts_ms: int | None = None
+    probe_failures: int = 0
+    probe_successes: int = 0
+    last_probe_ms: int = 0
+    probe_detail: str = ""
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,3 +105,33 @@ class Release(msgspec.Struct, frozen=True, kw_only=True):
     released: bool
     consecutive_failures: int
     ejected_until_ms: int
+
+
+class ProbeResult(enum.StrEnum):
+    OK = "ok"
+    FAIL = "fail"
+    NONE = "none"  # no liveness probe this time; other findings are still recorded
+
+
+class HealthReport(msgspec.Struct, frozen=True):
+    """What a health report did: ``status`` is ok, gone or removed."""
+
+    status: str
+    state: str
+    changed: bool
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One recorded state transition of a node."""
+
+    t_ms: int
+    node: str
+    reason: str
+    by: str
+    from_state: str = msgspec.field(name="from")
+    to_state: str = msgspec.field(name="to")
+
+
+class Sweep(msgspec.Struct, frozen=True):
+    pruned_leases: int
+    live_replicas: dict[str, int]

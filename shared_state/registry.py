@@ -83,6 +83,7 @@ def decode_node(fields: Mapping[str, str]) -> Node:
     state = fields.get("state", NodeState.ACTIVE.value)
     role = _int(fields, "role", Role.HYBRID)
     kv_running = fields.get("kv_running")
+    kv_waiting = fields.get("kv_waiting")
     return Node(
         id=fields["id"],
         url=fields.get("url", fields["id"]),
@@ -102,7 +103,12 @@ def decode_node(fields: Mapping[str, str]) -> Node:
         fail_total=_int(fields, "fail_total"),
         kv_usage=_float(fields, "kv_usage"),
         kv_running=int(float(kv_running)) if kv_running else None,
+        kv_waiting=int(float(kv_waiting)) if kv_waiting else None,
         kv_ts_ms=_int(fields, "kv_ts") or None,
+        probe_failures=_int(fields, "probe_failures"),
+        probe_successes=_int(fields, "probe_successes"),
+        last_probe_ms=_int(fields, "last_probe_ms"),
+        probe_detail=fields.get("probe_detail", ""),
     )
 
 

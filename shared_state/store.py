@@ -119,7 +119,7 @@ class Store:
         return time.monotonic() < self._open_until
 
     @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
+    async def guard(self) -> AsyncIterator[None]:
         if self.degraded:
             raise StoreUnavailable("store unreachable (breaker open)")
         try:
@@ -132,8 +132,8 @@ class Store:
                 raise UnknownNode(str(exc).split("unknown node", 1)[-1].strip()) from None
             raise
 
-    async def _run(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
-        async with self._guard():
+    async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        async with self.guard():
             return await script(self.client, keys, args)
 
     async def ping(self) -> bool:
@@ -215,7 +215,7 @@ class Store:
     async def _upsert(self, node_id: str, fields: dict[str, str], *, create: bool) -> bool:
         flat = [v for kv in fields.items() for v in kv]
         keys = [self.keys.nodes, self.keys.node(node_id), self.keys.epoch]
-        created, _epoch = await self._run(
+        created, _epoch = await self.run_script(
             scripts.NODE_UPSERT, keys, [node_id, "1" if create else "0", *flat]
         )
         return bool(created)
@@ -229,26 +229,26 @@ class Store:
             self.keys.ejected,
             self.keys.epoch,
         ]
-        removed, _epoch = await self._run(scripts.NODE_REMOVE, keys, [node_id])
+        removed, _epoch = await self.run_script(scripts.NODE_REMOVE, keys, [node_id])
         if not removed:
             raise UnknownNode(node_id)
 
     async def get_node(self, url: str) -> Node:
         node_id = normalize_url(url)
-        async with self._guard():
+        async with self.guard():
             fields = cast(dict[str, str], await self.client.hgetall(self.keys.node(node_id)))
         if not fields:
             raise UnknownNode(node_id)
         return decode_node(fields)
 
     async def epoch(self) -> int:
-        async with self._guard():
+        async with self.guard():
             value = await self.client.get(self.keys.epoch)
         return int(value or 0)
 
     async def registry(self) -> Registry:
         """Read the whole registry (ops tools and cache refreshes; never per request)."""
-        async with self._guard():
+        async with self.guard():
             members = cast(set[str], await self.client.smembers(self.keys.nodes))
             ids = sorted(members)
             async with self.client.pipeline(transaction=True) as pipe:
@@ -283,7 +283,7 @@ class Store:
     async def status(self) -> list[NodeStatus]:
         """Every node with its leases in force and recent latencies."""
         registry = await self.registry()
-        async with self._guard():
+        async with self.guard():
             sec, usec = await self.client.time()
             now_ms = int(sec) * 1000 + int(usec) // 1000
             async with self.client.pipeline(transaction=False) as pipe:
@@ -303,7 +303,7 @@ class Store:
     async def in_flight(self, url: str) -> int:
         """Leases in force on one node."""
         node_id = normalize_url(url)
-        async with self._guard():
+        async with self.guard():
             sec, usec = await self.client.time()
             now_ms = int(sec) * 1000 + int(usec) // 1000
             return int(await self.client.zcount(self.keys.leases(node_id), now_ms, "+inf"))
@@ -383,7 +383,7 @@ class Store:
             s.cache_stale_ms,
             s.cache_share,
         ]
-        node_id, in_flight, score, epoch, eligible, reused, _known = await self._run(
+        node_id, in_flight, score, epoch, eligible, reused, _known = await self.run_script(
             scripts.PICK, keys, args
         )
         epoch = int(epoch)
@@ -431,7 +431,7 @@ class Store:
             max(len(pool), 1),
             *others,
         ]
-        released, fails, until = await self._run(scripts.RELEASE, keys, args)
+        released, fails, until = await self.run_script(scripts.RELEASE, keys, args)
         return Release(
             released=bool(released), consecutive_failures=int(fails), ejected_until_ms=int(until)
         )
@@ -447,7 +447,7 @@ class Store:
             keys.append(self.keys.leases(node_id))
             args.append(len(members))
             args.extend(members)
-        return int(await self._run(scripts.RENEW, keys, args))
+        return int(await self.run_script(scripts.RENEW, keys, args))
 
 
 def _strategy(value: Strategy | str) -> Strategy:

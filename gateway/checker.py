@@ -1,0 +1,382 @@
+"""``fleetgate health-checker``: probes every node, moves nodes between active and unhealthy
+with fall/rise thresholds, deregisters nodes unhealthy for too long, scrapes KV-cache load for
+``min_cache_usage``, and sweeps expired leases.
+
+Several may run: one leads through a Redis lease with a fencing token; every write carries the
+token, so a leader that was paused and lost its lease cannot overwrite its successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from shared_state import Fenced, Node, NodeState, StateError, Store, StoreUnavailable
+from shared_state.health import HealthLedger
+from shared_state.model import ProbeResult
+
+from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
+from .metrics import Counter
+from .probes import Finding, Prober
+
+log = logging.getLogger("fleetgate.checker")
+
+PROBE_KINDS = frozenset({"health", "models", "generate", "metrics"})
+
+
+def _kinds(text: str) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
+    unknown = kinds - PROBE_KINDS
+    if unknown or not kinds:
+        raise ValueError(f"probe kinds are {', '.join(sorted(PROBE_KINDS))}; got {text!r}")
+    return kinds
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("redis-url", non_empty, None, "Redis URL of the fleet's shared state (required)"),
+    Option("prefix", non_empty, "fleetgate", "key prefix (hash tag) in Redis"),
+    Option("interval", positive_float, 5.0, "seconds between probe rounds (jittered +-10%)"),
+    Option("timeout", positive_float, 2.0, "timeout of each probe, s"),
+    Option("fall", int_range(1, 100), 3, "failed rounds before a node is unhealthy"),
+    Option("rise", int_range(1, 100), 2, "passed rounds before an unhealthy node is active"),
+    Option("deregister-after", _non_negative, 300.0, "seconds unhealthy before removal; 0 never"),
+    Option("probes", _kinds, PROBE_KINDS, "probe kinds: health,models,generate,metrics"),
+    Option("models-every", int_range(1, 10_000), 12, "rounds between /v1/models probes"),
+    Option(
+        "generate-every",
+        _non_negative,
+        60.0,
+        "seconds between generation probes (also run at once after gateways report failures)",
+    ),
+    Option("lease-seconds", positive_float, 10.0, "leader lease; a standby takes over after it"),
+    Option(
+        "replica-alive-seconds",
+        positive_float,
+        45.0,
+        "a gateway replica is alive if it renewed its leases within this time",
+    ),
+    Option("metrics-port", port, None, "serve /metrics and /health on this port"),
+    Option("metrics-host", non_empty, "127.0.0.1", "address of the metrics server"),
+    Option("checker-id", non_empty, None, "this checker's id (default: host-random)"),
+    Option("log-level", non_empty, "info", "log level"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckerSettings:
+    redis_url: str | None = None
+    prefix: str = "fleetgate"
+    interval: float = 5.0
+    timeout: float = 2.0
+    fall: int = 3
+    rise: int = 2
+    deregister_after: float = 300.0
+    probes: frozenset[str] = PROBE_KINDS
+    models_every: int = 12
+    generate_every: float = 60.0
+    lease_seconds: float = 10.0
+    replica_alive_seconds: float = 45.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    checker_id: str | None = None
+    log_level: str = "info"
+
+    def identity(self) -> str:
+        if self.checker_id:
+            return self.checker_id.replace(" ", "-")
+        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def load_settings(argv: Sequence[str] | None = None) -> CheckerSettings:
+    values = resolve(
+        "fleetgate health-checker",
+        "Probe nodes and keep their health in the store.",
+        OPTIONS,
+        argv,
+    )
+    settings = CheckerSettings(**values)
+    if settings.redis_url is None:
+        raise ConfigError("--redis-url is required: the checker shares state with the gateways")
+    return settings
+
+
+class CheckerMetrics:
+    def __init__(self) -> None:
+        self.probes = Counter("fleetgate_checker_probes_total", "Probes by kind and result.")
+        self.transitions = Counter(
+            "fleetgate_checker_transitions_total", "Node state changes made, by new state."
+        )
+        self.deregistrations = Counter(
+            "fleetgate_checker_deregistrations_total", "Nodes removed after being unhealthy."
+        )
+        self.fenced = Counter(
+            "fleetgate_checker_fenced_writes_total",
+            "Writes rejected: this checker had lost the lead.",
+        )
+        self.swept = Counter("fleetgate_checker_swept_leases_total", "Expired leases removed.")
+        self.leader = Counter("fleetgate_checker_leader", "1 while this checker leads.", "gauge")
+        self.nodes = Counter("fleetgate_checker_nodes", "Nodes by state, last round.", "gauge")
+        self.replicas = Counter(
+            "fleetgate_checker_live_replicas", "Gateway replicas renewing leases.", "gauge"
+        )
+        self.rounds = Counter("fleetgate_checker_rounds_total", "Probe rounds completed.")
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for metric in (
+            self.probes,
+            self.transitions,
+            self.deregistrations,
+            self.fenced,
+            self.swept,
+            self.leader,
+            self.nodes,
+            self.replicas,
+            self.rounds,
+        ):
+            lines.extend(metric.render())
+        return ("\n".join(lines) + "\n").encode()
+
+
+class HealthChecker:
+    def __init__(
+        self, settings: CheckerSettings, store: Store, rng: random.Random | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.id = settings.identity()
+        self.ledger = HealthLedger(store, self.id)
+        self.prober = Prober(settings.timeout)
+        self.metrics = CheckerMetrics()
+        self.rng = rng or random.Random()
+        self.token = 0
+        self.rounds = 0
+        self.live_replicas: dict[str, int] = {}
+        self._seen_failures: dict[str, int] = {}
+        self._last_generate: dict[str, float] = {}
+        self._generate_failed: set[str] = set()
+        self._wake = asyncio.Event()
+
+    @property
+    def leading(self) -> bool:
+        return self.token > 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the lease and probe while leading, until ``stop`` is set."""
+        lease = asyncio.get_running_loop().create_task(self._keep_lease(stop))
+        try:
+            while not stop.is_set():
+                if self.leading:
+                    try:
+                        await self.probe_round()
+                    except Fenced:
+                        self._lost_lead("a write was fenced")
+                    except StoreUnavailable as exc:
+                        log.warning("store unreachable during a round: %s", exc)
+                jitter = self.settings.interval * (0.9 + 0.2 * self.rng.random())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), jitter)
+        finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
+            if self.leading:
+                with contextlib.suppress(StateError):
+                    await self.ledger.resign()
+            await self.prober.close()
+
+    def _lost_lead(self, why: str) -> None:
+        if self.leading:
+            log.warning("checker %s stops leading: %s", self.id, why)
+            self.metrics.fenced.inc()
+        self.token = 0
+        self.metrics.leader.set((), 0)
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        while not stop.is_set():
+            try:
+                token, holder = await self.ledger.lead(lease_ms)
+            except StateError as exc:
+                log.warning("cannot reach the store for the leader lease: %s", exc)
+                token, holder = 0, "?"
+            if token and token != self.token:
+                log.info("checker %s leads (token %d)", self.id, token)
+            elif not token and self.leading:
+                self._lost_lead(f"{holder} holds the lease")
+            self.token = token
+            self.metrics.leader.set((), 1 if token else 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.lease_seconds / 3)
+
+    async def probe_round(self) -> None:
+        """Probe every registered node concurrently, then sweep expired leases."""
+        token = self.token
+        registry = await self.store.registry()
+        self.rounds += 1
+        await asyncio.gather(*(self._check(node, token) for node in registry.nodes))
+        sweep = await self.ledger.sweep(
+            token, [n.id for n in registry.nodes], int(self.settings.replica_alive_seconds * 1000)
+        )
+        self.live_replicas = sweep.live_replicas
+        self.metrics.swept.inc((), sweep.pruned_leases)
+        self.metrics.replicas.set((), len(sweep.live_replicas))
+        states = dict.fromkeys((s.value for s in NodeState), 0)
+        for node in (await self.store.registry()).nodes:
+            states[node.state.value] += 1
+        for state, count in states.items():
+            self.metrics.nodes.set((("state", state),), count)
+        self.metrics.rounds.inc()
+
+    def _generation_due(self, node: Node) -> bool:
+        if "generate" not in self.settings.probes:
+            return False
+        seen = self._seen_failures.get(node.id)
+        self._seen_failures[node.id] = node.fail_total
+        if seen is not None and node.fail_total > seen:
+            return True  # gateways just reported failures: check generation now
+        if node.state is NodeState.UNHEALTHY or node.id in self._generate_failed:
+            return True  # recovery must include generating again
+        every = self.settings.generate_every
+        last = self._last_generate.get(node.id)
+        return every > 0 and (last is None or time.monotonic() - last >= every)
+
+    def _count(self, kind: str, finding: Finding) -> None:
+        self.metrics.probes.inc((("kind", kind), ("result", "ok" if finding.ok else "fail")))
+
+    async def _check(self, node: Node, token: int) -> None:
+        kinds = self.settings.probes
+        result = ProbeResult.NONE
+        reason = ""
+        models = None
+        load = None
+        alive = True
+        if "health" in kinds:
+            finding = await self.prober.health(node)
+            self._count("health", finding)
+            result = ProbeResult.OK if finding.ok else ProbeResult.FAIL
+            reason = finding.detail
+            alive = finding.ok
+        if (
+            alive
+            and "models" in kinds
+            and self.rounds % self.settings.models_every == 1 % self.settings.models_every
+        ):
+            models = await self.prober.models(node)
+        if alive and "metrics" in kinds:
+            load = await self.prober.load(node)
+        if alive and self._generation_due(node):
+            finding = await self.prober.generate(node)
+            self._count("generate", finding)
+            self._last_generate[node.id] = time.monotonic()
+            if finding.ok:
+                self._generate_failed.discard(node.id)
+                if result is ProbeResult.NONE:
+                    result = ProbeResult.OK
+            else:
+                self._generate_failed.add(node.id)
+                result, reason = ProbeResult.FAIL, finding.detail
+        report = await self.ledger.report(
+            token,
+            node.id,
+            result,
+            fall=self.settings.fall,
+            rise=self.settings.rise,
+            deregister_after_ms=int(self.settings.deregister_after * 1000),
+            reason=reason,
+            models=models,
+            kv_usage=load.kv_usage if load else None,
+            running=load.running if load else None,
+            waiting=load.waiting if load else None,
+        )
+        if report.status == "removed":
+            self.metrics.deregistrations.inc()
+            log.warning(
+                "deregistered %s: unhealthy longer than %ss",
+                node.id,
+                self.settings.deregister_after,
+            )
+        elif report.changed:
+            self.metrics.transitions.inc((("to", report.state),))
+            log.warning("node %s is now %s (%s)", node.id, report.state, reason)
+
+
+async def serve_metrics(checker: HealthChecker, host: str, port_: int) -> web.AppRunner:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=checker.metrics.render(), content_type="text/plain")
+
+    async def health(request: web.Request) -> web.Response:
+        body = {
+            "status": "ok",
+            "checker": checker.id,
+            "leader": checker.leading,
+            "live_replicas": checker.live_replicas,
+        }
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port_).start()
+    return runner
+
+
+async def run_checker(settings: CheckerSettings) -> None:
+    store = Store.open(settings.redis_url, prefix=settings.prefix, timeout_s=settings.timeout)
+    checker = HealthChecker(settings, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    if settings.metrics_port is not None:
+        runner = await serve_metrics(checker, settings.metrics_host, settings.metrics_port)
+    print(
+        f"fleetgate: health-checker {checker.id} (interval {settings.interval:g}s, "
+        f"fall {settings.fall}, rise {settings.rise})",
+        flush=True,
+    )
+    try:
+        await checker.run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"fleetgate health-checker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_checker(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The health-checker's probes of one node, each bounded by its timeout, and the parsing of
+the load figures model servers publish on ``/metrics``.
+
+httpx is the client here: probes are few and small, and its timeout values fit the checker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import httpx
+import orjson
+
+from shared_state import Node
+
+# Gauge names by server: vLLM (current and older), SGLang, LMDeploy.
+KV_USAGE = (
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "sglang:token_usage",
+    "lmdeploy:gpu_cache_usage_perc",
+    "lmdeploy:kv_cache_usage_perc",
+)
+RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "lmdeploy:num_requests_running")
+WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "lmdeploy:num_requests_waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    kv_usage: float
+    running: int
+    waiting: int
+
+
+def parse_load(text: str) -> Load | None:
+    """KV-cache use (max over label sets), running and waiting (sums) from Prometheus text."""
+    usage: float | None = None
+    running = waiting = 0.0
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        try:
+            value = float(line.rsplit(" ", 1)[-1])
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            continue
+        if name in KV_USAGE:
+            value = value / 100 if value > 1.0 else value  # some servers publish percent
+            usage = value if usage is None else max(usage, value)
+        elif name in RUNNING:
+            running += value
+        elif name in WAITING:
+            waiting += value
+    if usage is None:
+        return None
+    return Load(min(max(usage, 0.0), 1.0), int(running), int(waiting))
+
+
+class Prober:
+    def __init__(self, timeout_s: float) -> None:
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            follow_redirects=False,
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    def _headers(node: Node) -> dict[str, str]:
+        return {"authorization": f"Bearer {node.api_key}"} if node.api_key else {}
+
+    async def _get(self, node: Node, path: str) -> httpx.Response:
+        return await self.client.get(node.url + path, headers=self._headers(node))
+
+    async def health(self, node: Node) -> Finding:
+        try:
+            response = await self._get(node, "/health")
+        except httpx.TimeoutException:
+            return Finding(False, "GET /health timed out")
+        except httpx.HTTPError as exc:
+            return Finding(False, f"GET /health failed: {type(exc).__name__}")
+        if response.status_code != 200:
+            return Finding(False, f"GET /health answered {response.status_code}")
+        return Finding(True, "GET /health 200")
+
+    async def models(self, node: Node) -> list[str] | None:
+        try:
+            response = await self._get(node, "/v1/models")
+            if response.status_code != 200:
+                return None
+            data = orjson.loads(response.content).get("data")
+        except (httpx.HTTPError, orjson.JSONDecodeError, AttributeError):
+            return None
+        names = [m.get("id") for m in data or [] if isinstance(m, dict)]
+        return [n for n in names if isinstance(n, str) and n] or None
+
+    async def generate(self, node: Node) -> Finding:
+        """A one-token completion: catches a node whose /health is green but cannot generate."""
+        if not node.models:
+            return Finding(False, "no model to probe")
+        body = {"model": node.models[0], "prompt": "ping", "max_tokens": 1, "stream": False}
+        try:
+            response = await self.client.post(
+                node.url + "/v1/completions", json=body, headers=self._headers(node)
+            )
+        except httpx.TimeoutException:
+            return Finding(False, "generation probe timed out")
+        except httpx.HTTPError as exc:
+            return Finding(False, f"generation probe failed: {type(exc).__name__}")
+        if response.status_code != 200:
+            return Finding(False, f"generation probe answered {response.status_code}")
+        return Finding(True, "generation probe 200")
+
+    async def load(self, node: Node) -> Load | None:
+        try:
+            response = await self._get(node, "/metrics")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return parse_load(response.text)

@@ -1,0 +1,104 @@
+"""Health-checker state: the leader lease with its fencing token, fenced health reports,
+the transition log, and housekeeping of expired leases and live replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from . import scripts
+from .errors import Fenced
+from .model import Event, HealthReport, ProbeResult, Sweep
+from .registry import encode_models, normalize_url, validate_models
+from .store import Store
+
+EVENTS_KEPT = 1000
+_decode_event = msgspec.json.Decoder(Event).decode
+
+
+class HealthLedger:
+    """The shared-state operations of the health-checker, over a :class:`Store`."""
+
+    def __init__(self, store: Store, checker_id: str) -> None:
+        if not checker_id or " " in checker_id:
+            raise ValueError("checker id must be non-empty, without spaces")
+        self.store = store
+        self.keys = store.keys
+        self.checker_id = checker_id
+
+    async def lead(self, lease_ms: int) -> tuple[int, str]:
+        """Take or keep the leader lease: (token, holder); token 0 when another leads."""
+        token, holder = await self.store.run_script(
+            scripts.LEADER, [self.keys.leader, self.keys.fence], [self.checker_id, lease_ms, "1"]
+        )
+        return int(token), str(holder)
+
+    async def resign(self) -> None:
+        await self.store.run_script(
+            scripts.LEADER, [self.keys.leader, self.keys.fence], [self.checker_id, 1, "0"]
+        )
+
+    async def report(
+        self,
+        token: int,
+        node_id: str,
+        result: ProbeResult,
+        *,
+        fall: int,
+        rise: int,
+        deregister_after_ms: int,
+        reason: str = "",
+        models: Iterable[str] | None = None,
+        kv_usage: float | None = None,
+        running: int | None = None,
+        waiting: int | None = None,
+    ) -> HealthReport:
+        """Record a node's probe findings; raises :class:`Fenced` if this checker lost the lead."""
+        node_id = normalize_url(node_id)
+        keys = [
+            self.keys.leader,
+            self.keys.node(node_id),
+            self.keys.nodes,
+            self.keys.epoch,
+            self.keys.leases(node_id),
+            self.keys.latencies(node_id),
+            self.keys.ejected,
+            self.keys.events,
+        ]
+        args = [
+            self.checker_id,
+            token,
+            node_id,
+            ProbeResult(result).value,
+            fall,
+            rise,
+            deregister_after_ms,
+            reason[:300],
+            encode_models(validate_models(models)) if models else "",
+            "" if kv_usage is None else repr(float(kv_usage)),
+            running or 0,
+            waiting or 0,
+            EVENTS_KEPT,
+        ]
+        status, state, changed = await self.store.run_script(scripts.HEALTH_REPORT, keys, args)
+        if status == "fenced":
+            raise Fenced(f"checker {self.checker_id} with token {token} no longer leads")
+        return HealthReport(str(status), str(state), bool(changed))
+
+    async def events(self, limit: int = 100) -> list[Event]:
+        """The latest recorded transitions, newest first."""
+        async with self.store.guard():
+            raw = await self.store.client.lrange(self.keys.events, 0, limit - 1)
+        return [_decode_event(item) for item in raw]
+
+    async def sweep(self, token: int, node_ids: Iterable[str], alive_ms: int) -> Sweep:
+        """Remove expired leases of ``node_ids``; return the replicas that renewed recently."""
+        keys = [self.keys.leader, self.keys.replicas, *(self.keys.leases(n) for n in node_ids)]
+        args = [self.checker_id, token, alive_ms, alive_ms * 100]
+        reply = await self.store.run_script(scripts.SWEEP, keys, args)
+        if int(reply[0]) < 0:
+            raise Fenced(f"checker {self.checker_id} with token {token} no longer leads")
+        live = {str(reply[i]): int(float(reply[i + 1])) for i in range(1, len(reply), 2)}
+        return Sweep(int(reply[0]), live)
