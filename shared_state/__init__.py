@@ -8,6 +8,7 @@ from .errors import (
     UnknownNode,
     UnknownStrategy,
 )
+from .health import HealthLedger
 from .keys import KeySchema
 from .model import (
     Lease,
@@ -16,6 +17,7 @@ from .model import (
     NodeStatus,
     Outcome,
     Pick,
+    ProbeResult,
     Registry,
     Release,
     Role,
@@ -26,6 +28,7 @@ from .store import Store, StoreSettings
 
 __all__ = [
     "Fenced",
+    "HealthLedger",
     "InvalidInput",
     "KeySchema",
     "Lease",
@@ -34,6 +37,7 @@ __all__ = [
     "NodeStatus",
     "Outcome",
     "Pick",
+    "ProbeResult",
     "Registry",
     "RegistryView",
     "Release",
