@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -81,11 +81,12 @@ def outcome_of(status: int) -> Outcome:
 class _Exchange:
     """What this request has sent so far."""
 
-    __slots__ = ("node_id", "send", "started", "status")
+    __slots__ = ("complete", "node_id", "send", "started", "status")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
+        self.complete = False
         self.status = 0
         self.node_id = ""
 
@@ -95,6 +96,8 @@ class _Exchange:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes, more: bool = False) -> None:
+        if not more:
+            self.complete = True
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
 
@@ -199,22 +202,33 @@ class ProxyHandler:
         model: str,
         request_id: str,
     ) -> None:
-        """Route the request while watching for the client to go away."""
-        work = asyncio.ensure_future(self._route(scope, exchange, body, model, request_id))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        """Route the request; if the client goes away first, cancel the work.
+
+        One watcher task per request cancels this task on ``http.disconnect``, but only
+        while the answer is incomplete, so a finished exchange is never interrupted.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            await _wait_disconnect(receive)
+            if not exchange.complete:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                self.metrics.disconnects.inc()
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                return
-            work.result()
+            await self._route(scope, exchange, body, model, request_id)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            self.metrics.disconnects.inc()
         finally:
+            exchange.complete = True
             watcher.cancel()
-            if not work.done():
-                work.cancel()
 
     async def _route(
         self, scope: Scope, exchange: _Exchange, body: bytes, model: str, request_id: str
@@ -292,8 +306,11 @@ class ProxyHandler:
         finally:
             if response is not None:
                 response.close()
-            latency = time.perf_counter() - started_at
-            await asyncio.shield(self.router.release(route, outcome, latency))
+            release = self.router.release(route, outcome, time.perf_counter() - started_at)
+            if exchange.complete:
+                await release  # nothing can cancel a finished exchange: no shield task needed
+            else:
+                await asyncio.shield(release)
 
     def _headers(self, request_id: str, route: Route) -> list[tuple[bytes, bytes]]:
         return [
@@ -363,7 +380,7 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if _REQUEST_ID.match(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return os.urandom(12).hex()
 
 
 def _check_content_type(headers: list[tuple[bytes, bytes]]) -> None:

@@ -118,6 +118,7 @@ class Upstream:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
                 timeout=self._timeout,
             )

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -68,9 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = hypercorn_config(settings)
         config.workers = settings.workers
         config.application_path = "gateway.asgi:app"
+        if loop_factory() is not None:
+            config.worker_class = "uvloop"
         return run(config)
     try:
-        asyncio.run(serve_async(settings))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_async(settings))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (it is a dependency on POSIX), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

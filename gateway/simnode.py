@@ -475,9 +475,6 @@ class SimNode:
             t0 = loop.time()
             for i in range(n if cut is None else min(n, cut)):
                 if dt and (wait := t0 + (i + 1) * dt - loop.time()) >= _MIN_SLEEP_S:
-                    if buf:
-                        await resp.write(b"".join(buf))
-                        buf.clear()
                     await self._sleep(request, wait)
                 tok = f"tok{i} "
                 if chat:
@@ -486,9 +483,9 @@ class SimNode:
                 else:
                     choice = {"index": 0, "text": tok}
                 choice["logprobs"] = choice["finish_reason"] = None
-                buf.append(_sse({**head, "choices": [choice]}))
+                # One write per token, as model servers flush each token as it is decoded.
+                await resp.write(_sse({**head, "choices": [choice]}))
             if cut is not None:
-                await resp.write(b"".join(buf))
                 _abort(request, rst=False)
                 return resp
             end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+
+
+class ScriptClient(Protocol):
+    """What runs a script: a redis-py client or the :class:`AutoPipeline`."""
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
 
 class Script:
@@ -18,7 +25,7 @@ class Script:
         self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: ScriptClient, keys: list[str], args: list[Any]) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:

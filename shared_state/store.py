@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -35,6 +36,7 @@ from .model import (
     Role,
     Strategy,
 )
+from .pipeline import AutoPipeline
 from .registry import (
     RegistryView,
     decode_node,
@@ -44,6 +46,7 @@ from .registry import (
     validate_positive,
     validate_role,
 )
+from .scripts import ScriptClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +82,13 @@ class Store:
         settings: StoreSettings | None = None,
         rng: random.Random | None = None,
         embedded: bool = False,
+        fast: AutoPipeline | None = None,
     ) -> None:
         self.client = client
+        # Scripts go through the pipelined connection when there is one; other commands
+        # (registry reads, ops) through redis-py.
+        self.scripts: ScriptClient = fast or client
+        self._fast = fast
         self.keys = schema or KeySchema()
         self.settings = settings or StoreSettings()
         self.embedded = embedded
@@ -100,15 +108,21 @@ class Store:
         rng: random.Random | None = None,
     ) -> Store:
         """Open the store at ``url`` (``None``: the embedded, in-process store)."""
+        fast = None
+        if url is not None and urlsplit(url).scheme in {"redis", "rediss", "unix"}:
+            fast = AutoPipeline(url, timeout_s=timeout_s)
         return cls(
             open_redis(url, timeout_s=timeout_s),
             schema=KeySchema(prefix),
             settings=settings,
             rng=rng,
             embedded=is_embedded(url),
+            fast=fast,
         )
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.aclose()
         await self.client.aclose()
 
     # -- failure handling -------------------------------------------------------------
@@ -134,7 +148,7 @@ class Store:
 
     async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
         async with self.guard():
-            return await script(self.client, keys, args)
+            return await script(self.scripts, keys, args)
 
     async def ping(self) -> bool:
         """True when the store answers now (ignores the breaker)."""
