@@ -20,7 +20,7 @@ from shared_state import Node, NodeState, StateError, Store, StoreSettings, Stor
 
 from .auth import Authenticator
 from .errors import GatewayError, MethodNotAllowed, NotFound, render
-from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send
+from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send, request_id_of
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response
 from .proxy import Timeouts, Upstream, UpstreamFailure
@@ -181,7 +181,10 @@ class Gateway:
 async def _error_handler(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
             exc = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+            if allow:
+                exc.headers = ((b"allow", allow.encode()),)
         elif exc.status_code == 404:
             exc = NotFound(f"no route {request.url.path}")
         else:
@@ -229,10 +232,24 @@ class GatewayApp:
         self.proxy = gateway.proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in PROXY_PATHS:
+        if scope["type"] != "http":
+            await self.starlette(scope, receive, send)
+        elif scope["path"] in PROXY_PATHS:
             await self.proxy(scope, receive, send)
         else:
-            await self.starlette(scope, receive, send)
+            await self.starlette(scope, receive, with_request_id(scope, send))
+
+
+def with_request_id(scope: Scope, send: Send) -> Send:
+    """Wrap ``send`` so the answer carries ``x-request-id``, like every proxied answer."""
+    header = (b"x-request-id", request_id_of(scope["headers"]).encode())
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return send_with_id
 
 
 def create_app(settings: GatewaySettings, store: Store | None = None) -> GatewayApp:

@@ -124,12 +124,14 @@ class ProxyHandler:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_at = time.perf_counter()
-        request_id = _request_id(scope["headers"])
+        request_id = request_id_of(scope["headers"])
         exchange = _Exchange(send)
         model = ""
         try:
             if scope["method"] != "POST":
-                raise MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
+                error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
+                error.headers = ((b"allow", b"POST"),)
+                raise error
             headers = scope["headers"]
             self.auth.check_client(headers)
             _check_content_type(headers)
@@ -146,6 +148,8 @@ class ProxyHandler:
             log.exception("request %s failed", request_id)
             await self._send_error(exchange, exc, request_id)
         finally:
+            # Only models a node answered for become labels: clients cannot grow the metrics.
+            model = model if exchange.node_id else ""
             labels = (
                 ("node", exchange.node_id),
                 ("model", model),
@@ -328,7 +332,17 @@ class ProxyHandler:
     ) -> None:
         status = response.status
         headers = response.relay_headers(keep_length=False)
-        if status >= 400 and not _is_json(headers):
+        if status in (401, 403):
+            # The client's key never reaches a node: a refusal is about the gateway's
+            # credentials for that node, an upstream fault rather than the client's.
+            data = error_body(
+                f"node {route.node.id} refused the gateway's credentials ({status})",
+                "upstream_error",
+                "upstream_auth_error",
+            )
+            headers = [(b"content-type", _JSON)]
+            status = 502
+        elif status >= 400 and not _is_json(headers):
             # A node's plain-text error becomes an OpenAI-shaped one; never text/plain.
             text = data.decode("utf-8", "replace").strip()[:500]
             data = error_body(f"node answered {status}: {text}", "upstream_error", "upstream_error")
@@ -373,7 +387,7 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id":
             text = value.decode("latin-1")

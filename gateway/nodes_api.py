@@ -141,7 +141,10 @@ class NodesAPI:
         url = payload.get("url", request.query_params.get("node_url"))
         if not isinstance(url, str) or not url.strip():
             raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
-        url = normalize_url(substitute_host(url.strip(), _client_host(request)))
+        try:
+            url = normalize_url(substitute_host(url.strip(), _client_host(request)))
+        except ValueError as exc:  # urlsplit's verdict on a broken host or port
+            raise BadRequest(f"node url {url!r} is malformed: {exc}", param="url") from None
         status = payload.get("status") or {}
         if not isinstance(status, dict):
             raise BadRequest("status must be an object")

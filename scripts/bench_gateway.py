@@ -129,8 +129,11 @@ def serve_trivial(port: int) -> int:
         print(f"trivial app listening on http://127.0.0.1:{port}", flush=True)
         await serve(trivial_app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    from gateway.server import loop_factory
+
+    # The same event loop as the gateway's, so the ceiling is that of the same server stack.
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory()) as r:
+        r.run(main())
     return 0
 
 
