@@ -279,7 +279,13 @@ class ProxyHandler:
         try:
             try:
                 response = await self.upstream.send(
-                    node, "POST", scope["path"], scope["headers"], body, request_id
+                    node,
+                    "POST",
+                    scope["path"],
+                    scope["headers"],
+                    body,
+                    request_id,
+                    query=scope.get("query_string", b""),
                 )
             except UpstreamFailure as exc:
                 outcome = Outcome.FAIL
