@@ -26,6 +26,8 @@ def is_embedded(url: str | None) -> bool:
 def open_redis(url: str | None, *, timeout_s: float = 0.5) -> aioredis.Redis:
     """Return a client for ``url``; ``None`` or ``embedded`` gives the in-process store.
 
+    For Sentinel, :func:`sentinel_clients` names the extra connections to close.
+
     Timeouts are short on purpose: a frozen Redis must not stall requests for seconds, the
     caller falls back instead. One retry covers a connection dropped by an idle timeout.
     """
@@ -83,4 +85,15 @@ def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
         socket_connect_timeout=options["socket_connect_timeout"],
     )
     master: aioredis.Redis = sentinel.master_for(path[0], password=password, db=db, **options)
+    _SENTINELS[id(master)] = list(sentinel.sentinels)
     return master
+
+
+_SENTINELS: dict[int, list[aioredis.Redis]] = {}
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    """Close a client from :func:`open_redis`, with the Sentinel connections it used."""
+    await client.aclose()
+    for sentinel in _SENTINELS.pop(id(client), []):
+        await sentinel.aclose()

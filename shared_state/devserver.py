@@ -33,13 +33,14 @@ def wait_for_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -
 class RedisServer:
     """A throwaway redis-server process without persistence, on loopback."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it)")
         self.exe = exe
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="fleetgate-redis-"))
+        self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,6 +51,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.exe,
+                *self.extra,
                 "--port",
                 str(self.port),
                 "--bind",

@@ -40,6 +40,15 @@ def _encode(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+def _ssl_context(query: dict[str, list[str]]) -> ssl.SSLContext:
+    """TLS as redis-py reads it from the URL: ``ssl_ca_certs``, ``ssl_cert_reqs``."""
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs", [None])[0])
+    if query.get("ssl_cert_reqs", [""])[0].lower() in {"none", "cert_none"}:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class AutoPipeline:
     """One pipelined connection to a Redis server (``redis://``, ``rediss://``, ``unix://``)."""
 
@@ -49,7 +58,7 @@ class AutoPipeline:
         self._unix_path = parts.path if parts.scheme == "unix" else None
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
-        self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        self._ssl = _ssl_context(query) if parts.scheme == "rediss" else None
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
         db_text = query.get("db", [""])[0] or (parts.path.strip("/") if not self._unix_path else "")

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from . import scripts
-from .connection import is_embedded, open_redis
+from .connection import close_redis, is_embedded, open_redis
 from .errors import InvalidInput, StoreUnavailable, UnknownNode, UnknownStrategy
 from .keys import KeySchema
 from .model import (
@@ -123,7 +123,7 @@ class Store:
     async def close(self) -> None:
         if self._fast is not None:
             await self._fast.aclose()
-        await self.client.aclose()
+        await close_redis(self.client)
 
     # -- failure handling -------------------------------------------------------------
 
