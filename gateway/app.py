@@ -211,6 +211,7 @@ def build_starlette(gateway: Gateway) -> Starlette:
         Route("/ready", gateway.ready, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
         Route("/nodes/status", gateway.nodes.status, methods=["GET"]),
+        Route("/nodes/replicas", gateway.nodes.replicas, methods=["GET"]),
         Route("/nodes/add", gateway.nodes.add, methods=["POST"]),
         Route("/nodes/remove", gateway.nodes.remove, methods=["POST"]),
         Route("/nodes/drain", gateway.nodes.drain, methods=["POST"]),

@@ -168,8 +168,8 @@ class Router:
     async def _renew_forever(self) -> None:
         interval = self.store.settings.lease_ms / 1000 / 3
         while True:
-            await asyncio.sleep(interval)
             try:
+                # Renewing also records this replica as alive, so it runs at start too.
                 await self.store.renew(self.replica, list(self.leases.values()))
                 if self.degraded_since is not None and await self.store.ping():
                     self.degraded_since = None
@@ -179,6 +179,7 @@ class Router:
                 self._enter_degraded()
             except Exception:
                 log.exception("lease renewal failed")
+            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         """Stop renewing and give back every lease this replica still holds."""

@@ -314,6 +314,19 @@ class Store:
             for i, node in enumerate(registry.nodes)
         ]
 
+    async def live_replicas(self, alive_ms: int) -> dict[str, int]:
+        """Gateway replicas that renewed their leases within ``alive_ms``, with the time (ms)."""
+        async with self.guard():
+            sec, usec = await self.client.time()
+            now_ms = int(sec) * 1000 + int(usec) // 1000
+            rows = cast(
+                list[tuple[str, float]],
+                await self.client.zrangebyscore(
+                    self.keys.replicas, now_ms - alive_ms, "+inf", withscores=True
+                ),
+            )
+        return {str(row[0]): int(row[1]) for row in rows}
+
     async def in_flight(self, url: str) -> int:
         """Leases in force on one node."""
         node_id = normalize_url(url)

@@ -426,3 +426,64 @@ async def test_standby_takes_over_a_paused_leader_and_fences_it(
     await asyncio.sleep(0.5)
     assert await leader_holder() == "second" and await leader_of(second_port)
     assert takeover_s < 5
+
+
+def test_load_parsing_reads_vllm_sglang_and_lmdeploy_names() -> None:
+    from gateway.probes import parse_load
+
+    vllm = (
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage.\n"
+        'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
+        'vllm:kv_cache_usage_perc{model_name="b"} 0.5\n'
+        'vllm:num_requests_running{model_name="a"} 3.0\n'
+        'vllm:num_requests_running{model_name="b"} 1.0\n'
+        'vllm:num_requests_waiting{model_name="a"} 2.0\n'
+    )
+    load = parse_load(vllm)
+    assert load is not None and (load.kv_usage, load.running, load.waiting) == (0.5, 4, 2)
+    sglang = (
+        'sglang:token_usage{model_name="x"} 0.7\n'
+        "sglang:num_running_reqs 5\n"
+        "sglang:num_queue_reqs 9\n"
+    )
+    load = parse_load(sglang)
+    assert load is not None and (load.kv_usage, load.running, load.waiting) == (0.7, 5, 9)
+    percent = "lmdeploy:gpu_cache_usage_perc 42\n"  # published as a percentage
+    load = parse_load(percent)
+    assert load is not None and load.kv_usage == pytest.approx(0.42)
+    assert parse_load("process_cpu_seconds_total 3\n# nothing else\n") is None
+    assert parse_load("vllm:kv_cache_usage_perc NaN\n") is None
+
+
+async def test_probes_send_the_nodes_own_key(real_store: Store, procs: list[Process]) -> None:
+    keyed = SimNode("--tokens-per-s", "inf", "--api-key", "node-secret")
+    procs.append(keyed)
+    await real_store.add_node(keyed.url, [MODEL], api_key="node-secret")
+    checker = checker_for(real_store, fall=1, generate_every=0.001)
+    await lead(checker)
+    for _ in range(3):
+        await checker.probe_round()
+    node = await real_store.get_node(keyed.url)
+    assert node.state is NodeState.ACTIVE and node.probe_successes == 3
+    assert checker.metrics.probes.values[(("kind", "generate"), ("result", "ok"))] >= 2
+    # The same node registered with a wrong key fails the generation probe at once.
+    await real_store.update_node(keyed.url, api_key="wrong")
+    await checker.probe_round()
+    node = await real_store.get_node(keyed.url)
+    assert node.state is NodeState.UNHEALTHY and "401" in node.state_reason
+    await checker.prober.close()
+
+
+async def test_gateway_reports_live_replicas(redis_url: str, procs: list[Process]) -> None:
+    gateways = [Gateway("--redis-url", redis_url) for _ in range(2)]
+    procs += gateways
+
+    async def both_alive() -> bool:
+        async with httpx.AsyncClient() as http:
+            answer = (await http.get(f"{gateways[0].url}/nodes/replicas")).json()
+        return bool(answer["count"] == 2)
+
+    assert await eventually(both_alive, 5)
+    async with httpx.AsyncClient() as http:
+        status = await http.get(f"{gateways[1].url}/nodes/status")
+    assert status.headers["x-fleetgate-live-replicas"] == "2"
