@@ -320,7 +320,7 @@ async def test_hung_node_does_not_delay_probes_of_others(
 async def test_min_cache_usage_follows_scrapes_and_falls_back_when_stale(
     redis_url: str, real_store: Store, procs: list[Process]
 ) -> None:
-    busy = SimNode("--slots", "4", "--tokens-per-s", "5")
+    busy = SimNode("--slots", "4", "--tokens-per-s", "inf")
     idle = SimNode("--slots", "4", "--tokens-per-s", "inf")
     procs += [busy, idle]
     await real_store.add_node(busy.url, [MODEL], speed=100)  # fast on paper
@@ -331,8 +331,9 @@ async def test_min_cache_usage_follows_scrapes_and_falls_back_when_stale(
     checker = checker_for(real_store, probes=frozenset({"health", "metrics"}))
     await lead(checker)
     async with httpx.AsyncClient(timeout=30) as http:
-        # Three long requests straight to `busy` fill 3 of its 4 slots (cache use 0.75).
-        body = {"model": MODEL, "messages": [], "max_tokens": 200}
+        # Three requests held straight on `busy` fill 3 of its 4 slots (cache use 0.75).
+        busy.fault("hang", count=3)
+        body = {"model": MODEL, "messages": [], "max_tokens": 2}
         loads = [
             asyncio.ensure_future(http.post(f"{busy.url}/v1/chat/completions", json=body))
             for _ in range(3)
@@ -351,9 +352,8 @@ async def test_min_cache_usage_follows_scrapes_and_falls_back_when_stale(
             await client.hset(real_store.keys.node(url), "kv_ts", 1)
         await client.aclose()
         assert await nodes_served(gateway, 8) == {busy.url}
-        for task in loads:
-            task.cancel()
-        await asyncio.gather(*loads, return_exceptions=True)
+        busy.fault("none")  # releases the held requests: they complete normally
+        assert [r.status_code for r in await asyncio.gather(*loads)] == [200, 200, 200]
     await checker.prober.close()
 
 

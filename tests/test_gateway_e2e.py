@@ -83,6 +83,7 @@ async def test_openai_sdk_plain_and_streaming(redis_url: str, cleanup: list) -> 
     raw = await sdk.chat.completions.with_raw_response.create(
         model=MODEL, messages=CHAT, max_tokens=1
     )  # type: ignore[arg-type]
+    assert raw.parse().choices
     assert raw.headers["x-request-id"] and raw.headers["x-fleetgate-node"] in {a.url, b.url}
     await sdk.close()
     assert await unfinished(gateway) == 0
@@ -130,6 +131,7 @@ async def test_concurrent_requests_through_two_replicas_leave_no_lease(
             max_tokens=20,
             stream=False,  # type: ignore[arg-type]
         )
+        assert raw.parse().choices
         return raw.headers["x-fleetgate-node"]
 
     winners = await asyncio.gather(*(call(i) for i in range(150)))
@@ -164,6 +166,7 @@ async def test_retry_before_first_byte_goes_elsewhere(
             messages=CHAT,
             max_tokens=2,  # type: ignore[arg-type]
         )
+        assert raw.parse().choices
         assert raw.headers["x-fleetgate-node"] == good.url
     await sdk.close()
     async with httpx.AsyncClient() as http:
@@ -189,6 +192,7 @@ async def test_hanging_node_times_out_and_request_moves_on(redis_url: str, clean
         raw = await sdk.chat.completions.with_raw_response.create(
             model=MODEL, messages=CHAT, max_tokens=2
         )  # type: ignore[arg-type]
+        assert raw.parse().choices
         assert raw.headers["x-fleetgate-node"] == good.url
         assert time.monotonic() - t0 < 5
     await sdk.close()
@@ -271,6 +275,7 @@ async def test_redis_killed_mid_run_requests_keep_succeeding(cleanup: list) -> N
             raw = await sdk.chat.completions.with_raw_response.create(
                 model=MODEL, messages=CHAT, max_tokens=1
             )  # type: ignore[arg-type]
+            assert raw.parse().choices
             assert raw.http_request is not None and time.monotonic() - t0 < 2.0
             seen.add(raw.headers["x-fleetgate-node"])
         assert seen == {a.url, b.url}
