@@ -45,16 +45,20 @@ class RetryBudget:
     A token bucket fed by requests: it keeps a failing fleet from being hit by a retry storm.
     """
 
+    # Tokens are counted in thousandths, so that ten requests at 0.2 make exactly two.
+    UNIT = 1000
+
     def __init__(self, ratio: float = 0.2, floor: float = 10.0, cap: float = 100.0) -> None:
-        self.ratio, self.cap = ratio, cap
-        self.tokens = floor
+        self._earn = round(ratio * self.UNIT)
+        self._cap = round(cap * self.UNIT)
+        self._tokens = round(floor * self.UNIT)
 
     def on_request(self) -> None:
-        self.tokens = min(self.cap, self.tokens + self.ratio)
+        self._tokens = min(self._cap, self._tokens + self._earn)
 
     def try_spend(self) -> bool:
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self._tokens >= self.UNIT:
+            self._tokens -= self.UNIT
             return True
         return False
 

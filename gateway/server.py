@@ -24,7 +24,7 @@ def hypercorn_config(settings: GatewaySettings) -> Config:
     config.accesslog = None
     config.errorlog = None  # hypercorn.error propagates to the root logging set up here
     config.keep_alive_timeout = 75.0
-    config.graceful_timeout = 10.0
+    config.graceful_timeout = settings.shutdown_timeout
     config.loglevel = settings.log_level.upper()
     return config
 

@@ -70,6 +70,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-body-bytes", int_range(1, 1 << 31), 16 << 20, "largest request body, bytes"),
     Option("max-attempts", int_range(1, 10), 3, "nodes tried per request (first byte not sent)"),
     Option("store-timeout", positive_float, 0.25, "Redis socket timeout, s"),
+    Option(
+        "shutdown-timeout",
+        positive_float,
+        10.0,
+        "on SIGTERM, time for requests in flight "
+        "to finish before they are cut and their leases released, s",
+    ),
     Option("replica-id", non_empty, None, "this replica's id in leases (default: host-pid-random)"),
     Option("log-level", non_empty, "info", "log level"),
 )
@@ -94,6 +101,7 @@ class GatewaySettings:
     max_body_bytes: int = 16 << 20
     max_attempts: int = 3
     store_timeout: float = 0.25
+    shutdown_timeout: float = 10.0
     replica_id: str | None = None
     log_level: str = "info"
 

@@ -34,14 +34,16 @@ import orjson
 from aiohttp import web
 
 FAULT_MODES: Final = frozenset(
-    {"none", "fail", "status_503", "status_429", "hang", "slow"}
+    {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
     | {"reset", "die_mid_stream", "unhealthy", "cannot_generate"}
 )
 # Faults that answer with an error status at once: (status, error type, error code).
 _STATUS_FAULTS: Final = {
     "fail": (500, "server_error", "internal_error"),
     "cannot_generate": (500, "server_error", "cannot_generate"),
+    "status_502": (502, "server_error", "bad_gateway"),
     "status_503": (503, "server_error", "overloaded"),
+    "status_504": (504, "server_error", "gateway_timeout"),
     "status_429": (429, "rate_limit_error", "rate_limit_exceeded"),
 }
 # How often blocked requests look for a client disconnect: aiohttp does not cancel handlers

@@ -4,6 +4,7 @@ simulated nodes, sharing a real Redis; failures injected into nodes and into Red
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from shared_state import Store
 from shared_state.devserver import RedisServer
 from tests.fleet import Gateway, SimNode, eventually
 
@@ -142,7 +144,9 @@ async def test_concurrent_requests_through_two_replicas_leave_no_lease(
     assert await unfinished(one) == 0 and await unfinished(two) == 0
 
 
-@pytest.mark.parametrize("fault", ["refuse", "reset", "status_503", "status_429"])
+@pytest.mark.parametrize(
+    "fault", ["refuse", "reset", "status_502", "status_503", "status_504", "status_429"]
+)
 async def test_retry_before_first_byte_goes_elsewhere(
     redis_url: str, cleanup: list, fault: str
 ) -> None:
@@ -311,3 +315,25 @@ async def test_frozen_redis_does_not_stall_requests(cleanup: list) -> None:
     finally:
         server.resume() if server.proc else None
         server.close()
+
+
+async def test_shutdown_releases_the_leases_of_cut_requests(redis_url: str, cleanup: list) -> None:
+    slow = start_node(cleanup, "--tokens-per-s", "5")
+    gateway = start_gateway(
+        cleanup, redis_url, slow, flags=("--lease-seconds", "60", "--shutdown-timeout", "0.5")
+    )
+    store = Store.open(redis_url)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "stream": True}
+            async with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                assert await store.in_flight(slow.url) == 1
+                assert gateway.terminate(timeout_s=15) == 0
+                with contextlib.suppress(httpx.HTTPError):
+                    async for _ in r.aiter_raw():
+                        pass
+        # Released at shutdown, not left to expire after the 60 s lease.
+        assert await store.in_flight(slow.url) == 0
+    finally:
+        await store.close()
