@@ -55,7 +55,9 @@ class Gateway:
                 settings.connect_timeout, settings.first_byte_timeout, settings.request_timeout
             )
         )
-        self.auth = Authenticator(settings.api_key, settings.admin_key, settings.register_allow)
+        self.auth = Authenticator(
+            settings.api_key, settings.admin_key, settings.register_allow, self.store
+        )
         self.proxy = ProxyHandler(
             self.router,
             self.upstream,
@@ -139,7 +141,7 @@ class Gateway:
     # -- Starlette endpoints -------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        self.auth.check_client(request.headers.raw)
+        await self.auth.check_client(request.headers.raw)
         with contextlib.suppress(StoreUnavailable):
             await self.store.refresh(await self.store.epoch())
         view = self.store.cached_view

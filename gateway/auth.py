@@ -9,6 +9,8 @@ import hmac
 import ipaddress
 from collections.abc import Iterable
 
+from shared_state import Store, StoreUnavailable
+
 from .errors import Forbidden, Unauthorized
 from .settings import IPNetwork
 
@@ -41,21 +43,34 @@ def is_loopback(host: str | None) -> bool:
 
 
 class Authenticator:
-    """Holds only digests of the keys; comparisons take constant time."""
+    """Holds only digests of the keys; comparisons take constant time.
+
+    Client keys come from the command line and from the store (``fleetgate keys add``), whose
+    digests every replica caches with the registry and re-reads when the epoch moves; a key
+    missing from the cache is looked up in the store before it is refused, so a new key works
+    on every replica at once.
+    """
 
     def __init__(
         self,
         client_keys: Iterable[str],
         admin_key: str | None,
         register_allow: Iterable[IPNetwork],
+        store: Store | None = None,
     ) -> None:
         self._client = frozenset(digest(k) for k in client_keys)
         self._admin = digest(admin_key) if admin_key else None
         self._allow = tuple(register_allow)
+        self._store = store
+
+    def _stored_digests(self) -> frozenset[str]:
+        view = self._store.cached_view if self._store is not None else None
+        return view.key_digests if view is not None else frozenset()
 
     @property
     def open(self) -> bool:
-        return not self._client
+        """No key configured anywhere: the OpenAI API takes every caller."""
+        return not self._client and not self._stored_digests()
 
     def _is_admin_key(self, token: str | None) -> bool:
         return (
@@ -64,15 +79,27 @@ class Authenticator:
             and hmac.compare_digest(digest(token), self._admin)
         )
 
-    def check_client(self, headers: Headers) -> None:
+    async def check_client(self, headers: Headers) -> None:
         """Allow an OpenAI API call, or raise :class:`Unauthorized`."""
-        if not self._client:
+        stored = self._stored_digests()
+        if not self._client and not stored:
             return
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-        if digest(token) not in self._client and not self._is_admin_key(token):
-            raise Unauthorized("invalid API key")
+        raw = digest(token)
+        if raw in self._client or self._is_admin_key(token):
+            return
+        hexed = raw.hex()
+        if hexed in stored:
+            return
+        if self._store is not None:
+            try:
+                if await self._store.key_exists(hexed):
+                    return
+            except StoreUnavailable:
+                pass  # fail closed for keys this replica has never seen
+        raise Unauthorized("invalid API key")
 
     def check_admin(self, headers: Headers, client_host: str | None) -> None:
         """Allow a /nodes/* call: the admin key, or loopback when no admin key is set."""
@@ -97,12 +124,12 @@ class Authenticator:
                 return
         self.check_admin(headers, client_host)
 
-    def check_reader(self, headers: Headers, client_host: str | None) -> None:
+    async def check_reader(self, headers: Headers, client_host: str | None) -> None:
         """Allow reading fleet status: any valid client key, or an admin."""
         if self._is_admin_key(bearer_token(headers)):
             return
-        if self._client:
-            self.check_client(headers)
+        if not self.open:
+            await self.check_client(headers)
             return
         if self._admin is not None and not is_loopback(client_host):
             raise Unauthorized("node status needs a key")

@@ -10,6 +10,8 @@ USAGE = """usage: fleetgate COMMAND [options]
 commands:
   serve           run one gateway replica (hypercorn + Starlette)
   health-checker  probe nodes, mark health, deregister dead ones (one leads, others stand by)
+  nodes           add | remove | drain | list | set nodes, straight through Redis
+  keys            add | revoke | list client API keys, straight through Redis
   sim-node        run a simulated OpenAI-compatible LLM node
   demo            start a whole fleet on this machine: store, simulated nodes, gateway
 
@@ -28,6 +30,18 @@ def _checker(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _nodes(argv: Sequence[str]) -> int:
+    from shared_state.admin import main
+
+    return main("nodes", argv)
+
+
+def _keys(argv: Sequence[str]) -> int:
+    from shared_state.admin import main
+
+    return main("keys", argv)
+
+
 def _sim_node(argv: Sequence[str]) -> int:
     from .simnode import main
 
@@ -43,6 +57,8 @@ def _demo(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": _serve,
     "health-checker": _checker,
+    "nodes": _nodes,
+    "keys": _keys,
     "sim-node": _sim_node,
     "demo": _demo,
 }

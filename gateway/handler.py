@@ -133,7 +133,7 @@ class ProxyHandler:
                 error.headers = ((b"allow", b"POST"),)
                 raise error
             headers = scope["headers"]
-            self.auth.check_client(headers)
+            await self.auth.check_client(headers)
             _check_content_type(headers)
             body = await self._read_body(headers, receive)
             view = _decode(body)

@@ -131,7 +131,7 @@ class NodesAPI:
         self.auth = auth
 
     async def status(self, request: Request) -> Response:
-        self.auth.check_reader(request.headers.raw, _client_host(request))
+        await self.auth.check_reader(request.headers.raw, _client_host(request))
         entries = {s.node.url: node_status_entry(s) for s in await self.store.status()}
         response = json_response(entries)
         # LMDeploy's shape is one entry per node URL, so replicas go in a header.
@@ -141,7 +141,7 @@ class NodesAPI:
 
     async def replicas(self, request: Request) -> Response:
         """Gateway replicas renewing their leases (alive within one lease time)."""
-        self.auth.check_reader(request.headers.raw, _client_host(request))
+        await self.auth.check_reader(request.headers.raw, _client_host(request))
         replicas = await self.store.live_replicas(self.store.settings.lease_ms)
         return json_response({"replicas": replicas, "count": len(replicas)})
 

@@ -83,6 +83,7 @@ class Router:
         self.local_in_flight: Counter[str] = Counter()
         self.degraded_since: float | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     # -- picking -------------------------------------------------------------------------
 
@@ -167,7 +168,17 @@ class Router:
     # -- lease renewal -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        loop = asyncio.get_running_loop()
+        self._renewer = loop.create_task(self._renew_forever())
+        self._follower = loop.create_task(self._follow_registry())
+
+    async def _follow_registry(self) -> None:
+        """Re-read the registry within a second of any change (a node drained, a key revoked),
+        even on a replica that gets no traffic to learn the new epoch from."""
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.refresh(await self.store.epoch())
 
     async def _renew_forever(self) -> None:
         interval = self.store.settings.lease_ms / 1000 / 3
@@ -177,7 +188,6 @@ class Router:
                 await self.store.renew(self.replica, list(self.leases.values()))
                 if self.degraded_since is not None and await self.store.ping():
                     self.degraded_since = None
-                await self.store.refresh(await self.store.epoch())
             except StoreUnavailable:
                 self.metrics.store_errors.inc((("op", "renew"),))
                 self._enter_degraded()
@@ -187,10 +197,11 @@ class Router:
 
     async def stop(self) -> None:
         """Stop renewing and give back every lease this replica still holds."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        for task in (self._renewer, self._follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for lease in list(self.leases.values()):
             with contextlib.suppress(StateError):
                 await self.store.release(lease, Outcome.NEUTRAL, 0.0)

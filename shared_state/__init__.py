@@ -5,12 +5,14 @@ from .errors import (
     InvalidInput,
     StateError,
     StoreUnavailable,
+    UnknownKey,
     UnknownNode,
     UnknownStrategy,
 )
 from .health import HealthLedger
 from .keys import KeySchema
 from .model import (
+    ApiKey,
     Lease,
     Node,
     NodeState,
@@ -24,9 +26,10 @@ from .model import (
     Strategy,
 )
 from .registry import RegistryView, normalize_url
-from .store import Store, StoreSettings
+from .store import Store, StoreSettings, key_digest
 
 __all__ = [
+    "ApiKey",
     "Fenced",
     "HealthLedger",
     "InvalidInput",
@@ -47,7 +50,9 @@ __all__ = [
     "StoreSettings",
     "StoreUnavailable",
     "Strategy",
+    "UnknownKey",
     "UnknownNode",
     "UnknownStrategy",
+    "key_digest",
     "normalize_url",
 ]

@@ -29,6 +29,12 @@ class UnknownNode(StateError):
     code = "node_not_found"
 
 
+class UnknownKey(StateError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "key_not_found"
+
+
 class StoreUnavailable(StateError):
     """The store did not answer in time or refused the connection."""
 

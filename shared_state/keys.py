@@ -47,6 +47,10 @@ class KeySchema:
         return f"{self.tag()}:checker:fence"
 
     @property
+    def api_keys(self) -> str:
+        return f"{self.tag()}:keys"
+
+    @property
     def events(self) -> str:
         return f"{self.tag()}:events"
 

@@ -76,10 +76,20 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Registry(msgspec.Struct, frozen=True):
-    """A consistent-enough snapshot of the registry, tagged with the epoch it was read at."""
+    """A consistent-enough snapshot of the registry, tagged with the epoch it was read at,
+    with the digests of the client API keys kept in the store."""
 
     epoch: int
     nodes: tuple[Node, ...]
+    key_digests: frozenset[str] = frozenset()
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    """A client API key as the store knows it: never the key itself."""
+
+    name: str
+    fingerprint: str  # the first 12 hex digits of the key's SHA-256
+    created_ms: int
 
 
 class Lease(msgspec.Struct, frozen=True):

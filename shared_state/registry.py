@@ -130,6 +130,10 @@ class RegistryView:
     def epoch(self) -> int:
         return self.registry.epoch
 
+    @property
+    def key_digests(self) -> frozenset[str]:
+        return self.registry.key_digests
+
     def serves(self, model: str) -> bool:
         return model in self._by_model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 from collections import defaultdict
@@ -17,14 +18,16 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from . import scripts
 from .connection import close_redis, is_embedded, open_redis
-from .errors import InvalidInput, StoreUnavailable, UnknownNode, UnknownStrategy
+from .errors import InvalidInput, StoreUnavailable, UnknownKey, UnknownNode, UnknownStrategy
 from .keys import KeySchema
 from .model import (
+    ApiKey,
     Lease,
     Node,
     NodeState,
@@ -267,11 +270,12 @@ class Store:
             ids = sorted(members)
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(self.keys.epoch)
+                pipe.hkeys(self.keys.api_keys)
                 for node_id in ids:
                     pipe.hgetall(self.keys.node(node_id))
                 replies = await pipe.execute()
-        nodes = tuple(decode_node(f) for f in replies[1:] if f)
-        return Registry(int(replies[0] or 0), nodes)
+        nodes = tuple(decode_node(f) for f in replies[2:] if f)
+        return Registry(int(replies[0] or 0), nodes, frozenset(replies[1]))
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
@@ -326,6 +330,48 @@ class Store:
                 ),
             )
         return {str(row[0]): int(row[1]) for row in rows}
+
+    # -- client API keys (stored as SHA-256 digests only) -------------------------------
+
+    async def add_key(self, name: str, key: str) -> tuple[ApiKey, bool]:
+        """Store a client key under a unique name; returns it and whether it is new."""
+        name = name.strip() if isinstance(name, str) else ""
+        if not name or len(name) > 100 or any(c.isspace() for c in name):
+            raise InvalidInput("key name must be 1-100 characters without spaces")
+        if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
+            raise InvalidInput("an API key must be at least 16 characters without spaces")
+        digest = key_digest(key)
+        status, _epoch = await self.run_script(
+            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name]
+        )
+        if status == "name_taken":
+            raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
+        keys = {k.fingerprint: k for k in await self.list_keys()}
+        return keys[digest[:12]], status == "added"
+
+    async def revoke_key(self, name: str) -> None:
+        """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
+        removed = await self.run_script(
+            scripts.KEY_REVOKE, [self.keys.api_keys, self.keys.epoch], [name]
+        )
+        if not int(removed):
+            raise UnknownKey(f"no API key named {name!r}")
+
+    async def list_keys(self) -> list[ApiKey]:
+        async with self.guard():
+            entries = cast(dict[str, str], await self.client.hgetall(self.keys.api_keys))
+        out = []
+        for digest, raw in entries.items():
+            meta = orjson.loads(raw)
+            out.append(ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"])))
+        return sorted(out, key=lambda k: (k.created_ms, k.name))
+
+    async def key_exists(self, digest: str) -> bool:
+        """Whether a key with this hex SHA-256 digest is stored (one pipelined command)."""
+        async with self.guard():
+            if isinstance(self.scripts, AutoPipeline):
+                return bool(await self.scripts.execute("HEXISTS", self.keys.api_keys, digest))
+            return bool(await self.client.hexists(self.keys.api_keys, digest))
 
     async def in_flight(self, url: str) -> int:
         """Leases in force on one node."""
@@ -475,6 +521,11 @@ class Store:
             args.append(len(members))
             args.extend(members)
         return int(await self.run_script(scripts.RENEW, keys, args))
+
+
+def key_digest(key: str) -> str:
+    """The hex SHA-256 of a client key: the only form in which keys are stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _strategy(value: Strategy | str) -> Strategy:

@@ -1,0 +1,356 @@
+"""Ops commands straight through the store: ``fleetgate nodes …`` and ``fleetgate keys …``
+(also ``scripts/nodes.py`` and ``scripts/keys.py``). No gateway needs to be running.
+
+Every command is idempotent, prints a table (or ``--json``), and exits 0 on success, 1 when
+the operation could not be done (unknown node or key, drain timed out), 2 on bad input and
+3 when the store cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, TextIO
+
+import httpx
+import orjson
+
+from .errors import InvalidInput, StateError, StoreUnavailable, UnknownKey, UnknownNode
+from .model import ApiKey, NodeState, NodeStatus, Role
+from .registry import normalize_url
+from .store import Store
+
+EXIT_FAILED, EXIT_USAGE, EXIT_STORE = 1, 2, 3
+ROLES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _role(text: str) -> Role:
+    key = text.strip().lower()
+    if key in ROLES:
+        return ROLES[key]
+    if key.isdigit() and int(key) in Role._value2member_map_:
+        return Role(int(key))
+    raise argparse.ArgumentTypeError(f"role must be hybrid, prefill or decode, not {text!r}")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
+    # The common options are accepted before and after the command ("nodes list --json").
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--redis-url",
+        default=argparse.SUPPRESS,
+        help="the fleet's Redis [env FLEETGATE_REDIS_URL]",
+    )
+    common.add_argument(
+        "--prefix", default=argparse.SUPPRESS, help="key prefix [env FLEETGATE_PREFIX]"
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON instead of a table",
+    )
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0], parents=[common])
+    parser.set_defaults(
+        redis_url=os.environ.get("FLEETGATE_REDIS_URL"),
+        prefix=os.environ.get("FLEETGATE_PREFIX", "fleetgate"),
+        json=False,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, parents=[common])
+        return sub
+
+    if group == "nodes":
+        add = command("add", "register a node (or update it)")
+        add.add_argument("url")
+        add.add_argument(
+            "--model",
+            action="append",
+            default=[],
+            help="model it serves (repeatable); absent: ask its /v1/models",
+        )
+        add.add_argument("--role", type=_role, default=Role.HYBRID)
+        add.add_argument("--speed", type=_positive)
+        add.add_argument("--weight", type=_positive, default=1.0)
+        add.add_argument("--api-key", help="key the gateways send to this node")
+        remove = command("remove", "remove a node with its leases and history")
+        remove.add_argument("url")
+        drain = command("drain", "stop new requests; wait for in-flight ones")
+        drain.add_argument("url")
+        drain.add_argument("--no-wait", action="store_true")
+        drain.add_argument("--timeout", type=_positive, default=600.0, help="seconds to wait")
+        command("list", "every node with its state and load")
+        change = command("set", "change a node's weight, speed, key or state")
+        change.add_argument("url")
+        change.add_argument("--weight", type=_positive)
+        change.add_argument("--speed", type=_positive)
+        change.add_argument("--api-key")
+        change.add_argument("--clear-api-key", action="store_true")
+        change.add_argument("--model", action="append")
+        change.add_argument("--state", choices=["active", "draining"])
+    else:
+        add = command("add", "create a client API key (printed once)")
+        add.add_argument("name")
+        add.add_argument("--key", help="the key to store (default: a new random one)")
+        revoke = command("revoke", "revoke the key with this name")
+        revoke.add_argument("name")
+        command("list", "key names and fingerprints (never the keys)")
+    return parser
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+def node_row(status: NodeStatus) -> dict[str, Any]:
+    node = status.node
+    latencies = status.latencies_s
+    return {
+        "url": node.url,
+        "models": list(node.models),
+        "role": node.role.name.lower(),
+        "state": node.state.value,
+        "in_flight": status.in_flight,
+        "speed": node.speed,
+        "weight": node.weight,
+        "api_key": node.api_key is not None,
+        "mean_latency_s": round(sum(latencies) / len(latencies), 4) if latencies else None,
+        "reason": node.state_reason,
+    }
+
+
+def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        out.write(orjson.dumps(rows).decode() + "\n")
+        return
+    lines = [["URL", "MODELS", "ROLE", "STATE", "IN-FLIGHT", "SPEED", "WEIGHT", "LATENCY", "WHY"]]
+    for r in rows:
+        latency = "-" if r["mean_latency_s"] is None else f"{r['mean_latency_s']:.3f}s"
+        lines.append(
+            [
+                r["url"],
+                ",".join(r["models"]),
+                r["role"],
+                r["state"],
+                str(r["in_flight"]),
+                "-" if r["speed"] is None else f"{r['speed']:g}",
+                f"{r['weight']:g}",
+                latency,
+                r["reason"],
+            ]
+        )
+    if len(lines) == 1:
+        out.write("no nodes registered\n")
+        return
+    table(lines, out)
+
+
+def key_row(key: ApiKey) -> dict[str, Any]:
+    return {"name": key.name, "fingerprint": key.fingerprint, "created_ms": key.created_ms}
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+async def ask_models(url: str, api_key: str | None) -> list[str]:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            response = await client.get(f"{url}/v1/models", headers=headers)
+        data = response.json().get("data") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        raise InvalidInput(f"could not ask {url} for its models ({exc}); pass --model") from None
+    ids = [m.get("id") for m in data or [] if isinstance(m, dict)]
+    models = [m for m in ids if isinstance(m, str) and m]
+    if not models:
+        raise InvalidInput(f"{url}/v1/models lists no models; pass --model")
+    return models
+
+
+async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    command = args.command
+    if command == "list":
+        print_nodes([node_row(s) for s in await store.status()], args.json, out)
+        return 0
+    url = normalize_url(args.url)
+    if command == "add":
+        models = args.model or await ask_models(url, args.api_key)
+        _, created = await store.add_node(
+            url,
+            models,
+            role=args.role,
+            speed=args.speed,
+            weight=args.weight,
+            api_key=args.api_key,
+            reason="added by fleetgate nodes add",
+        )
+        verb = "added" if created else "updated"
+    elif command == "remove":
+        await store.remove_node(url)
+        verb = "removed"
+    elif command == "set":
+        if args.api_key is not None and args.clear_api_key:
+            raise InvalidInput("--api-key and --clear-api-key contradict each other")
+        api_key = "" if args.clear_api_key else args.api_key
+        await store.update_node(
+            url, models=args.model, speed=args.speed, weight=args.weight, api_key=api_key
+        )
+        if args.state:
+            await store.set_state(url, NodeState(args.state), f"set {args.state} by operator")
+        verb = "changed"
+    elif command == "drain":
+        await store.drain(url)
+        if not args.no_wait and not await wait_drained(store, url, args.timeout, args.json):
+            return EXIT_FAILED
+        verb = "drained"
+    else:  # pragma: no cover - argparse restricts the commands
+        raise InvalidInput(f"unknown command {command}")
+    if command == "remove":
+        if args.json:
+            out.write(orjson.dumps({"url": url, "result": verb}).decode() + "\n")
+        else:
+            out.write(f"{url}: {verb}\n")
+        return 0
+    rows = [node_row(s) for s in await store.status() if s.node.id == url]
+    if args.json:
+        out.write(orjson.dumps({"result": verb, "node": rows[0] if rows else None}).decode())
+        out.write("\n")
+    else:
+        out.write(f"{url}: {verb}\n")
+        print_nodes(rows, False, out)
+    return 0
+
+
+async def wait_drained(store: Store, url: str, timeout_s: float, quiet: bool) -> bool:
+    """Wait until the node has no request in flight, printing progress to stderr."""
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    while True:
+        in_flight = await store.in_flight(url)
+        if in_flight != last and not quiet:
+            print(f"draining {url}: {in_flight} in flight", file=sys.stderr, flush=True)
+            last = in_flight
+        if in_flight == 0:
+            return True
+        if time.monotonic() >= deadline:
+            print(f"{url} still has {in_flight} in flight after {timeout_s:g}s", file=sys.stderr)
+            return False
+        await asyncio.sleep(0.5)
+
+
+async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "list":
+        rows = [key_row(k) for k in await store.list_keys()]
+        if args.json:
+            out.write(orjson.dumps(rows).decode() + "\n")
+        elif rows:
+            table(
+                [["NAME", "FINGERPRINT", "CREATED"]]
+                + [
+                    [
+                        r["name"],
+                        r["fingerprint"],
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_ms"] / 1000)),
+                    ]
+                    for r in rows
+                ],
+                out,
+            )
+        else:
+            out.write("no API keys stored\n")
+        return 0
+    if args.command == "revoke":
+        await store.revoke_key(args.name)
+        out.write(
+            orjson.dumps({"name": args.name, "result": "revoked"}).decode() + "\n"
+            if args.json
+            else f"{args.name}: revoked\n"
+        )
+        return 0
+    key = args.key or "fg-" + secrets.token_urlsafe(32)
+    stored, created = await store.add_key(args.name, key)
+    if args.json:
+        payload = {**key_row(stored), "result": "added" if created else "exists"}
+        if created and not args.key:
+            payload["key"] = key
+        out.write(orjson.dumps(payload).decode() + "\n")
+    elif created:
+        out.write(f"{stored.name}: added (fingerprint {stored.fingerprint})\n")
+        if not args.key:
+            out.write(f"key (shown once, store it now): {key}\n")
+    else:
+        out.write(f"{stored.name}: already stored (fingerprint {stored.fingerprint})\n")
+    return 0
+
+
+def main(group: str, argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run ``fleetgate <group> …``; returns the exit code."""
+    out = out or sys.stdout
+    prog = f"fleetgate {group}"
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(prog, group).parse_args(tokens)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # argparse lets the command's defaults hide a --json given before the command.
+    args.json = args.json or "--json" in tokens
+    if not args.redis_url:
+        print(f"{prog}: --redis-url (or FLEETGATE_REDIS_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    runner: Callable[[Store, argparse.Namespace, TextIO], Coroutine[Any, Any, int]]
+    runner = run_nodes if group == "nodes" else run_keys
+
+    async def run() -> int:
+        store = Store.open(args.redis_url, prefix=args.prefix, timeout_s=3.0)
+        try:
+            return await runner(store, args, out)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"{prog}: cannot reach the store at {args.redis_url}: {exc}", file=sys.stderr)
+        return EXIT_STORE
+    except (UnknownNode, UnknownKey) as exc:
+        print(
+            f"{prog}: {type(exc).__name__.replace('Unknown', 'unknown ').lower()}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except (InvalidInput, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
