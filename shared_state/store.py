@@ -137,6 +137,7 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
+        """Turn Redis failures into :class:`StoreUnavailable` and open the breaker on them."""
         if self.degraded:
             raise StoreUnavailable("store unreachable (breaker open)")
         try:
@@ -150,8 +151,14 @@ class Store:
             raise
 
     async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        """Run one Lua script, on the pipelined connection when there is one."""
         async with self.guard():
             return await script(self.scripts, keys, args)
+
+    async def _server_ms(self) -> int:
+        """The Redis server's clock, the one every lease deadline is written in."""
+        sec, usec = await self.client.time()
+        return int(sec) * 1000 + int(usec) // 1000
 
     async def ping(self) -> bool:
         """True when the store answers now (ignores the breaker)."""
@@ -302,8 +309,7 @@ class Store:
         """Every node with its leases in force and recent latencies."""
         registry = await self.registry()
         async with self.guard():
-            sec, usec = await self.client.time()
-            now_ms = int(sec) * 1000 + int(usec) // 1000
+            now_ms = await self._server_ms()
             async with self.client.pipeline(transaction=False) as pipe:
                 for node in registry.nodes:
                     pipe.zcount(self.keys.leases(node.id), now_ms, "+inf")
@@ -321,8 +327,7 @@ class Store:
     async def live_replicas(self, alive_ms: int) -> dict[str, int]:
         """Gateway replicas that renewed their leases within ``alive_ms``, with the time (ms)."""
         async with self.guard():
-            sec, usec = await self.client.time()
-            now_ms = int(sec) * 1000 + int(usec) // 1000
+            now_ms = await self._server_ms()
             rows = cast(
                 list[tuple[str, float]],
                 await self.client.zrangebyscore(
@@ -377,8 +382,7 @@ class Store:
         """Leases in force on one node."""
         node_id = normalize_url(url)
         async with self.guard():
-            sec, usec = await self.client.time()
-            now_ms = int(sec) * 1000 + int(usec) // 1000
+            now_ms = await self._server_ms()
             return int(await self.client.zcount(self.keys.leases(node_id), now_ms, "+inf"))
 
     # -- routing ----------------------------------------------------------------------
