@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from shared_state import Node, NodeState, StateError, Store, StoreSettings, StoreUnavailable
 
+from .accesslog import AccessLog
 from .auth import Authenticator
 from .errors import GatewayError, MethodNotAllowed, NotFound, render
 from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send, request_id_of
@@ -55,6 +56,7 @@ class Gateway:
                 settings.connect_timeout, settings.first_byte_timeout, settings.request_timeout
             )
         )
+        self.access_log = AccessLog() if settings.access_log else None
         self.auth = Authenticator(
             settings.api_key, settings.admin_key, settings.register_allow, self.store
         )
@@ -65,6 +67,7 @@ class Gateway:
             self.metrics,
             max_body_bytes=settings.max_body_bytes,
             max_attempts=settings.max_attempts,
+            access_log=self.access_log,
         )
         self.nodes = NodesAPI(self.store, self.upstream, self.auth)
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,6 +117,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.router.stop()
+        if self.access_log is not None:
+            self.access_log.flush()
         await self.upstream.close()
         await self.store.close()
 

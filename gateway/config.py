@@ -141,6 +141,15 @@ def int_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")

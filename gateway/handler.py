@@ -21,6 +21,7 @@ import msgspec
 
 from shared_state import Outcome, StateError
 
+from .accesslog import AccessLog
 from .auth import Authenticator
 from .errors import (
     BadRequest,
@@ -51,6 +52,7 @@ Send = Any
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+WATCH_AFTER_S = 0.05  # when to start watching for a client disconnect
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _JSON = b"application/json"
 
@@ -60,6 +62,7 @@ class RequestView(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    user: str | None = None  # the session key of session_affinity, after X-Session-ID
 
 
 _decode_view = msgspec.json.Decoder(RequestView).decode
@@ -81,12 +84,24 @@ def outcome_of(status: int) -> Outcome:
 class _Exchange:
     """What this request has sent so far."""
 
-    __slots__ = ("complete", "node_id", "send", "started", "status")
+    __slots__ = (
+        "attempts",
+        "complete",
+        "node_id",
+        "route",
+        "send",
+        "session_key",
+        "started",
+        "status",
+    )
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
         self.complete = False
+        self.attempts = 0
+        self.route: Route | None = None
+        self.session_key: str | None = None
         self.status = 0
         self.node_id = ""
 
@@ -113,6 +128,7 @@ class ProxyHandler:
         *,
         max_body_bytes: int,
         max_attempts: int,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
         self.upstream = upstream
@@ -120,6 +136,7 @@ class ProxyHandler:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_attempts = max_attempts
+        self.access_log = access_log
         self.budget = RetryBudget()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,6 +155,7 @@ class ProxyHandler:
             body = await self._read_body(headers, receive)
             view = _decode(body)
             model = view.model or ""
+            exchange.session_key = _session_key(headers) or view.user
             self.budget.on_request()
             await self._serve_watching(scope, receive, exchange, body, model, request_id)
         except ClientGone:
@@ -156,8 +174,11 @@ class ProxyHandler:
                 ("status", str(exchange.status)),
             )
             self.metrics.requests.inc(labels)
+            elapsed = time.perf_counter() - started_at
             if exchange.status:
-                self.metrics.latency.observe((("model", model),), time.perf_counter() - started_at)
+                self.metrics.latency.observe((("model", model),), elapsed)
+            if self.access_log is not None:
+                self._log_access(scope, request_id, model, exchange, elapsed)
 
     async def _send_error(self, exchange: _Exchange, exc: Exception, request_id: str) -> None:
         if exchange.started:
@@ -166,9 +187,12 @@ class ProxyHandler:
         headers = [
             (b"content-type", _JSON),
             (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
             *extra,
         ]
+        if exchange.route is not None:  # the last node tried, and why it was chosen
+            headers.extend(self._headers(request_id, exchange.route, exchange))
+        else:
+            headers.append((b"x-request-id", request_id.encode()))
         with contextlib.suppress(OSError):
             await exchange.start(status, headers)
             await exchange.body(body)
@@ -208,12 +232,15 @@ class ProxyHandler:
     ) -> None:
         """Route the request; if the client goes away first, cancel the work.
 
-        One watcher task per request cancels this task on ``http.disconnect``, but only
-        while the answer is incomplete, so a finished exchange is never interrupted.
+        A watcher task cancels this task on ``http.disconnect``, but only while the answer is
+        incomplete, so a finished exchange is never interrupted. It starts after
+        ``WATCH_AFTER_S``: most answers are done sooner, and a task per request costs.
         """
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
         gone = False
+        watcher: asyncio.Task[None] | None = None
 
         async def watch() -> None:
             nonlocal gone
@@ -222,7 +249,12 @@ class ProxyHandler:
                 gone = True
                 task.cancel()
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        def start_watching() -> None:
+            nonlocal watcher
+            if not exchange.complete:
+                watcher = loop.create_task(watch())
+
+        timer = loop.call_later(WATCH_AFTER_S, start_watching)
         try:
             await self._route(scope, exchange, body, model, request_id)
         except asyncio.CancelledError:
@@ -232,7 +264,9 @@ class ProxyHandler:
             self.metrics.disconnects.inc()
         finally:
             exchange.complete = True
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def _route(
         self, scope: Scope, exchange: _Exchange, body: bytes, model: str, request_id: str
@@ -245,7 +279,9 @@ class ProxyHandler:
                     self.metrics.retry_budget_exhausted.inc()
                     break
                 self.metrics.retries.inc()
-            route = await self.router.pick(model, f"{request_id}.{attempt}", tried)
+            route = await self.router.pick(
+                model, f"{request_id}.{attempt}", tried, session_key=exchange.session_key
+            )
             if route is None:
                 if attempt == 1:
                     view = self.router.view()
@@ -254,6 +290,7 @@ class ProxyHandler:
                     raise NoHealthyNode(f"no healthy node can serve model `{model}` now")
                 break
             tried.append(route.node.id)
+            exchange.attempts, exchange.route = attempt, route
             final = attempt == self.max_attempts
             error = await self._attempt(scope, exchange, body, model, request_id, route, final)
             if error is None:
@@ -322,11 +359,42 @@ class ProxyHandler:
             else:
                 await asyncio.shield(release)
 
-    def _headers(self, request_id: str, route: Route) -> list[tuple[bytes, bytes]]:
+    def _headers(
+        self, request_id: str, route: Route, exchange: _Exchange
+    ) -> list[tuple[bytes, bytes]]:
         return [
             (b"x-request-id", request_id.encode()),
             (b"x-fleetgate-node", route.node.id.encode()),
+            (b"x-fleetgate-route", route.receipt(exchange.attempts).encode()),
         ]
+
+    def _log_access(
+        self, scope: Scope, request_id: str, model: str, exchange: _Exchange, elapsed_s: float
+    ) -> None:
+        """One JSON line per request: where it went and why (the route receipt)."""
+        route = exchange.route
+        client = scope.get("client")
+        record: dict[str, Any] = {
+            "t": round(time.time(), 3),
+            "request_id": request_id,
+            "client": client[0] if client else None,
+            "path": scope["path"],
+            "model": model or None,
+            "status": exchange.status,
+            "ms": round(elapsed_s * 1000, 2),
+            "attempts": exchange.attempts,
+        }
+        if route is not None:
+            record.update(
+                node=route.node.id,
+                strategy=route.strategy,
+                candidates=route.eligible,
+                score=route.score,
+                epoch=route.epoch,
+                state="local" if route.local else "shared",
+            )
+        assert self.access_log is not None
+        self.access_log.write(record)
 
     async def _send_buffered(
         self,
@@ -359,7 +427,7 @@ class ProxyHandler:
             if status < 500:
                 status = 502
         headers.append((b"content-length", str(len(data)).encode()))
-        headers.extend(self._headers(request_id, route))
+        headers.extend(self._headers(request_id, route, exchange))
         await exchange.start(status, headers)
         await exchange.body(data)
 
@@ -367,7 +435,7 @@ class ProxyHandler:
         self, exchange: _Exchange, response: UpstreamResponse, request_id: str, route: Route
     ) -> Outcome:
         headers = response.relay_headers(keep_length=False)
-        headers.extend(self._headers(request_id, route))
+        headers.extend(self._headers(request_id, route, exchange))
         await exchange.start(response.status, headers)
         try:
             async for chunk in response.chunks():
@@ -401,6 +469,13 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
                 return text
             break
     return os.urandom(12).hex()
+
+
+def _session_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"x-session-id" and value:
+            return value.decode("latin-1")[:256]
+    return None
 
 
 def _check_content_type(headers: list[tuple[bytes, bytes]]) -> None:

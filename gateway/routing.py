@@ -37,6 +37,17 @@ class Route:
     local: bool
     in_flight: int
     eligible: int
+    score: float = 0.0
+    epoch: int = 0
+    strategy: str = ""
+
+    def receipt(self, attempts: int) -> str:
+        """The compact why of this route, for the ``x-fleetgate-route`` header."""
+        source = "local" if self.local else "shared"
+        return (
+            f"strategy={self.strategy}; candidates={self.eligible}; score={self.score:.6g}; "
+            f"epoch={self.epoch}; attempts={attempts}; state={source}"
+        )
 
 
 class RetryBudget:
@@ -88,7 +99,12 @@ class Router:
     # -- picking -------------------------------------------------------------------------
 
     async def pick(
-        self, model: str, request_id: str, exclude: list[str], role: int = 0
+        self,
+        model: str,
+        request_id: str,
+        exclude: list[str],
+        role: int = 0,
+        session_key: str | None = None,
     ) -> Route | None:
         try:
             pick = await self.store.pick(
@@ -98,6 +114,7 @@ class Router:
                 request_id=request_id,
                 role=role,
                 exclude=exclude,
+                session_key=session_key,
             )
         except StoreUnavailable:
             self.metrics.store_errors.inc((("op", "pick"),))
@@ -108,7 +125,16 @@ class Router:
             return None
         self.leases[pick.lease.member] = pick.lease
         self.local_in_flight[pick.node.id] += 1
-        return Route(pick.node, pick.lease, False, pick.in_flight, pick.eligible)
+        return Route(
+            pick.node,
+            pick.lease,
+            False,
+            pick.in_flight,
+            pick.eligible,
+            pick.score,
+            pick.epoch,
+            pick.strategy.value,
+        )
 
     def _enter_degraded(self) -> None:
         if self.degraded_since is None:
@@ -139,7 +165,16 @@ class Router:
         node = self.rng.choice(best)
         self.local_in_flight[node.id] += 1
         lease = Lease(node.id, f"{self.replica}:{request_id}")
-        return Route(node, lease, True, self.local_in_flight[node.id], len(nodes))
+        return Route(
+            node,
+            lease,
+            True,
+            self.local_in_flight[node.id],
+            len(nodes),
+            best_score,
+            view.epoch,
+            "min_expected_latency",
+        )
 
     def view(self) -> RegistryView | None:
         return self.store.cached_view

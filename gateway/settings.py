@@ -12,7 +12,16 @@ from shared_state import Strategy, normalize_url
 from shared_state.connection import is_embedded
 from shared_state.errors import InvalidInput
 
-from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
+from .config import (
+    ConfigError,
+    Option,
+    boolean,
+    int_range,
+    non_empty,
+    port,
+    positive_float,
+    resolve,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -79,6 +88,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("replica-id", non_empty, None, "this replica's id in leases (default: host-pid-random)"),
     Option("log-level", non_empty, "info", "log level"),
+    Option("access-log", boolean, True, "one JSON line per request with its route receipt"),
 )
 
 
@@ -104,6 +114,7 @@ class GatewaySettings:
     shutdown_timeout: float = 10.0
     replica_id: str | None = None
     log_level: str = "info"
+    access_log: bool = True
 
     @property
     def embedded(self) -> bool:

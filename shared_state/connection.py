@@ -58,8 +58,10 @@ def open_redis(url: str | None, *, timeout_s: float = 0.5) -> aioredis.Redis:
 def _open_embedded() -> aioredis.Redis:
     import fakeredis
 
+    # fakeredis caps its pool at 100 "connections"; in-process they cost nothing, and a busy
+    # replica has more calls than that in flight.
     client: aioredis.Redis = fakeredis.FakeAsyncRedis(
-        server=fakeredis.FakeServer(), decode_responses=True
+        server=fakeredis.FakeServer(), decode_responses=True, max_connections=1_000_000
     )
     return client
 

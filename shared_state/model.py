@@ -28,6 +28,9 @@ class Strategy(enum.StrEnum):
     MIN_EXPECTED_LATENCY = "min_expected_latency"
     MIN_OBSERVED_LATENCY = "min_observed_latency"
     MIN_CACHE_USAGE = "min_cache_usage"
+    WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
+    WEIGHTED_LEAST_CONNECTIONS = "weighted_least_connections"
+    SESSION_AFFINITY = "session_affinity"
 
 
 class Outcome(enum.StrEnum):
@@ -109,6 +112,7 @@ class Pick(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int
     eligible: int
     reused: bool
+    strategy: Strategy = Strategy.MIN_EXPECTED_LATENCY
 
 
 class Release(msgspec.Struct, frozen=True, kw_only=True):

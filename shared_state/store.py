@@ -66,9 +66,29 @@ class StoreSettings:
     eject_max_ms: int = 300_000
     cache_stale_ms: int = 15_000
     cache_share: float = 0.02
+    affinity_epsilon: float = 0.25
     full_scan_limit: int = 32
     sample_size: int = 8
     breaker_cooldown_s: float = 1.0
+
+
+# Strategies whose state spans every candidate: never sampled.
+_FULL_SCAN = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED_ROUND_ROBIN})
+
+
+@dataclass(frozen=True, slots=True)
+class _PickRequest:
+    model: str
+    strategy: Strategy
+    member: str
+    role: int
+    exclude: tuple[str, ...]
+    seed: int | None
+    session_key: str | None
+
+
+def _rendezvous(key: bytes, node_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key + b"\0" + node_id.encode(), digest_size=8).digest())
 
 
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
@@ -397,21 +417,27 @@ class Store:
         role: int = 0,
         exclude: Iterable[str] = (),
         seed: int | None = None,
+        session_key: str | None = None,
     ) -> Pick | None:
         """Choose a node for ``model`` and reserve a lease on it, in one atomic script.
 
         ``None`` when no active node can take it. Calling again with the same replica and
         request id while the lease is held returns the same node and keeps one lease.
+        ``session_key`` steers ``session_affinity`` (without one it acts as
+        ``min_expected_latency``).
         """
         strategy = _strategy(strategy)
         if not isinstance(model, str) or not model:
             raise InvalidInput("model must be a non-empty string")
         if not replica or not request_id or ":" in replica:
             raise InvalidInput("replica and request id must be non-empty (replica without ':')")
-        view = await self.view()
-        result = await self._pick_once(
-            view, model, strategy, replica, request_id, role, exclude, seed
+        if strategy is Strategy.SESSION_AFFINITY and not session_key:
+            strategy = Strategy.MIN_EXPECTED_LATENCY
+        request = _PickRequest(
+            model, strategy, f"{replica}:{request_id}", role, tuple(exclude), seed, session_key
         )
+        view = await self.view()
+        result = await self._pick_once(view, request)
         if result is not None and result[0] is not None:
             return result[0]
         # No candidate in the cache may only mean the cache is old: ask the epoch.
@@ -419,46 +445,48 @@ class Store:
         if epoch != view.epoch:
             # The registry moved since this replica cached it: try once more on the new one.
             view = await self.refresh(epoch)
-            again = await self._pick_once(
-                view, model, strategy, replica, request_id, role, exclude, seed
-            )
+            again = await self._pick_once(view, request)
             if again is not None:
                 return again[0]
         return None
 
+    def _candidates(self, view: RegistryView, request: _PickRequest) -> list[str]:
+        candidates = view.candidates(request.model, request.role, request.exclude)
+        strategy = request.strategy
+        if strategy is Strategy.SESSION_AFFINITY:
+            # Rendezvous order of the session key: the same on every replica, and removing a
+            # node moves only the keys that ranked it first.
+            key = (request.session_key or "").encode()
+            candidates.sort(key=lambda node_id: _rendezvous(key, node_id), reverse=True)
+            return candidates[: self.settings.full_scan_limit]
+        if len(candidates) > self.settings.full_scan_limit and strategy not in _FULL_SCAN:
+            # Past the limit a random sample keeps the script's cost flat in the fleet size.
+            return self._rng.sample(candidates, self.settings.sample_size)
+        return candidates
+
     async def _pick_once(
-        self,
-        view: RegistryView,
-        model: str,
-        strategy: Strategy,
-        replica: str,
-        request_id: str,
-        role: int,
-        exclude: Iterable[str],
-        seed: int | None,
+        self, view: RegistryView, request: _PickRequest
     ) -> tuple[Pick | None, int] | None:
-        candidates = view.candidates(model, role, exclude)
+        candidates = self._candidates(view, request)
         if not candidates:
             return None
-        limit = self.settings.full_scan_limit
-        if len(candidates) > limit and strategy is not Strategy.ROUND_ROBIN:
-            # Past the limit a random sample keeps the script's cost flat in the fleet size.
-            candidates = self._rng.sample(candidates, self.settings.sample_size)
         keys = [self.keys.epoch, self.keys.cursor]
         for node_id in candidates:
             keys.extend(self.keys.node_keys(node_id))
         s = self.settings
+        seed = request.seed
         args = [
-            f"{replica}:{request_id}",
-            strategy.value,
+            request.member,
+            request.strategy.value,
             s.lease_ms,
             seed if seed is not None else self._rng.randint(1, 2_147_483_646),
-            model,
-            int(role),
+            request.model,
+            int(request.role),
             s.latency_prior_ms,
             s.explore,
             s.cache_stale_ms,
             s.cache_share,
+            s.affinity_epsilon,
         ]
         node_id, in_flight, score, epoch, eligible, reused, _known = await self.run_script(
             scripts.PICK, keys, args
@@ -471,13 +499,14 @@ class Store:
         node = view.by_id[node_id]
         return (
             Pick(
-                lease=Lease(node_id, f"{replica}:{request_id}"),
+                lease=Lease(node_id, request.member),
                 node=node,
                 in_flight=int(in_flight),
                 score=float(score),
                 epoch=epoch,
                 eligible=int(eligible),
                 reused=bool(reused),
+                strategy=request.strategy,
             ),
             epoch,
         )

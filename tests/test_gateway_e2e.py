@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from shared_state import Store
@@ -337,3 +338,49 @@ async def test_shutdown_releases_the_leases_of_cut_requests(redis_url: str, clea
         assert await store.in_flight(slow.url) == 0
     finally:
         await store.close()
+
+
+async def test_route_receipts_in_headers_and_access_log(redis_url: str, cleanup: list) -> None:
+    nodes = [start_node(cleanup, "--tokens-per-s", "inf") for _ in range(3)]
+    gateway = start_gateway(cleanup, redis_url, *nodes, flags=("--strategy", "session_affinity"))
+    seen: dict[str, set[str]] = {}
+    request_ids = {}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for user in ("alice", "bob", "carol", "dave"):
+            for i in range(5):
+                body = {"model": MODEL, "messages": CHAT, "max_tokens": 1}
+                # The session key: X-Session-ID, else the OpenAI "user" field.
+                if i % 2:
+                    r = await http.post(
+                        f"{gateway.url}/v1/chat/completions",
+                        json=body,
+                        headers={"x-session-id": user},
+                    )
+                else:
+                    r = await http.post(
+                        f"{gateway.url}/v1/chat/completions", json={**body, "user": user}
+                    )
+                assert r.status_code == 200
+                seen.setdefault(user, set()).add(r.headers["x-fleetgate-node"])
+                receipt = dict(
+                    part.split("=", 1) for part in r.headers["x-fleetgate-route"].split("; ")
+                )
+                assert receipt["strategy"] == "session_affinity"
+                assert receipt["candidates"] == "3" and receipt["attempts"] == "1"
+                assert int(receipt["epoch"]) >= 3 and receipt["state"] == "shared"
+                request_ids[r.headers["x-request-id"]] = r.headers["x-fleetgate-node"]
+    assert all(len(nodes_seen) == 1 for nodes_seen in seen.values()), seen
+
+    def logged() -> dict[str, dict[str, object]]:
+        lines = [line for line in gateway.output().splitlines() if line.startswith("{")]
+        return {rec["request_id"]: rec for rec in map(orjson.loads, lines)}
+
+    async def all_logged() -> bool:
+        return set(request_ids) <= set(logged())
+
+    assert await eventually(all_logged, 2)
+    records = logged()
+    for request_id, node in request_ids.items():
+        record = records[request_id]
+        assert record["node"] == node and record["status"] == 200
+        assert record["strategy"] == "session_affinity" and record["candidates"] == 3

@@ -556,3 +556,94 @@ class TestEjection:
             store.keys.node(A), "ejected_until", await redis_now_ms(store) + 60_000
         )
         assert await picks(store, 3, Strategy.RANDOM) == [A] * 3
+
+
+class TestWeightedAndAffinity:
+    async def test_weighted_round_robin_is_exact_across_two_replicas(
+        self, store_factory: StoreFactory
+    ) -> None:
+        one, two = store_factory(seed=1), store_factory(seed=2)
+        weights = {A: 1.0, B: 2.0, C: 5.0}
+        for url, weight in weights.items():
+            await one.add_node(url, ["m"], weight=weight)
+        counts: collections.Counter[str] = collections.Counter()
+
+        async def batch(store: Store, start: int) -> None:
+            picked = await asyncio.gather(
+                *(
+                    store.pick("m", strategy="weighted_round_robin", replica="r", request_id=str(i))
+                    for i in range(start, start + 100)
+                )
+            )
+            for p in picked:
+                assert p is not None
+                counts[p.node.id] += 1
+            await asyncio.gather(
+                *(s.release(p.lease, Outcome.NEUTRAL, 0) for p in picked if p for s in (store,))
+            )
+
+        for k in range(50):  # 10,000 picks, the two replicas interleaved
+            await asyncio.gather(batch(one, 200 * k), batch(two, 200 * k + 100))
+        total = sum(counts.values())
+        assert total == 10_000
+        for url, weight in weights.items():
+            assert abs(counts[url] / total - weight / 8) < 0.02 * weight / 8, counts
+
+    async def test_weighted_least_connections(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"], weight=1)
+        await store.add_node(B, ["m"], weight=4)
+        await hold(store, A, 1)
+        await hold(store, B, 3)  # 3/4 < 1/1
+        assert set(await picks(store, 5, Strategy.WEIGHTED_LEAST_CONNECTIONS)) == {B}
+
+    async def _affinity(self, store: Store, keys: list[str]) -> dict[str, str]:
+        out = {}
+        for key in keys:
+            p = await store.pick(
+                "m",
+                strategy="session_affinity",
+                replica="r",
+                request_id=f"q-{key}",
+                session_key=key,
+            )
+            assert p is not None
+            out[key] = p.node.id
+            await store.release(p.lease, Outcome.NEUTRAL, 0)
+        return out
+
+    async def test_session_affinity_sticks_spreads_and_remaps_only_removed_keys(
+        self, store_factory: StoreFactory
+    ) -> None:
+        one, two = store_factory(seed=1), store_factory(seed=2)
+        nodes = [f"http://127.0.0.1:{9500 + i}" for i in range(8)]
+        for url in nodes:
+            await one.add_node(url, ["m"])
+        keys = [f"user-{i}" for i in range(400)]
+        first = await self._affinity(one, keys)
+        # The same key goes to the same node, from either replica.
+        assert await self._affinity(two, keys) == first
+        again = await self._affinity(one, keys)
+        assert sum(first[k] == again[k] for k in keys) >= 0.99 * len(keys)
+        spread = collections.Counter(first.values())
+        assert len(spread) == 8 and max(spread.values()) < 2 * len(keys) / 8
+        # Removing one of 8 nodes moves only the keys that were on it.
+        gone = nodes[3]
+        await one.remove_node(gone)
+        after = await self._affinity(two, keys)
+        moved = [k for k in keys if after[k] != first[k]]
+        assert set(moved) == {k for k in keys if first[k] == gone}
+        assert 0.05 < len(moved) / len(keys) < 0.25  # about 1/8
+
+    async def test_session_affinity_moves_keys_off_an_overloaded_node(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        for url in (A, B, C, D):
+            await store.add_node(url, ["m"])
+        home = (await self._affinity(store, ["heavy"]))["heavy"]
+        await hold(store, home, 6)  # far above the mean of the others
+        moved = await self._affinity(store, ["heavy"])
+        assert moved["heavy"] != home
+        # Without a session key the strategy balances like min_expected_latency.
+        assert home not in set(await picks(store, 10, Strategy.SESSION_AFFINITY))

@@ -14,6 +14,8 @@
 -- ARGV[8]  exploration probability for min_observed_latency, 0..1
 -- ARGV[9]  age after which scraped cache usage is stale, ms
 -- ARGV[10] default cache share of one request for min_cache_usage, 0..1
+-- ARGV[11] session_affinity: allowed load above the mean, epsilon (0.25: 25% above);
+--          the candidates then come in the session key's rendezvous order, best first
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known}:
 --   node_id ""       when no candidate could take the request;
@@ -34,6 +36,7 @@ local prior_ms = tonumber(ARGV[7])
 local explore = tonumber(ARGV[8])
 local stale_ms = tonumber(ARGV[9])
 local default_share = tonumber(ARGV[10])
+local epsilon = tonumber(ARGV[11] or '0.25')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -58,7 +61,7 @@ for i = 1, ncand do
   local hkey = KEYS[3 * i]
   local lkey = KEYS[3 * i + 1]
   local f = redis.call('HMGET', hkey, 'id', 'state', 'models', 'role', 'speed', 'weight',
-    'ejected_until', 'kv_usage', 'kv_running', 'kv_ts')
+    'ejected_until', 'kv_usage', 'kv_running', 'kv_ts', 'swrr')
   if f[1] then
     known = known + 1
     if redis.call('ZSCORE', lkey, member) then
@@ -75,6 +78,7 @@ for i = 1, ncand do
         i = i, id = f[1], inflight = redis.call('ZCARD', lkey),
         speed = tonumber(f[5]), weight = tonumber(f[6]) or 1,
         kv = tonumber(f[8]), kv_running = tonumber(f[9]), kv_ts = tonumber(f[10]),
+        swrr = tonumber(f[11]) or 0,
       }
       if (tonumber(f[7]) or 0) > now then
         ejected[#ejected + 1] = c
@@ -152,6 +156,39 @@ elseif strategy == 'random' then
       break
     end
   end
+elseif strategy == 'weighted_least_connections' then
+  for _, c in ipairs(eligible) do c.score = c.inflight / c.weight end
+  winner = argmin(eligible)
+elseif strategy == 'weighted_round_robin' then
+  -- Smooth weighted round robin (nginx's): the per-node current weights live in the node
+  -- hashes, so all replicas together follow one sequence and give the weights exactly.
+  local total = 0
+  for _, c in ipairs(eligible) do
+    c.swrr = c.swrr + c.weight
+    total = total + c.weight
+    if winner == nil or c.swrr > winner.swrr then winner = c end
+  end
+  winner.swrr = winner.swrr - total
+  for _, c in ipairs(eligible) do
+    redis.call('HSET', KEYS[3 * c.i], 'swrr', c.swrr)
+  end
+  winner.score = winner.swrr
+elseif strategy == 'session_affinity' then
+  -- Consistent hashing with bounded loads: the first node in the key's rendezvous order
+  -- whose load stays within (1 + epsilon) of the mean takes it, so a heavy key cannot pin
+  -- one node and removing a node moves only the keys that were on it.
+  local total = 0
+  for _, c in ipairs(eligible) do total = total + c.inflight end
+  local bound = math.ceil((1 + epsilon) * (total + 1) / n)
+  winner = eligible[n]
+  for rank, c in ipairs(eligible) do
+    if c.inflight + 1 <= bound then
+      winner = c
+      winner.score = rank
+      break
+    end
+  end
+  winner.score = winner.score or n
 elseif strategy == 'round_robin' then
   local cursor = redis.call('INCR', KEYS[2])
   winner = eligible[(cursor - 1) % n + 1]
