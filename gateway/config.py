@@ -90,7 +90,8 @@ def resolve(
     for opt in options:
         raw: Any = getattr(args, opt.dest)
         source = f"--{opt.name}"
-        if raw is None and not opt.flag_only and opt.env in environ:
+        # An empty variable counts as unset, as compose's ${VAR:-} gives when VAR is not set.
+        if raw is None and not opt.flag_only and environ.get(opt.env, "").strip():
             raw = environ[opt.env]
             source = opt.env
             if opt.repeatable:
