@@ -54,7 +54,8 @@ class Gateway:
         self.upstream = Upstream(
             Timeouts(
                 settings.connect_timeout, settings.first_byte_timeout, settings.request_timeout
-            )
+            ),
+            ca_bundle=settings.upstream_ca_bundle,
         )
         self.access_log = AccessLog() if settings.access_log else None
         self.auth = Authenticator(

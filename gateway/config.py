@@ -33,6 +33,10 @@ class Option:
     help: str
     repeatable: bool = False
     flag_only: bool = False
+    aliases: tuple[str, ...] = ()  # other flag names for the same setting (LMDeploy's)
+    list_alias: str | None = None  # a flag taking several values at once: --api-keys a b
+    extra_env: tuple[str, ...] = ()  # other variables read after FLEETGATE_* (SSL_CERTFILE)
+    switch: bool = False  # a flag without a value: present means true
 
     @property
     def dest(self) -> str:
@@ -54,13 +58,32 @@ def build_parser(prog: str, description: str, options: Sequence[Option]) -> argp
     for opt in options:
         env = "" if opt.flag_only else f" [env {opt.env}]"
         default = "" if opt.default in (None, (), "") else f" (default: {opt.default})"
+        flags = [f"--{name}" for name in (opt.name, *opt.aliases)]
+        if opt.switch:
+            parser.add_argument(
+                *flags,
+                dest=opt.dest,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{opt.help}{env}",
+            )
+            continue
         parser.add_argument(
-            f"--{opt.name}",
+            *flags,
             dest=opt.dest,
             action="append" if opt.repeatable else "store",
             default=None,
             help=f"{opt.help}{default}{env}",
         )
+        if opt.list_alias:
+            parser.add_argument(
+                f"--{opt.list_alias}",
+                dest=opt.dest,
+                action="extend",
+                nargs="+",
+                help=f"the same as --{opt.name}, several at once",
+            )
     return parser
 
 
@@ -91,9 +114,12 @@ def resolve(
         raw: Any = getattr(args, opt.dest)
         source = f"--{opt.name}"
         # An empty variable counts as unset, as compose's ${VAR:-} gives when VAR is not set.
-        if raw is None and not opt.flag_only and environ.get(opt.env, "").strip():
-            raw = environ[opt.env]
-            source = opt.env
+        env_name = next(
+            (name for name in (opt.env, *opt.extra_env) if environ.get(name, "").strip()), None
+        )
+        if raw is None and not opt.flag_only and env_name is not None:
+            raw = environ[env_name]
+            source = env_name
             if opt.repeatable:
                 raw = [item.strip() for item in raw.split(",") if item.strip()]
         if raw is None and opt.dest in file_values:

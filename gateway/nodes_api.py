@@ -163,8 +163,11 @@ class NodesAPI:
         if api_key is not None and not isinstance(api_key, str):
             raise BadRequest("api_key must be a string", param="api_key")
         weight = payload.get("weight", 1.0)
+        insecure = payload.get("insecure", False)
+        if not isinstance(insecure, bool):
+            raise BadRequest("insecure must be true or false", param="insecure")
         if not models:
-            models = await self._ask_models(url, api_key)
+            models = await self._ask_models(url, api_key, insecure)
         if not isinstance(models, list):
             raise BadRequest("models must be a list of names", param="models")
         node, created = await self.store.add_node(
@@ -174,6 +177,7 @@ class NodesAPI:
             speed=_speed(status.get("speed", payload.get("speed"))),
             weight=weight,
             api_key=api_key,
+            insecure=insecure,
             reason="registered through /nodes/add",
         )
         await self.store.refresh(await self.store.epoch())
@@ -181,8 +185,8 @@ class NodesAPI:
             {"message": "Added successfully", "created": created, "node": node_json(node)}
         )
 
-    async def _ask_models(self, url: str, api_key: str | None) -> list[str]:
-        probe = Node(id=url, url=url, models=(), api_key=api_key)
+    async def _ask_models(self, url: str, api_key: str | None, insecure: bool) -> list[str]:
+        probe = Node(id=url, url=url, models=(), api_key=api_key, insecure=insecure)
         try:
             listing = await self.upstream.get_json(probe, "/v1/models")
         except UpstreamFailure as exc:

@@ -69,16 +69,19 @@ class Origin:
     port: int
     prefix: bytes  # the node URL's own path, put before each request path
     host_header: bytes
+    insecure: bool = False  # https without certificate checks (a self-signed fleet)
 
 
-def origin_of(url: str) -> Origin:
+def origin_of(url: str, insecure: bool = False) -> Origin:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if default else f"{shown}:{port}"
-    return Origin(parts.scheme, host, port, parts.path.rstrip("/").encode(), host_header.encode())
+    return Origin(
+        parts.scheme, host, port, parts.path.rstrip("/").encode(), host_header.encode(), insecure
+    )
 
 
 class _Connection(asyncio.Protocol):
@@ -266,17 +269,34 @@ class UpstreamResponse:
 class Upstream:
     """A pooled keep-alive HTTP/1.1 client for all nodes."""
 
-    def __init__(self, timeouts: Timeouts, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, timeouts: Timeouts, *, ca_bundle: str | None = None) -> None:
         self.timeouts = timeouts
-        self._ssl = ssl_context
+        self._ca_bundle = ca_bundle
+        self._verified: ssl.SSLContext | None = None
+        self._unverified: ssl.SSLContext | None = None
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._origins: dict[str, Origin] = {}
+        self._origins: dict[tuple[str, bool], Origin] = {}
 
-    def _origin(self, url: str) -> Origin:
-        origin = self._origins.get(url)
+    def _origin(self, node: Node) -> Origin:
+        key = (node.url, node.insecure)
+        origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[url] = origin_of(url)
+            origin = self._origins[key] = origin_of(node.url, node.insecure)
         return origin
+
+    def _tls(self, origin: Origin) -> ssl.SSLContext:
+        """Certificates are verified (system CAs, or --upstream-ca-bundle) unless the node
+        was registered as insecure."""
+        if origin.insecure:
+            if self._unverified is None:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                self._unverified = context
+            return self._unverified
+        if self._verified is None:
+            self._verified = ssl.create_default_context(cafile=self._ca_bundle)
+        return self._verified
 
     async def close(self) -> None:
         for conns in self._idle.values():
@@ -303,9 +323,7 @@ class Upstream:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
-        context = None
-        if origin.scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+        context = self._tls(origin) if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self.timeouts.connect_s):
                 _, protocol = await loop.create_connection(
@@ -317,6 +335,8 @@ class Upstream:
                 )
         except TimeoutError:
             raise UpstreamFailure("connect timed out", timeout=True) from None
+        except ssl.SSLError as exc:
+            raise UpstreamFailure(f"TLS handshake failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise UpstreamFailure(f"cannot connect: {exc.strerror or exc}") from None
         return protocol
@@ -333,7 +353,7 @@ class Upstream:
         query: bytes = b"",
     ) -> UpstreamResponse:
         """Send one request to ``node`` and return once its headers arrived."""
-        origin = self._origin(node.url)
+        origin = self._origin(node)
         target = origin.prefix + path.encode() + (b"?" + query if query else b"")
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header]
         for name, value in headers:

@@ -26,6 +26,9 @@ def hypercorn_config(settings: GatewaySettings) -> Config:
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = settings.shutdown_timeout
     config.loglevel = settings.log_level.upper()
+    if settings.ssl:
+        config.certfile = settings.certfile
+        config.keyfile = settings.keyfile
     return config
 
 
@@ -45,11 +48,16 @@ async def serve_async(settings: GatewaySettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     store = "embedded" if settings.embedded else "redis"
+    scheme = "https" if settings.ssl else "http"
     print(
-        f"fleetgate: gateway {app.gateway.replica} on http://{settings.host}:{settings.port} "
+        f"fleetgate: gateway {app.gateway.replica} on {scheme}://{settings.host}:{settings.port} "
         f"(strategy {settings.strategy.value}, store {store})",
         flush=True,
     )
+    if settings.disable_cache_status:
+        logging.getLogger("fleetgate.gateway").info(
+            "--disable-cache-status has no effect: node state lives in the store, not a file"
+        )
     await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 

@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared_state import Strategy, normalize_url
 from shared_state.connection import is_embedded
@@ -35,6 +36,21 @@ def _strategy(text: str) -> Strategy:
         ) from None
 
 
+def _serving(text: str) -> str:
+    if text.strip().lower() == "hybrid":
+        return "Hybrid"
+    if text.strip().lower() == "distserve":
+        raise ValueError("DistServe (prefill/decode disaggregation) is not supported yet")
+    raise ValueError(f"serving strategy must be Hybrid or DistServe, not {text!r}")
+
+
+def _readable(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return str(path)
+
+
 def _network(text: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
@@ -50,8 +66,8 @@ def _node_url(text: str) -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", non_empty, "127.0.0.1", "address to listen on"),
-    Option("port", port, 8000, "port to listen on"),
+    Option("host", non_empty, "127.0.0.1", "address to listen on", aliases=("server-name",)),
+    Option("port", port, 8000, "port to listen on", aliases=("server-port",)),
     Option("workers", int_range(1, 64), 1, "worker processes (needs --redis-url when > 1)"),
     Option(
         "redis-url",
@@ -61,9 +77,28 @@ OPTIONS: tuple[Option, ...] = (
         "redis+sentinel://); absent: the embedded single-replica store",
     ),
     Option("prefix", non_empty, "fleetgate", "key prefix (hash tag) in Redis"),
-    Option("strategy", _strategy, Strategy.MIN_EXPECTED_LATENCY, "routing strategy"),
+    Option(
+        "strategy",
+        _strategy,
+        Strategy.MIN_EXPECTED_LATENCY,
+        "routing strategy",
+        aliases=("routing-strategy",),
+    ),
+    Option(
+        "serving-strategy",
+        _serving,
+        "Hybrid",
+        "Hybrid (every node serves whole requests); DistServe is not supported yet",
+    ),
     Option("node", _node_url, (), "register this node at start (repeatable)", repeatable=True),
-    Option("api-key", non_empty, (), "client API key (repeatable); none: open", repeatable=True),
+    Option(
+        "api-key",
+        non_empty,
+        (),
+        "client API key (repeatable); none: open",
+        repeatable=True,
+        list_alias="api-keys",
+    ),
     Option("admin-key", non_empty, None, "key for /nodes/*; absent: admin from loopback only"),
     Option(
         "register-allow",
@@ -89,6 +124,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("replica-id", non_empty, None, "this replica's id in leases (default: host-pid-random)"),
     Option("log-level", non_empty, "info", "log level"),
     Option("access-log", boolean, True, "one JSON line per request with its route receipt"),
+    Option("ssl", boolean, False, "serve HTTPS with --certfile and --keyfile", switch=True),
+    Option("certfile", _readable, None, "TLS certificate (PEM)", extra_env=("SSL_CERTFILE",)),
+    Option("keyfile", _readable, None, "TLS private key (PEM)", extra_env=("SSL_KEYFILE",)),
+    Option(
+        "upstream-ca-bundle",
+        _readable,
+        None,
+        "CA bundle that verifies https:// nodes (default: the system's)",
+    ),
+    Option(
+        "disable-cache-status",
+        boolean,
+        False,
+        "LMDeploy's flag, accepted with no effect: the state lives in the store",
+        switch=True,
+    ),
 )
 
 
@@ -115,6 +166,12 @@ class GatewaySettings:
     replica_id: str | None = None
     log_level: str = "info"
     access_log: bool = True
+    serving_strategy: str = "Hybrid"
+    ssl: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    upstream_ca_bundle: str | None = None
+    disable_cache_status: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -141,6 +198,8 @@ def load_settings(
         scheme = settings.redis_url.split("://", 1)[0]
         if scheme not in {"redis", "rediss", "unix", "redis+sentinel", "sentinel"}:
             raise ConfigError(f"--redis-url: unsupported scheme {scheme!r}")
+    if settings.ssl and not (settings.certfile and settings.keyfile):
+        raise ConfigError("--ssl needs --certfile and --keyfile (or SSL_CERTFILE and SSL_KEYFILE)")
     if settings.first_byte_timeout > settings.request_timeout:
         raise ConfigError("--first-byte-timeout must not exceed --request-timeout")
     return settings

@@ -22,6 +22,7 @@ import itertools
 import math
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -69,6 +70,8 @@ class SimConfig:
     api_key: str | None = None
     fault: str = "none"
     name: str | None = None  # None: "host:port" of the bound socket
+    certfile: str | None = None  # with keyfile: serve HTTPS
+    keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -169,6 +172,7 @@ class SimNode:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.name = config.name
+        self.stop = asyncio.Event()  # set by SIGINT/SIGTERM or POST /terminate
         tps = config.tokens_per_s
         self._dt = 0.0 if tps == 0 or math.isinf(tps) else 1.0 / tps
         self._prefill = config.prefill_ms / 1000.0
@@ -556,6 +560,15 @@ class SimNode:
         self.reset()
         return _json(self.stats())
 
+    async def terminate(self, request: web.Request) -> web.Response:
+        """LMDeploy api_server's /terminate: answer, then stop the process."""
+        try:
+            self._check_auth(request)
+        except _ApiError as exc:
+            return exc.response
+        asyncio.get_running_loop().call_later(0.05, self.stop.set)
+        return _json({"status": "terminating", "name": self.name})
+
 
 NODE_KEY: Final = web.AppKey("fleetgate_simnode", SimNode)
 
@@ -575,26 +588,32 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/sim/fault", node.sim_fault)
     app.router.add_get("/sim/stats", node.sim_stats)
     app.router.add_post("/sim/reset", node.sim_reset)
+    app.router.add_post("/terminate", node.terminate)
     return app
 
 
 async def serve(config: SimConfig) -> None:
-    """Serve until SIGINT or SIGTERM, printing the listening line once bound."""
+    """Serve until SIGINT, SIGTERM or POST /terminate, printing the listening line once bound."""
     app = build_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    context = None
+    if config.certfile and config.keyfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.certfile, config.keyfile)
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        await web.TCPSite(runner, config.host, config.port, ssl_context=context).start()
         port = runner.addresses[0][1]
         host = f"[{config.host}]" if ":" in config.host else config.host
         node = app[NODE_KEY]
         node.name = config.name or f"{host}:{port}"
         print(
-            f"fleetgate-sim listening on http://{host}:{port} name={node.name} "
+            f"fleetgate-sim listening on {'https' if context else 'http'}://{host}:{port} "
+            f"name={node.name} "
             f"models={','.join(config.models)} slots={config.slots}",
             flush=True,
         )
-        stop = asyncio.Event()
+        stop = node.stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -625,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--fault", default="none", choices=sorted(FAULT_MODES))
     p.add_argument("--name", default=None, help="label in x-sim-node (default host:port)")
+    p.add_argument("--certfile", default=None, help="with --keyfile: serve HTTPS")
+    p.add_argument("--keyfile", default=None)
     args = p.parse_args(argv)
     try:
         config = SimConfig(**{**vars(args), "models": tuple(args.models or ("sim-model",))})

@@ -51,6 +51,7 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     speed: float | None = None
     weight: float = 1.0
     api_key: str | None = None
+    insecure: bool = False  # https without certificate checks
     state: NodeState = NodeState.ACTIVE
     state_reason: str = ""
     state_since_ms: int = 0

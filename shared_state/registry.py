@@ -92,6 +92,7 @@ def decode_node(fields: Mapping[str, str]) -> Node:
         speed=_float(fields, "speed"),
         weight=_float(fields, "weight") or 1.0,
         api_key=fields.get("api_key") or None,
+        insecure=fields.get("insecure") == "1",
         state=NodeState(state) if state in NodeState._value2member_map_ else NodeState.UNHEALTHY,
         state_reason=fields.get("state_reason", ""),
         state_since_ms=_int(fields, "state_since_ms"),

@@ -201,6 +201,7 @@ class Store:
         speed: float | None = None,
         weight: float = 1.0,
         api_key: str | None = None,
+        insecure: bool = False,
         state: NodeState = NodeState.ACTIVE,
         reason: str = "registered",
     ) -> tuple[Node, bool]:
@@ -213,6 +214,7 @@ class Store:
             "speed": "" if speed is None else repr(validate_positive("speed", speed)),
             "weight": repr(validate_positive("weight", weight)),
             "api_key": api_key or "",
+            "insecure": "1" if insecure else "",
             "state": NodeState(state).value,
             "state_reason": reason,
         }
@@ -228,6 +230,7 @@ class Store:
         speed: float | None = None,
         weight: float | None = None,
         api_key: str | None = None,
+        insecure: bool | None = None,
     ) -> Node:
         """Change some fields of a known node (``api_key=""`` removes its key)."""
         node_id = normalize_url(url)
@@ -242,6 +245,8 @@ class Store:
             fields["weight"] = repr(validate_positive("weight", weight))
         if api_key is not None:
             fields["api_key"] = api_key
+        if insecure is not None:
+            fields["insecure"] = "1" if insecure else ""
         await self._upsert(node_id, fields, create=False)
         return await self.get_node(node_id)
 
