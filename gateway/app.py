@@ -223,6 +223,8 @@ def build_starlette(gateway: Gateway) -> Starlette:
         Route("/nodes/add", gateway.nodes.add, methods=["POST"]),
         Route("/nodes/remove", gateway.nodes.remove, methods=["POST"]),
         Route("/nodes/drain", gateway.nodes.drain, methods=["POST"]),
+        Route("/nodes/terminate", gateway.nodes.terminate, methods=["POST"]),
+        Route("/nodes/terminate_all", gateway.nodes.terminate_all, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: _error_handler, Exception: _error_handler}
     for cls in (GatewayError, StateError):

@@ -42,6 +42,7 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "state_reason": node.state_reason,
         "weight": node.weight,
         "has_api_key": node.api_key is not None,
+        "insecure": node.insecure,
         "ejected_until_ms": node.ejected_until_ms,
         "consecutive_failures": node.consecutive_failures,
         "ok_total": node.ok_total,
@@ -215,6 +216,57 @@ class NodesAPI:
         await self.store.remove_node(url)
         await self.store.refresh(await self.store.epoch())
         return json_response({"message": "Deleted successfully", "url": url})
+
+    async def _terminate(self, url: str) -> dict[str, Any]:
+        """Remove a node, then ask it to stop through its /terminate; say what happened."""
+        node = await self.store.get_node(url)
+        await self.store.remove_node(url)
+        outcome: dict[str, Any] = {"url": url, "removed": True, "terminated": False}
+        try:
+            status, body = await self.upstream.control(node, "POST", "/terminate")
+        except UpstreamFailure as exc:
+            outcome["detail"] = f"the node could not be asked to stop: {exc}"
+            return outcome
+        if 200 <= status < 300:
+            outcome["terminated"] = True
+        else:
+            text = body.decode("utf-8", "replace").strip()[:200]
+            outcome["detail"] = f"the node answered {status} to /terminate: {text}"
+        return outcome
+
+    async def terminate(self, request: Request) -> Response:
+        """LMDeploy's /nodes/terminate: 200 when the node stopped, 502 when it was removed
+        from the registry but could not be stopped."""
+        self.auth.check_admin(request.headers.raw, _client_host(request))
+        outcome = await self._terminate(await self._target(request))
+        await self.store.refresh(await self.store.epoch())
+        if outcome["terminated"]:
+            return json_response({"message": "Terminated successfully", **outcome})
+        return json_response(
+            {
+                "error": {
+                    "message": f"removed {outcome['url']}, but {outcome['detail']}",
+                    "type": "upstream_error",
+                    "param": "url",
+                    "code": "terminate_failed",
+                },
+                **outcome,
+            },
+            502,
+        )
+
+    async def terminate_all(self, request: Request) -> Response:
+        """LMDeploy's /nodes/terminate_all: every node removed and asked to stop."""
+        self.auth.check_admin(request.headers.raw, _client_host(request))
+        registry = await self.store.registry()
+        results = [await self._terminate(node.url) for node in registry.nodes]
+        await self.store.refresh(await self.store.epoch())
+        failed = [r for r in results if not r["terminated"]]
+        body = {
+            "message": "Terminated successfully" if not failed else "Some nodes did not stop",
+            "nodes": {r["url"]: r for r in results},
+        }
+        return json_response(body, 502 if failed else 200)
 
     async def drain(self, request: Request) -> Response:
         self.auth.check_admin(request.headers.raw, _client_host(request))

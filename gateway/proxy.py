@@ -388,19 +388,25 @@ class Upstream:
             raise error
         raise UpstreamFailure("node closed the connection twice")
 
-    async def get_json(self, node: Node, path: str, timeout_s: float = 5.0) -> Any:
-        """A small control-plane GET (a node's model list); raises :class:`UpstreamFailure`."""
+    async def control(
+        self, node: Node, method: str, path: str, body: bytes = b"", timeout_s: float = 5.0
+    ) -> tuple[int, bytes]:
+        """A small control-plane call to a node (not routed, not retried): status and body."""
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self.send(node, "GET", path, (), b"", "fleetgate-control")
+                response = await self.send(node, method, path, (), body, "fleetgate-control")
                 try:
-                    body = await response.read()
+                    return response.status, await response.read()
                 finally:
                     response.close()
         except TimeoutError:
-            raise UpstreamFailure(f"GET {path} timed out", timeout=True) from None
-        if response.status != 200:
-            raise UpstreamFailure(f"GET {path} answered {response.status}")
+            raise UpstreamFailure(f"{method} {path} timed out", timeout=True) from None
+
+    async def get_json(self, node: Node, path: str, timeout_s: float = 5.0) -> Any:
+        """A small control-plane GET (a node's model list); raises :class:`UpstreamFailure`."""
+        status, body = await self.control(node, "GET", path, timeout_s=timeout_s)
+        if status != 200:
+            raise UpstreamFailure(f"GET {path} answered {status}")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
