@@ -79,24 +79,29 @@ class Authenticator:
             and hmac.compare_digest(digest(token), self._admin)
         )
 
-    async def check_client(self, headers: Headers) -> None:
-        """Allow an OpenAI API call, or raise :class:`Unauthorized`."""
+    async def check_client(self, headers: Headers) -> str | None:
+        """Allow an OpenAI API call, or raise :class:`Unauthorized`.
+
+        Returns the hex digest of the stored key (``fleetgate keys add``) that authenticated
+        the call, whose per-key limits apply; ``None`` for an open API, a ``--api-key`` key or
+        the admin key, which have no limits.
+        """
         stored = self._stored_digests()
         if not self._client and not stored:
-            return
+            return None
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
         raw = digest(token)
         if raw in self._client or self._is_admin_key(token):
-            return
+            return None
         hexed = raw.hex()
         if hexed in stored:
-            return
+            return hexed
         if self._store is not None:
             try:
                 if await self._store.key_exists(hexed):
-                    return
+                    return hexed
             except StoreUnavailable:
                 pass  # fail closed for keys this replica has never seen
         raise Unauthorized("invalid API key")

@@ -6,9 +6,12 @@ matching status; shared-state errors render the same way.
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
 from shared_state import StateError
+from shared_state import limits as key_limits
 
 
 class GatewayError(Exception):
@@ -80,6 +83,26 @@ class UnsupportedMediaType(GatewayError):
     status_code = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    """A stored client key went over its requests-per-minute or concurrency limit."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, decision: key_limits.LimitDecision) -> None:
+        seconds = max(1, math.ceil(decision.retry_after_s))
+        if decision.limit == key_limits.CONCURRENCY:
+            self.code = "concurrency_limit_exceeded"
+            what = f"{decision.concurrency} concurrent requests"
+        else:
+            what = f"{decision.rpm} requests per minute"
+        super().__init__(
+            f"Rate limit reached for this API key: {what}. Please try again in {seconds}s."
+        )
+        self.headers = ((b"retry-after", str(seconds).encode()),)
 
 
 class NoHealthyNode(GatewayError):

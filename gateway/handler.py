@@ -19,7 +19,8 @@ from typing import Any
 
 import msgspec
 
-from shared_state import Outcome, StateError
+from shared_state import Outcome, StateError, Store
+from shared_state import limits as key_limits
 
 from .accesslog import AccessLog
 from .auth import Authenticator
@@ -32,6 +33,7 @@ from .errors import (
     MissingModel,
     ModelNotFound,
     NoHealthyNode,
+    RateLimited,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
@@ -66,6 +68,33 @@ class RequestView(msgspec.Struct):
 
 
 _decode_view = msgspec.json.Decoder(RequestView).decode
+
+
+class _KeySlot:
+    """A client key's concurrency slot, freed once: just before the answer's last message goes
+    out (so the client's next request finds it free), or when the request ends anyhow."""
+
+    __slots__ = ("decision", "digest", "freed", "store")
+
+    def __init__(self, store: Store, digest: str, decision: key_limits.LimitDecision) -> None:
+        self.store = store
+        self.digest = digest
+        self.decision = decision
+        self.freed = False
+
+    async def free(self) -> None:
+        if not self.freed:
+            self.freed = True
+            # Shielded: a request cancelled meanwhile still frees its slot.
+            await asyncio.shield(key_limits.dismiss(self.store, self.digest, self.decision))
+
+    def freeing(self, send: Send) -> Send:
+        async def send_freeing(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await self.free()
+            await send(message)
+
+        return send_freeing
 
 
 class ClientGone(Exception):
@@ -144,13 +173,18 @@ class ProxyHandler:
         request_id = request_id_of(scope["headers"])
         exchange = _Exchange(send)
         model = ""
+        slot: _KeySlot | None = None  # a client key's concurrency slot
         try:
             if scope["method"] != "POST":
                 error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
                 error.headers = ((b"allow", b"POST"),)
                 raise error
             headers = scope["headers"]
-            await self.auth.check_client(headers)
+            key = await self.auth.check_client(headers)
+            if key is not None:  # a stored key: its limits, if it has any
+                slot = await self._check_key_limits(key, request_id)
+                if slot is not None:
+                    exchange.send = slot.freeing(send)
             _check_content_type(headers)
             body = await self._read_body(headers, receive)
             view = _decode(body)
@@ -179,6 +213,19 @@ class ProxyHandler:
                 self.metrics.latency.observe((("model", model),), elapsed)
             if self.access_log is not None:
                 self._log_access(scope, request_id, model, exchange, elapsed)
+            if slot is not None:
+                await slot.free()
+
+    async def _check_key_limits(self, digest: str, request_id: str) -> _KeySlot | None:
+        """Admit a request under its key's limits (:class:`RateLimited` when over one);
+        returns the concurrency slot to free when the request ends, if it took one."""
+        store = self.router.store
+        decision = await key_limits.admit(store, digest, self.router.replica, request_id)
+        if decision is None:
+            return None
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return _KeySlot(store, digest, decision) if decision.leased else None
 
     async def _send_error(self, exchange: _Exchange, exc: Exception, request_id: str) -> None:
         if exchange.started:

@@ -54,6 +54,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _limit(text: str) -> int:
+    """A per-key limit: a whole number, 0 meaning unlimited."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0: unlimited), got {text!r}")
+    return int(text)
+
+
 def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
     # The common options are accepted before and after the command ("nodes list --json").
     common = _Parser(add_help=False)
@@ -96,6 +103,7 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         add.add_argument("--speed", type=_positive)
         add.add_argument("--weight", type=_positive, default=1.0)
         add.add_argument("--api-key", help="key the gateways send to this node")
+        add.add_argument("--insecure", action="store_true", help="https without certificate checks")
         remove = command("remove", "remove a node with its leases and history")
         remove.add_argument("url")
         drain = command("drain", "stop new requests; wait for in-flight ones")
@@ -115,6 +123,13 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         add = command("add", "create a client API key (printed once)")
         add.add_argument("name")
         add.add_argument("--key", help="the key to store (default: a new random one)")
+        change = command("set", "change the limits of the key with this name")
+        change.add_argument("name")
+        for sub in (add, change):  # per-key limits across all replicas; a new key has none
+            sub.add_argument("--rpm", type=_limit, help="requests per minute (0: unlimited)")
+            sub.add_argument(
+                "--concurrency", type=_limit, help="requests in flight at once (0: unlimited)"
+            )
         revoke = command("revoke", "revoke the key with this name")
         revoke.add_argument("name")
         command("list", "key names and fingerprints (never the keys)")
@@ -175,7 +190,17 @@ def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
 
 
 def key_row(key: ApiKey) -> dict[str, Any]:
-    return {"name": key.name, "fingerprint": key.fingerprint, "created_ms": key.created_ms}
+    return {
+        "name": key.name,
+        "fingerprint": key.fingerprint,
+        "created_ms": key.created_ms,
+        "rpm": key.rpm,  # 0: unlimited
+        "concurrency": key.concurrency,
+    }
+
+
+def _limits_text(key: ApiKey) -> str:
+    return f"rpm {key.rpm or '-'}, concurrency {key.concurrency or '-'}"
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -211,6 +236,7 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             speed=args.speed,
             weight=args.weight,
             api_key=args.api_key,
+            insecure=args.insecure,
             reason="added by fleetgate nodes add",
         )
         verb = "added" if created else "updated"
@@ -274,12 +300,14 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             out.write(orjson.dumps(rows).decode() + "\n")
         elif rows:
             table(
-                [["NAME", "FINGERPRINT", "CREATED"]]
+                [["NAME", "FINGERPRINT", "CREATED", "RPM", "CONCURRENCY"]]
                 + [
                     [
                         r["name"],
                         r["fingerprint"],
                         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_ms"] / 1000)),
+                        str(r["rpm"] or "-"),
+                        str(r["concurrency"] or "-"),
                     ]
                     for r in rows
                 ],
@@ -296,19 +324,38 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             else f"{args.name}: revoked\n"
         )
         return 0
+    if args.command == "set":
+        if args.rpm is None and args.concurrency is None:
+            raise InvalidInput("give --rpm and/or --concurrency (0: unlimited)")
+        stored, changed = await store.set_key_limits(
+            args.name, rpm=args.rpm, concurrency=args.concurrency
+        )
+        result = "changed" if changed else "unchanged"
+        if args.json:
+            out.write(orjson.dumps({**key_row(stored), "result": result}).decode() + "\n")
+        else:
+            out.write(f"{stored.name}: {result} ({_limits_text(stored)})\n")
+        return 0
     key = args.key or "fg-" + secrets.token_urlsafe(32)
-    stored, created = await store.add_key(args.name, key)
+    stored, created = await store.add_key(
+        args.name, key, rpm=args.rpm, concurrency=args.concurrency
+    )
     if args.json:
         payload = {**key_row(stored), "result": "added" if created else "exists"}
         if created and not args.key:
             payload["key"] = key
         out.write(orjson.dumps(payload).decode() + "\n")
     elif created:
-        out.write(f"{stored.name}: added (fingerprint {stored.fingerprint})\n")
+        out.write(
+            f"{stored.name}: added (fingerprint {stored.fingerprint}, {_limits_text(stored)})\n"
+        )
         if not args.key:
             out.write(f"key (shown once, store it now): {key}\n")
     else:
-        out.write(f"{stored.name}: already stored (fingerprint {stored.fingerprint})\n")
+        out.write(
+            f"{stored.name}: already stored (fingerprint {stored.fingerprint}, "
+            f"{_limits_text(stored)})\n"
+        )
     return 0
 
 

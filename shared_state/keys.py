@@ -67,6 +67,14 @@ class KeySchema:
     def latencies(self, node_id: str) -> str:
         return f"{self.tag()}:lat:{node_id}"
 
+    def key_rate(self, digest: str) -> str:
+        """Rate-limit state (GCRA arrival time) of the client key with this hex digest."""
+        return f"{self.tag()}:limit:rpm:{digest}"
+
+    def key_leases(self, digest: str) -> str:
+        """Concurrency leases of the client key with this hex digest."""
+        return f"{self.tag()}:limit:conc:{digest}"
+
     def node_keys(self, node_id: str) -> tuple[str, str, str]:
         """The node hash, lease set and latency list of one node, in pick.lua's order."""
         return self.node(node_id), self.leases(node_id), self.latencies(node_id)

@@ -86,6 +86,9 @@ class Registry(msgspec.Struct, frozen=True):
     epoch: int
     nodes: tuple[Node, ...]
     key_digests: frozenset[str] = frozenset()
+    # Only the keys that carry limits: hex digest -> (requests per minute, concurrent
+    # requests), 0 meaning unlimited. A key absent here costs no limit check.
+    key_limits: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -94,6 +97,8 @@ class ApiKey(msgspec.Struct, frozen=True):
     name: str
     fingerprint: str  # the first 12 hex digits of the key's SHA-256
     created_ms: int
+    rpm: int = 0  # requests per minute, across all replicas; 0: unlimited
+    concurrency: int = 0  # requests in flight at once, across all replicas; 0: unlimited
 
 
 class Lease(msgspec.Struct, frozen=True):

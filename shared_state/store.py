@@ -302,12 +302,18 @@ class Store:
             ids = sorted(members)
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(self.keys.epoch)
-                pipe.hkeys(self.keys.api_keys)
+                pipe.hgetall(self.keys.api_keys)
                 for node_id in ids:
                     pipe.hgetall(self.keys.node(node_id))
                 replies = await pipe.execute()
         nodes = tuple(decode_node(f) for f in replies[2:] if f)
-        return Registry(int(replies[0] or 0), nodes, frozenset(replies[1]))
+        api_keys = cast(dict[str, str], replies[1])
+        key_limits = {}
+        for digest, raw in api_keys.items():
+            limits = _key_limits(raw)
+            if limits != (0, 0):
+                key_limits[digest] = limits
+        return Registry(int(replies[0] or 0), nodes, frozenset(api_keys), key_limits)
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
@@ -363,21 +369,48 @@ class Store:
 
     # -- client API keys (stored as SHA-256 digests only) -------------------------------
 
-    async def add_key(self, name: str, key: str) -> tuple[ApiKey, bool]:
-        """Store a client key under a unique name; returns it and whether it is new."""
+    async def add_key(
+        self, name: str, key: str, *, rpm: int | None = None, concurrency: int | None = None
+    ) -> tuple[ApiKey, bool]:
+        """Store a client key under a unique name; returns it and whether it is new.
+
+        ``rpm`` (requests per minute) and ``concurrency`` (requests in flight) limit the key
+        across all replicas; ``None`` leaves a stored key's limit as it is (a new key: none),
+        0 removes it.
+        """
         name = name.strip() if isinstance(name, str) else ""
         if not name or len(name) > 100 or any(c.isspace() for c in name):
             raise InvalidInput("key name must be 1-100 characters without spaces")
         if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
             raise InvalidInput("an API key must be at least 16 characters without spaces")
         digest = key_digest(key)
+        limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
         status, _epoch = await self.run_script(
-            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name]
+            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name, *limits, "add"]
         )
         if status == "name_taken":
             raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
         keys = {k.fingerprint: k for k in await self.list_keys()}
         return keys[digest[:12]], status == "added"
+
+    async def set_key_limits(
+        self, name: str, *, rpm: int | None = None, concurrency: int | None = None
+    ) -> tuple[ApiKey, bool]:
+        """Change the limits of the key named ``name`` (``None``: unchanged, 0: unlimited);
+        returns it and whether anything changed. :class:`UnknownKey` if there is none."""
+        limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
+        async with self.guard():
+            entries = cast(dict[str, str], await self.client.hgetall(self.keys.api_keys))
+        digest = next((d for d, raw in entries.items() if orjson.loads(raw)["name"] == name), "")
+        if not digest:
+            raise UnknownKey(f"no API key named {name!r}")
+        status, _epoch = await self.run_script(
+            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name, *limits, "set"]
+        )
+        if status == "unknown":  # revoked meanwhile
+            raise UnknownKey(f"no API key named {name!r}")
+        keys = {k.fingerprint: k for k in await self.list_keys()}
+        return keys[digest[:12]], status == "updated"
 
     async def revoke_key(self, name: str) -> None:
         """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
@@ -393,7 +426,10 @@ class Store:
         out = []
         for digest, raw in entries.items():
             meta = orjson.loads(raw)
-            out.append(ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"])))
+            rpm, concurrency = _key_limits(raw)
+            out.append(
+                ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"]), rpm, concurrency)
+            )
         return sorted(out, key=lambda k: (k.created_ms, k.name))
 
     async def key_exists(self, digest: str) -> bool:
@@ -564,6 +600,27 @@ class Store:
 def key_digest(key: str) -> str:
     """The hex SHA-256 of a client key: the only form in which keys are stored."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+_MAX_LIMIT = 1_000_000  # GCRA keeps ms to 3 decimals: enough up to this rpm
+
+
+def _limit_arg(name: str, value: int | None) -> str:
+    """A key limit as key_add.lua takes it: "" unchanged, "0" unlimited, else the number."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_LIMIT:
+        raise InvalidInput(f"{name} must be a whole number from 0 (unlimited) to {_MAX_LIMIT}")
+    return str(value)
+
+
+def _key_limits(raw: str) -> tuple[int, int]:
+    """(rpm, concurrency) of a stored key's JSON, 0 for unlimited; malformed reads as none."""
+    try:
+        meta = orjson.loads(raw)
+        return max(int(meta.get("rpm") or 0), 0), max(int(meta.get("concurrency") or 0), 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0, 0
 
 
 def _strategy(value: Strategy | str) -> Strategy:

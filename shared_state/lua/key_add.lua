@@ -1,19 +1,53 @@
--- key_add.lua: add a client API key, stored only as its SHA-256 digest, and bump the epoch.
+-- key_add.lua: add a client API key, stored only as its SHA-256 digest, and bump the epoch;
+-- also sets the per-key limits of a new or stored key.
 --
--- KEYS[1]  API key hash: hex digest -> JSON {"name", "created_ms"}
+-- KEYS[1]  API key hash: hex digest -> JSON {"name", "created_ms", "rpm"?, "concurrency"?}
+--          (an absent limit means unlimited)
 -- KEYS[2]  registry epoch (replicas refresh their key cache when it moves)
 -- ARGV[1]  hex SHA-256 digest of the key
 -- ARGV[2]  key name (unique)
+-- ARGV[3]  requests per minute: "" (or absent) leaves it as it is, "0" removes it, N sets it
+-- ARGV[4]  concurrent requests: the same
+-- ARGV[5]  "add" (default) or "set": only change the limits of the stored key, never add one
 --
 -- Returns {status, epoch}: "added"; "exists" when this very key is already stored under this
--- name (adding is idempotent); "name_taken" when the name belongs to another key.
+-- name with these limits (adding is idempotent); "updated" when its limits changed;
+-- "name_taken" when the name belongs to another key; "unknown" ("set" only) when no such key
+-- is stored under this name. The epoch moves only when something changed.
 local digest, name = ARGV[1], ARGV[2]
+local limits = {rpm = ARGV[3] or '', concurrency = ARGV[4] or ''}
+local mode = ARGV[5] or 'add'
+
+-- Applies the requested limits to a decoded entry; returns whether anything changed.
+local function apply(meta)
+  local changed = false
+  for field, text in pairs(limits) do
+    if text ~= '' then
+      local value = tonumber(text)
+      if value <= 0 then value = nil end
+      if meta[field] ~= value then
+        meta[field] = value
+        changed = true
+      end
+    end
+  end
+  return changed
+end
+
 local current = redis.call('HGET', KEYS[1], digest)
 if current then
-  if cjson.decode(current).name == name then
+  local meta = cjson.decode(current)
+  if meta.name == name then
+    if apply(meta) then
+      redis.call('HSET', KEYS[1], digest, cjson.encode(meta))
+      return {'updated', redis.call('INCR', KEYS[2])}
+    end
     return {'exists', tonumber(redis.call('GET', KEYS[2]) or '0')}
   end
-  return {'name_taken', 0}
+  return {mode == 'set' and 'unknown' or 'name_taken', 0}
+end
+if mode == 'set' then
+  return {'unknown', 0}
 end
 local all = redis.call('HVALS', KEYS[1])
 for _, raw in ipairs(all) do
@@ -23,5 +57,7 @@ for _, raw in ipairs(all) do
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], digest, cjson.encode({name = name, created_ms = now}))
+local meta = {name = name, created_ms = now}
+apply(meta)
+redis.call('HSET', KEYS[1], digest, cjson.encode(meta))
 return {'added', redis.call('INCR', KEYS[2])}
