@@ -2,6 +2,9 @@
 
 from .app import create_app
 from .config import argv_from_environment
+from .server import setup_logging
 from .settings import load_settings
 
-app = create_app(load_settings(argv_from_environment()))
+settings = load_settings(argv_from_environment())
+setup_logging(settings.log_level)  # each worker process configures its own logging
+app = create_app(settings)

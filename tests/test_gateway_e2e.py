@@ -385,3 +385,19 @@ async def test_route_receipts_in_headers_and_access_log(redis_url: str, cleanup:
         record = records[request_id]
         assert record["node"] == node and record["status"] == 200
         assert record["strategy"] == "session_affinity" and record["candidates"] == 3
+
+
+async def test_workers_are_replicas_sharing_redis(redis_url: str, cleanup: list) -> None:
+    node = start_node(cleanup, "--tokens-per-s", "inf")
+    gateway = start_gateway(cleanup, redis_url, node, flags=("--workers", "2"))
+    sdk = client(gateway)
+    for _ in range(10):
+        chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        assert chat.choices[0].message.content == "tok0 "
+    await sdk.close()
+
+    async def two_replicas() -> bool:
+        async with httpx.AsyncClient() as http:
+            return bool((await http.get(f"{gateway.url}/nodes/replicas")).json()["count"] == 2)
+
+    assert await eventually(two_replicas, 5)
