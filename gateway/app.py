@@ -16,7 +16,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shared_state import Node, NodeState, StateError, Store, StoreSettings, StoreUnavailable
+from shared_state import (
+    Node,
+    NodeState,
+    StateError,
+    Store,
+    StoreSettings,
+    StoreUnavailable,
+    UnknownNode,
+)
 
 from .accesslog import AccessLog
 from .auth import Authenticator
@@ -134,7 +142,12 @@ class Gateway:
                     listing = await self.upstream.get_json(probe, "/v1/models")
                     data = listing.get("data") if isinstance(listing, dict) else None
                     models = [m["id"] for m in data or [] if isinstance(m, dict) and "id" in m]
-                    await self.store.add_node(url, models, reason="--node at start")
+                    try:
+                        # Known already (another replica, an operator): keep its speed,
+                        # weight and state, which a rolling restart must not undo.
+                        await self.store.update_node(url, models=models)
+                    except UnknownNode:
+                        await self.store.add_node(url, models, reason="--node at start")
                     await self.store.refresh(await self.store.epoch())
                     pending.remove(url)
                     log.info("registered node %s with models %s", url, models)

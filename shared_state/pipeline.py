@@ -67,10 +67,11 @@ class AutoPipeline:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # When each pending command was queued: the watchdog times the oldest one.
+        self._queued_at: collections.deque[float] = collections.deque()
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
-        self._last_reply = 0.0
         self._connecting: asyncio.Lock | None = None
 
     async def _connect(self) -> None:
@@ -90,7 +91,6 @@ class AutoPipeline:
             except (OSError, TimeoutError) as exc:
                 raise rexc.ConnectionError(f"cannot connect to Redis: {exc}") from None
             self._writer = writer
-            self._last_reply = time.monotonic()
             self._reader_task = asyncio.get_running_loop().create_task(
                 self._read_replies(reader, writer)
             )
@@ -112,6 +112,7 @@ class AutoPipeline:
     async def _send(self, args: tuple[Any, ...]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(future)
+        self._queued_at.append(time.monotonic())
         self._buffer.append(_encode(args))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -145,13 +146,13 @@ class AutoPipeline:
 
     def _check(self) -> None:
         self._watchdog = None
-        if not self._pending:
+        if not self._queued_at:
             return
-        idle = time.monotonic() - self._last_reply
-        if idle >= self.timeout_s:
+        waited = time.monotonic() - self._queued_at[0]
+        if waited >= self.timeout_s:
             self._abort(rexc.TimeoutError(f"Redis did not answer within {self.timeout_s}s"))
         else:
-            delay = self.timeout_s - idle
+            delay = self.timeout_s - waited
             self._watchdog = asyncio.get_running_loop().call_later(delay, self._check)
 
     async def _read_replies(
@@ -159,14 +160,15 @@ class AutoPipeline:
     ) -> None:
         parser = hiredis.Reader(encoding="utf-8")
         pending = self._pending
+        queued_at = self._queued_at
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     raise rexc.ConnectionError("Redis closed the connection")
-                self._last_reply = time.monotonic()
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
+                    queued_at.popleft()
                     future = pending.popleft()
                     if not future.done():
                         future.set_result(reply)
@@ -179,6 +181,7 @@ class AutoPipeline:
                 )
 
     def _fail(self, exc: Exception) -> None:
+        self._queued_at.clear()
         while self._pending:
             future = self._pending.popleft()
             if not future.done():

@@ -203,3 +203,24 @@ def test_bad_input_and_unreachable_store_exit_with_one_clear_line(redis_url: str
         assert result.returncode == code, (result.args, result.stderr)
         assert len(lines) == 1 and text in lines[0], lines
         assert "Traceback" not in result.stderr
+
+
+async def test_restarting_a_replica_with_node_flags_keeps_operator_changes(
+    redis_url: str, procs: list[Process]
+) -> None:
+    node = SimNode("--tokens-per-s", "inf")
+    procs.append(node)
+    first = Gateway("--redis-url", redis_url, "--node", node.url)
+    procs.append(first)
+    first.wait_models(MODEL)
+    assert ops(redis_url, "nodes", "set", node.url, "--speed", "5", "--weight", "2").returncode == 0
+    assert ops(redis_url, "nodes", "drain", node.url, "--no-wait").returncode == 0
+    second = Gateway("--redis-url", redis_url, "--node", node.url)  # a rolling restart
+    procs.append(second)
+
+    async def re_registered() -> bool:
+        return f"registered node {node.url}" in second.output()
+
+    assert await eventually(re_registered, 10)
+    row = orjson.loads(ops(redis_url, "nodes", "list", "--json").stdout)[0]
+    assert (row["state"], row["speed"], row["weight"]) == ("draining", 5.0, 2.0)
