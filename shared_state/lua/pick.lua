@@ -212,8 +212,11 @@ elseif strategy == 'min_observed_latency' then
     prior = 0
     if cnt > 0 then prior = sum / cnt end
   end
+  -- A request waits behind the node's requests in flight: the observed mean is scaled by
+  -- them, so a burst spreads instead of flooding the node that was fastest a moment ago.
   for _, c in ipairs(eligible) do
     if c.score == nil then c.score = prior end
+    c.score = c.score * (c.inflight + 1)
   end
   if n > 1 and rnd() < explore then
     winner = eligible[math.floor(rnd() * n) + 1]
