@@ -120,3 +120,42 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> 
             break
         await asyncio.sleep(0.05)
     return False
+
+
+def ops(redis_url: str, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run an ops command as an operator would: ``fleetgate ...`` or ``scripts/<group>.py``."""
+    command = (
+        [sys.executable, str(ROOT / "scripts" / f"{args[0]}.py"), *args[1:]]
+        if script
+        else [sys.executable, "-m", "gateway.cli", *args]
+    )
+    env = {**os.environ, "FLEETGATE_REDIS_URL": redis_url}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made here; it is its own CA bundle."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

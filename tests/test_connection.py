@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared_state import InvalidInput, Outcome, Store, StoreUnavailable
 from shared_state.devserver import RedisServer, free_port, wait_for_port
+from tests.fleet import make_certificate
 
 NODE = "http://127.0.0.1:9401"
 
@@ -49,31 +49,8 @@ async def test_unix_socket(tmp: Path) -> None:
 
 
 @pytest.fixture
-def certificate(tmp: Path) -> Iterator[tuple[Path, Path]]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    yield cert, key
+def certificate(tmp: Path) -> tuple[Path, Path]:
+    return make_certificate(tmp)
 
 
 async def test_tls_verifies_the_server_certificate(certificate: tuple[Path, Path]) -> None:

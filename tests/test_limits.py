@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +15,7 @@ import pytest
 from shared_state import InvalidInput, Store, StoreUnavailable, UnknownKey, key_digest
 from shared_state import limits as key_limits
 from tests.conftest import StoreFactory
-from tests.fleet import Gateway, Process, SimNode, eventually
+from tests.fleet import Gateway, Process, SimNode, eventually, ops
 
 MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
@@ -207,12 +204,6 @@ class TestGatewayCheck:
 
 
 # -- end to end: two replicas sharing a real Redis --------------------------------------
-
-
-def ops(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLEETGATE_REDIS_URL": redis_url}
-    command = [sys.executable, "-m", "gateway.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture

@@ -4,9 +4,6 @@ Redis and real gateway replicas, and the key store on both backends."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -16,21 +13,10 @@ import redis.asyncio as aioredis
 
 from shared_state import InvalidInput, UnknownKey, key_digest
 from tests.conftest import StoreFactory
-from tests.fleet import ROOT, Gateway, Process, SimNode, eventually
+from tests.fleet import Gateway, Process, SimNode, eventually, ops
 
 MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
-
-
-def ops(redis_url: str, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run an ops command as an operator would: ``fleetgate ...`` or ``scripts/<group>.py``."""
-    command = (
-        [sys.executable, str(ROOT / "scripts" / f"{args[0]}.py"), *args[1:]]
-        if script
-        else [sys.executable, "-m", "gateway.cli", *args]
-    )
-    env = {**os.environ, "FLEETGATE_REDIS_URL": redis_url}
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture

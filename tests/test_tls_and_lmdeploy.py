@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fleet import Gateway, Process, SimNode
+from tests.fleet import Gateway, Process, SimNode, make_certificate
 from tests.support import free_port, wait_for_port
 
 MODEL = "sim-model"
@@ -28,32 +28,7 @@ def procs() -> Iterator[list[Process]]:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made here; it is its own CA bundle."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 class HttpsNode(Process):
