@@ -24,10 +24,10 @@ from aiohttp import web
 
 from shared_state import Fenced, Node, NodeState, StateError, Store, StoreUnavailable
 from shared_state.health import HealthLedger
-from shared_state.model import ProbeResult
+from shared_state.model import HealthReport, ProbeResult
 
 from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
-from .metrics import Counter
+from .metrics import Counter, render_text
 from .probes import Finding, Prober
 
 log = logging.getLogger("fleetgate.checker")
@@ -140,19 +140,19 @@ class CheckerMetrics:
         self.rounds = Counter("fleetgate_checker_rounds_total", "Probe rounds completed.")
 
     def render(self) -> bytes:
-        lines: list[str] = []
-        for metric in (
-            self.probes,
-            self.transitions,
-            self.deregistrations,
-            self.fenced,
-            self.swept,
-            self.leader,
-            self.nodes,
-            self.replicas,
-            self.rounds,
-        ):
-            lines.extend(metric.render())
+        lines = render_text(
+            (
+                self.probes,
+                self.transitions,
+                self.deregistrations,
+                self.fenced,
+                self.swept,
+                self.leader,
+                self.nodes,
+                self.replicas,
+                self.rounds,
+            )
+        )
         return ("\n".join(lines) + "\n").encode()
 
 
@@ -232,16 +232,18 @@ class HealthChecker:
         token = self.token
         registry = await self.store.registry()
         self.rounds += 1
-        await asyncio.gather(*(self._check(node, token) for node in registry.nodes))
+        reports = await asyncio.gather(*(self._check(node, token) for node in registry.nodes))
         sweep = await self.ledger.sweep(
             token, [n.id for n in registry.nodes], int(self.settings.replica_alive_seconds * 1000)
         )
         self.live_replicas = sweep.live_replicas
         self.metrics.swept.inc((), sweep.pruned_leases)
         self.metrics.replicas.set((), len(sweep.live_replicas))
+        # Each report carries the node's state after it: no second read of the registry.
         states = dict.fromkeys((s.value for s in NodeState), 0)
-        for node in (await self.store.registry()).nodes:
-            states[node.state.value] += 1
+        for report in reports:
+            if report.state in states:
+                states[report.state] += 1
         for state, count in states.items():
             self.metrics.nodes.set((("state", state),), count)
         self.metrics.rounds.inc()
@@ -262,7 +264,7 @@ class HealthChecker:
     def _count(self, kind: str, finding: Finding) -> None:
         self.metrics.probes.inc((("kind", kind), ("result", "ok" if finding.ok else "fail")))
 
-    async def _check(self, node: Node, token: int) -> None:
+    async def _check(self, node: Node, token: int) -> HealthReport:
         kinds = self.settings.probes
         result = ProbeResult.NONE
         reason = ""
@@ -317,6 +319,7 @@ class HealthChecker:
         elif report.changed:
             self.metrics.transitions.inc((("to", report.state),))
             log.warning("node %s is now %s (%s)", node.id, report.state, reason)
+        return report
 
 
 async def serve_metrics(checker: HealthChecker, host: str, port_: int) -> web.AppRunner:

@@ -73,6 +73,14 @@ class Histogram:
             yield f"{self.name}_count{_labels(labels)} {running}"
 
 
+def render_text(metrics: Iterable[Counter | Histogram]) -> list[str]:
+    """Prometheus text lines of several metrics, in order."""
+    lines: list[str] = []
+    for metric in metrics:
+        lines.extend(metric.render())
+    return lines
+
+
 class GatewayMetrics:
     """Every metric the gateway exports; gauges read live values through callbacks."""
 
@@ -117,20 +125,20 @@ class GatewayMetrics:
         self._gauges.append((name, help_text, read))
 
     def render(self) -> bytes:
-        lines: list[str] = []
-        for metric in (
-            self.requests,
-            self.attempts,
-            self.retries,
-            self.retry_budget_exhausted,
-            self.ejections,
-            self.store_errors,
-            self.disconnects,
-            self.stream_errors,
-        ):
-            lines.extend(metric.render())
-        lines.extend(self.latency.render())
-        lines.extend(self.ttfb.render())
+        lines = render_text(
+            (
+                self.requests,
+                self.attempts,
+                self.retries,
+                self.retry_budget_exhausted,
+                self.ejections,
+                self.store_errors,
+                self.disconnects,
+                self.stream_errors,
+                self.latency,
+                self.ttfb,
+            )
+        )
         for name, help_text, read in self._gauges:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} gauge")

@@ -9,7 +9,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared_state import Store, StoreSettings
+from tests.fleet import Process
 from tests.support import RedisServer
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Process]]:
+    """Processes a test starts; all stopped when it ends, last started first."""
+    started: list[Process] = []
+    yield started
+    for proc in reversed(started):
+        proc.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -144,14 +144,6 @@ class TestLedger:
         assert sweep.pruned_leases == 3 and list(sweep.live_replicas) == ["gw1"]
         assert await store.client.zcard(store.keys.leases(A)) == 0
         assert (await ledger.sweep(token, [A], 100)).live_replicas == {}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for proc in reversed(started):
-        proc.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -204,14 +203,6 @@ class TestGatewayCheck:
 
 
 # -- end to end: two replicas sharing a real Redis --------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for proc in reversed(started):
-        proc.close()
 
 
 async def call(

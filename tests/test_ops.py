@@ -4,7 +4,6 @@ Redis and real gateway replicas, and the key store on both backends."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -17,14 +16,6 @@ from tests.fleet import Gateway, Process, SimNode, eventually, ops
 
 MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for proc in reversed(started):
-        proc.close()
 
 
 class TestKeyStore:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,14 +15,6 @@ from tests.fleet import Gateway, Process, SimNode, make_certificate
 from tests.support import free_port, wait_for_port
 
 MODEL = "sim-model"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for proc in reversed(started):
-        proc.close()
 
 
 @pytest.fixture(scope="module")
