@@ -68,7 +68,10 @@ class StoreFactory:
 
     def __call__(self, settings: StoreSettings | None = None, seed: int = 1) -> Store:
         if self.backend == "redis":
-            store = Store.open(self.server.url, settings=settings, rng=random.Random(seed))
+            # A generous timeout: 400 concurrent calls on a busy CI machine are not an outage.
+            store = Store.open(
+                self.server.url, settings=settings, rng=random.Random(seed), timeout_s=5.0
+            )
         elif self.stores:
             # Embedded: the replicas of one test share the first store's in-process server.
             first = self.stores[0]
