@@ -58,6 +58,25 @@ class KeySchema:
     def session_ids(self) -> str:
         return f"{self.tag()}:session_ids"
 
+    @property
+    def pd_pairs(self) -> str:
+        """Connected prefill/decode pairs: field "prefill decode" -> ms connected."""
+        return f"{self.tag()}:pd:pairs"
+
+    @property
+    def pd_sessions(self) -> str:
+        """Prefill sessions in migration: session id -> "prefill decode replica"."""
+        return f"{self.tag()}:pd:sessions"
+
+    @property
+    def pd_deadlines(self) -> str:
+        """Deadlines of the prefill sessions in migration (session id scored by ms)."""
+        return f"{self.tag()}:pd:deadlines"
+
+    def pd_lock(self, pair: str) -> str:
+        """The connect lock of one pair ("prefill decode"; ids hold no spaces)."""
+        return f"{self.tag()}:pd:lock:{pair.replace(' ', '|')}"
+
     def node(self, node_id: str) -> str:
         return f"{self.tag()}:node:{node_id}"
 

@@ -1,0 +1,19 @@
+-- pd_close.lua: end prefill sessions; only the caller that removes a record may free it.
+--
+-- KEYS[1]  PD session records (hash)
+-- KEYS[2]  PD session deadlines (sorted set)
+-- ARGV[1..] session ids
+--
+-- Returns {session id, record, ...} for the sessions this call removed; a session already
+-- closed by someone else (a sweep, a node removal, gc) is left out, so it is freed once.
+local out = {}
+for i = 1, #ARGV do
+  local record = redis.call('HGET', KEYS[1], ARGV[i])
+  if record then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = record
+  end
+end
+return out

@@ -1,0 +1,22 @@
+-- pd_expire.lua: take the prefill sessions whose owner stopped renewing them.
+--
+-- KEYS[1]  PD session records (hash)
+-- KEYS[2]  PD session deadlines (sorted set)
+-- ARGV[1]  at most this many sessions
+--
+-- Returns {session id, record, ...}: the caller now owns them and frees them on their
+-- prefill nodes. A session is taken by one caller only.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {}
+for i = 1, #due do
+  local record = redis.call('HGET', KEYS[1], due[i])
+  redis.call('ZREM', KEYS[2], due[i])
+  if record then
+    redis.call('HDEL', KEYS[1], due[i])
+    out[#out + 1] = due[i]
+    out[#out + 1] = record
+  end
+end
+return out
