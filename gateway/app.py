@@ -19,6 +19,7 @@ from starlette.routing import Route
 from shared_state import (
     Node,
     NodeState,
+    PDState,
     StateError,
     Store,
     StoreSettings,
@@ -28,7 +29,8 @@ from shared_state import (
 
 from .accesslog import AccessLog
 from .auth import Authenticator
-from .errors import GatewayError, MethodNotAllowed, NotFound, render
+from .distserve import DistServe, DistServeMetrics, PDCleaner, control_call
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
 from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send, request_id_of
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response
@@ -78,7 +80,17 @@ class Gateway:
             max_attempts=settings.max_attempts,
             access_log=self.access_log,
         )
-        self.nodes = NodesAPI(self.store, self.upstream, self.auth)
+        self.distserve: DistServe | None = None
+        if settings.serving_strategy == "DistServe":
+            self.distserve = DistServe(settings, self.router, self.upstream)
+            self.proxy.distserve = self.distserve
+            cleaner = self.distserve.cleaner
+        else:  # Hybrid still cleans up after a PD node removed through this replica
+            cleaner = PDCleaner(
+                PDState(self.store), control_call(self.upstream), DistServeMetrics()
+            )
+        self.metrics.extra.extend(cleaner.metrics.counters())
+        self.nodes = NodesAPI(self.store, self.upstream, self.auth, cleaner)
         self._tasks: list[asyncio.Task[None]] = []
         self._register_metrics()
 
@@ -116,6 +128,8 @@ class Gateway:
         except StoreUnavailable as exc:
             log.warning("store unreachable at start (%s): will retry", exc)
         self.router.start()
+        if self.distserve is not None:
+            self.distserve.start()
         if self.settings.node:
             self._tasks.append(asyncio.get_running_loop().create_task(self._register_nodes()))
 
@@ -125,6 +139,8 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.distserve is not None:
+            await self.distserve.stop()
         await self.router.stop()
         if self.access_log is not None:
             self.access_log.flush()
@@ -195,6 +211,45 @@ class Gateway:
         }
         return json_response(body, 200 if ready else 503)
 
+    def _distserve(self, request: Request) -> DistServe:
+        self.auth.check_admin(request.headers.raw, request.client.host if request.client else None)
+        if self.distserve is None:
+            raise BadRequest(
+                "this gateway serves Hybrid; start it with --serving-strategy DistServe"
+            )
+        return self.distserve
+
+    async def connection_warmup(self, request: Request) -> Response:
+        """Connect every (Prefill, Decode) pair now, instead of at its first request."""
+        distserve = self._distserve(request)
+        results = await distserve.connector.warmup()
+        failed = [r for r in results if r.status == "failed"]
+        body: dict[str, Any] = {
+            "success": not failed,
+            "pairs": [
+                {"prefill": r.prefill, "decode": r.decode, "status": r.status, "detail": r.detail}
+                for r in results
+            ],
+            "connected": sum(r.status == "connected" for r in results),
+            "already_connected": sum(r.status == "already_connected" for r in results),
+            "failed": len(failed),
+        }
+        if failed:
+            body["error"] = {
+                "message": f"{len(failed)} of {len(results)} pairs could not be connected",
+                "type": "upstream_error",
+                "param": None,
+                "code": "pair_connect_failed",
+            }
+        return json_response(body, 502 if failed else 200)
+
+    async def gc(self, request: Request) -> Response:
+        """Free prefill sessions whose migration is over or orphaned."""
+        distserve = self._distserve(request)
+        live = await self.store.live_replicas(self.store.settings.lease_ms)
+        report = await distserve.cleaner.gc(set(live) | {self.replica})
+        return json_response({"success": report["failed"] == 0, **report})
+
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -238,6 +293,8 @@ def build_starlette(gateway: Gateway) -> Starlette:
         Route("/nodes/drain", gateway.nodes.drain, methods=["POST"]),
         Route("/nodes/terminate", gateway.nodes.terminate, methods=["POST"]),
         Route("/nodes/terminate_all", gateway.nodes.terminate_all, methods=["GET"]),
+        Route("/distserve/connection_warmup", gateway.connection_warmup, methods=["POST"]),
+        Route("/distserve/gc", gateway.gc, methods=["POST"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: _error_handler, Exception: _error_handler}
     for cls in (GatewayError, StateError):

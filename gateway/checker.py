@@ -19,14 +19,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from shared_state import Fenced, Node, NodeState, StateError, Store, StoreUnavailable
+from shared_state import Fenced, Node, NodeState, PDState, StateError, Store, StoreUnavailable
 from shared_state.health import HealthLedger
 from shared_state.model import HealthReport, ProbeResult
 
 from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
+from .distserve import DistServeMetrics, PDCleaner
 from .metrics import Counter, render_text
 from .probes import Finding, Prober
 
@@ -138,6 +140,7 @@ class CheckerMetrics:
             "fleetgate_checker_live_replicas", "Gateway replicas renewing leases.", "gauge"
         )
         self.rounds = Counter("fleetgate_checker_rounds_total", "Probe rounds completed.")
+        self.extra: list[Counter] = []
 
     def render(self) -> bytes:
         lines = render_text(
@@ -151,6 +154,7 @@ class CheckerMetrics:
                 self.nodes,
                 self.replicas,
                 self.rounds,
+                *self.extra,
             )
         )
         return ("\n".join(lines) + "\n").encode()
@@ -166,6 +170,10 @@ class HealthChecker:
         self.ledger = HealthLedger(store, self.id)
         self.prober = Prober(settings.timeout)
         self.metrics = CheckerMetrics()
+        # DistServe: a node that leaves takes its pairs and prefill sessions with it, and the
+        # sessions of replicas that died are freed.
+        self.pd = PDCleaner(PDState(store), self._call, DistServeMetrics())
+        self.metrics.extra.extend(self.pd.metrics.counters())
         self.rng = rng or random.Random()
         self.token = 0
         self.rounds = 0
@@ -174,6 +182,14 @@ class HealthChecker:
         self._last_generate: dict[str, float] = {}
         self._generate_failed: set[str] = set()
         self._wake = asyncio.Event()
+
+    async def _call(self, node: Node, path: str, body: Any) -> tuple[int, bytes]:
+        headers = Prober.headers_of(node)
+        if body is None:
+            response = await self.prober.client.get(node.url + path, headers=headers)
+        else:
+            response = await self.prober.client.post(node.url + path, json=body, headers=headers)
+        return response.status_code, response.content
 
     @property
     def leading(self) -> bool:
@@ -238,6 +254,7 @@ class HealthChecker:
         )
         self.live_replicas = sweep.live_replicas
         self.metrics.swept.inc((), sweep.pruned_leases)
+        await self.pd.sweep()
         self.metrics.replicas.set((), len(sweep.live_replicas))
         # Each report carries the node's state after it: no second read of the registry.
         states = dict.fromkeys((s.value for s in NodeState), 0)
@@ -311,6 +328,7 @@ class HealthChecker:
         )
         if report.status == "removed":
             self.metrics.deregistrations.inc()
+            await self.pd.drop_node(node.id)
             log.warning(
                 "deregistered %s: unhealthy longer than %ss",
                 node.id,

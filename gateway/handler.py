@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -45,6 +46,9 @@ from .metrics import GatewayMetrics
 from .proxy import Upstream, UpstreamFailure, UpstreamResponse
 from .routing import RetryBudget, Route, Router
 
+if TYPE_CHECKING:
+    from .distserve import DistServe
+
 log = logging.getLogger("fleetgate.request")
 
 Scope = dict[str, Any]
@@ -53,6 +57,9 @@ Receive = Any
 Send = Any
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+DISTSERVE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Told when a node answered (its status), or failed (None) after the request went out or not.
+Settle = Callable[[int | None, bool], Awaitable[None]]
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 WATCH_AFTER_S = 0.05  # when to start watching for a client disconnect
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
@@ -167,6 +174,7 @@ class ProxyHandler:
         self.max_attempts = max_attempts
         self.access_log = access_log
         self.budget = RetryBudget()
+        self.distserve: DistServe | None = None  # set when serving DistServe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_at = time.perf_counter()
@@ -303,7 +311,10 @@ class ProxyHandler:
 
         timer = loop.call_later(WATCH_AFTER_S, start_watching)
         try:
-            await self._route(scope, exchange, body, model, request_id)
+            if self.distserve is not None and scope["path"] in DISTSERVE_PATHS:
+                await self.distserve.serve(self, scope, exchange, body, model, request_id)
+            else:
+                await self._route(scope, exchange, body, model, request_id)
         except asyncio.CancelledError:
             if not gone:
                 raise
@@ -354,8 +365,12 @@ class ProxyHandler:
         request_id: str,
         route: Route,
         final: bool,
+        settle: Settle | None = None,
     ) -> GatewayError | None:
-        """One try on one node: ``None`` when the client got an answer, else the error."""
+        """One try on one node: ``None`` when the client got an answer, else the error.
+
+        ``settle`` hears first how the node answered (DistServe decides there who frees the
+        prefill session)."""
         node = route.node
         started_at = time.perf_counter()
         outcome = Outcome.NEUTRAL
@@ -374,10 +389,14 @@ class ProxyHandler:
             except UpstreamFailure as exc:
                 outcome = Outcome.FAIL
                 self.metrics.attempts.inc((("node", node.id), ("result", "error")))
+                if settle is not None:
+                    await settle(None, exc.sent)
                 if exc.timeout:
                     return UpstreamTimeout(f"node {node.id} timed out")
                 return UpstreamError(f"node {node.id} failed: {exc}")
             status = response.status
+            if settle is not None:
+                await settle(status, True)
             self.metrics.ttfb.observe((("model", model),), time.perf_counter() - started_at)
             if status in RETRY_STATUSES and not final:
                 outcome = Outcome.NEUTRAL if status == 429 else Outcome.FAIL

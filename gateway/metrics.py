@@ -118,6 +118,7 @@ class GatewayMetrics:
             LATENCY_BUCKETS_S,
         )
         self._gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.extra: list[Counter] = []  # counters of optional parts (DistServe)
 
     def gauge(
         self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
@@ -137,6 +138,7 @@ class GatewayMetrics:
                 self.stream_errors,
                 self.latency,
                 self.ttfb,
+                *self.extra,
             )
         )
         for name, help_text, read in self._gauges:

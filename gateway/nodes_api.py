@@ -18,6 +18,7 @@ from starlette.responses import Response
 from shared_state import InvalidInput, Node, NodeStatus, Role, Store, normalize_url
 
 from .auth import Authenticator
+from .distserve import PDCleaner
 from .errors import BadRequest, InvalidJSON, UpstreamError
 from .proxy import Upstream, UpstreamFailure
 
@@ -126,10 +127,13 @@ def _client_host(request: Request) -> str | None:
 
 
 class NodesAPI:
-    def __init__(self, store: Store, upstream: Upstream, auth: Authenticator) -> None:
+    def __init__(
+        self, store: Store, upstream: Upstream, auth: Authenticator, cleaner: PDCleaner
+    ) -> None:
         self.store = store
         self.upstream = upstream
         self.auth = auth
+        self.cleaner = cleaner  # a node that leaves takes its DistServe pairs and sessions
 
     async def status(self, request: Request) -> Response:
         await self.auth.check_reader(request.headers.raw, _client_host(request))
@@ -214,13 +218,15 @@ class NodesAPI:
         self.auth.check_admin(request.headers.raw, _client_host(request))
         url = await self._target(request)
         await self.store.remove_node(url)
+        dropped = await self.cleaner.drop_node(url)
         await self.store.refresh(await self.store.epoch())
-        return json_response({"message": "Deleted successfully", "url": url})
+        return json_response({"message": "Deleted successfully", "url": url, "distserve": dropped})
 
     async def _terminate(self, url: str) -> dict[str, Any]:
         """Remove a node, then ask it to stop through its /terminate; say what happened."""
         node = await self.store.get_node(url)
         await self.store.remove_node(url)
+        await self.cleaner.drop_node(url)
         outcome: dict[str, Any] = {"url": url, "removed": True, "terminated": False}
         try:
             status, body = await self.upstream.control(node, "POST", "/terminate")

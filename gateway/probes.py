@@ -80,11 +80,11 @@ class Prober:
         await self.client.aclose()
 
     @staticmethod
-    def _headers(node: Node) -> dict[str, str]:
+    def headers_of(node: Node) -> dict[str, str]:
         return {"authorization": f"Bearer {node.api_key}"} if node.api_key else {}
 
     async def _get(self, node: Node, path: str) -> httpx.Response:
-        return await self.client.get(node.url + path, headers=self._headers(node))
+        return await self.client.get(node.url + path, headers=self.headers_of(node))
 
     async def health(self, node: Node) -> Finding:
         try:
@@ -115,7 +115,7 @@ class Prober:
         body = {"model": node.models[0], "prompt": "ping", "max_tokens": 1, "stream": False}
         try:
             response = await self.client.post(
-                node.url + "/v1/completions", json=body, headers=self._headers(node)
+                node.url + "/v1/completions", json=body, headers=self.headers_of(node)
             )
         except httpx.TimeoutException:
             return Finding(False, "generation probe timed out")

@@ -50,9 +50,10 @@ PAUSE_ABOVE_BYTES = 1 << 20  # stop reading from a node while this much waits fo
 class UpstreamFailure(Exception):
     """The node could not be reached, reset the connection, or timed out."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, sent: bool = True) -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.sent = sent  # False: no connection was made, so the node never saw the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,11 +335,13 @@ class Upstream:
                     server_hostname=origin.host if context else None,
                 )
         except TimeoutError:
-            raise UpstreamFailure("connect timed out", timeout=True) from None
+            raise UpstreamFailure("connect timed out", timeout=True, sent=False) from None
         except ssl.SSLError as exc:
-            raise UpstreamFailure(f"TLS handshake failed: {exc.reason or exc}") from None
+            raise UpstreamFailure(
+                f"TLS handshake failed: {exc.reason or exc}", sent=False
+            ) from None
         except OSError as exc:
-            raise UpstreamFailure(f"cannot connect: {exc.strerror or exc}") from None
+            raise UpstreamFailure(f"cannot connect: {exc.strerror or exc}", sent=False) from None
         return protocol
 
     async def send(
@@ -368,10 +371,16 @@ class Upstream:
         payload = b"".join(head) + body
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.request_s
+        written = False  # the request went out on a connection that then failed
         for _ in range(2):
-            conn = await self._connect(origin)
+            try:
+                conn = await self._connect(origin)
+            except UpstreamFailure as exc:
+                exc.sent = written  # an earlier write may have reached a node that then died
+                raise
             assert conn.transport is not None
             conn.transport.write(payload)
+            written = True
             wait_s = min(self.timeouts.first_byte_s, self.timeouts.request_s)
             try:
                 while not conn.headers_done and conn.error is None:
@@ -392,9 +401,10 @@ class Upstream:
         self, node: Node, method: str, path: str, body: bytes = b"", timeout_s: float = 5.0
     ) -> tuple[int, bytes]:
         """A small control-plane call to a node (not routed, not retried): status and body."""
+        headers = ((b"content-type", b"application/json"),) if body else ()
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self.send(node, method, path, (), body, "fleetgate-control")
+                response = await self.send(node, method, path, headers, body, "fleetgate-control")
                 try:
                     return response.status, await response.read()
                 finally:

@@ -40,8 +40,22 @@ def _serving(text: str) -> str:
     if text.strip().lower() == "hybrid":
         return "Hybrid"
     if text.strip().lower() == "distserve":
-        raise ValueError("DistServe (prefill/decode disaggregation) is not supported yet")
+        return "DistServe"
     raise ValueError(f"serving strategy must be Hybrid or DistServe, not {text!r}")
+
+
+def _migration_protocol(text: str) -> str:
+    value = text.strip().upper()
+    if value not in ("RDMA", "NVLINK"):  # LMDeploy has no TCP migration yet
+        raise ValueError(f"migration protocol must be RDMA or NVLINK, not {text!r}")
+    return value
+
+
+def _link_type(text: str) -> str:
+    for name in LINK_TYPES:
+        if text.strip().lower() == name.lower():
+            return name
+    raise ValueError(f"link type must be RoCE or IB, not {text!r}")
 
 
 def _readable(text: str) -> str:
@@ -64,6 +78,10 @@ def _node_url(text: str) -> str:
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
 
+
+# LMDeploy's enum values, which its api_server expects in DistServe requests.
+MIGRATION_PROTOCOLS = {"TCP": 1, "RDMA": 2, "NVLINK": 3}
+LINK_TYPES = {"IB": 1, "RoCE": 2}
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", non_empty, "127.0.0.1", "address to listen on", aliases=("server-name",)),
@@ -88,7 +106,22 @@ OPTIONS: tuple[Option, ...] = (
         "serving-strategy",
         _serving,
         "Hybrid",
-        "Hybrid (every node serves whole requests); DistServe is not supported yet",
+        "Hybrid (a node serves whole requests) or DistServe (prefill on a Prefill node, "
+        "decode on a Decode node after the KV cache migrates)",
+    ),
+    Option(
+        "migration-protocol",
+        _migration_protocol,
+        "RDMA",
+        "DistServe: how the KV cache migrates, RDMA or NVLINK",
+    ),
+    Option("link-type", _link_type, "RoCE", "DistServe with RDMA: RoCE or IB"),
+    Option(
+        "dummy-prefill",
+        boolean,
+        False,
+        "DistServe: skip the Prefill nodes (the Decode node prefills itself); for testing",
+        switch=True,
     ),
     Option("node", _node_url, (), "register this node at start (repeatable)", repeatable=True),
     Option(
@@ -167,6 +200,9 @@ class GatewaySettings:
     log_level: str = "info"
     access_log: bool = True
     serving_strategy: str = "Hybrid"
+    migration_protocol: str = "RDMA"
+    link_type: str = "RoCE"
+    dummy_prefill: bool = False
     ssl: bool = False
     certfile: str | None = None
     keyfile: str | None = None

@@ -34,6 +34,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from .simpd import ROLES, PDEngine, PDError, add_routes
+
 FAULT_MODES: Final = frozenset(
     {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
     | {"reset", "die_mid_stream", "unhealthy", "cannot_generate"}
@@ -72,6 +74,9 @@ class SimConfig:
     name: str | None = None  # None: "host:port" of the bound socket
     certfile: str | None = None  # with keyfile: serve HTTPS
     keyfile: str | None = None
+    role: str = "Hybrid"  # Prefill or Decode: LMDeploy's DistServe engine roles
+    tp: int = 1  # tensor-parallel size reported by /distserve/engine_info
+    block_size: int = 64  # prompt tokens per cache block of a prefill session
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -80,6 +85,10 @@ class SimConfig:
             raise ValueError("slots must be >= 1; max_queue, prefill_ms, tokens_per_s >= 0")
         if self.fault not in FAULT_MODES:
             raise ValueError(f"unknown fault mode {self.fault!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if self.tp < 1 or self.block_size < 1:
+            raise ValueError("tp and block_size must be >= 1")
 
 
 @dataclass(slots=True)
@@ -191,6 +200,11 @@ class SimNode:
         self._created = int(time.time())
         self._ids = itertools.count()
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.pd = (
+            PDEngine(self, config.role, config.tp, config.block_size)
+            if config.role != "Hybrid"
+            else None
+        )
 
     # --- state -------------------------------------------------------------------------
     def set_fault(
@@ -231,6 +245,7 @@ class SimNode:
             "fault_remaining": self.fault.remaining,
             "requests_total": self.requests_total,
             "slots": self.config.slots,
+            **({"pd": self.pd.stats()} if self.pd is not None else {}),
         }
 
     def _consume(self, fault: _Fault) -> None:
@@ -299,6 +314,8 @@ class SimNode:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self._closing = True  # lets hung and sleeping handlers return before shutdown times out
+        if self.pd is not None:
+            await self.pd.close()
 
     def _check_auth(self, request: web.Request) -> None:
         if self._auth is not None:
@@ -358,10 +375,13 @@ class SimNode:
             if mode == "reset":
                 _abort(request, rst=True)
                 raise _ClientGone
+            pd = self.pd
             await self._acquire(request, model)
             self.running[model] += 1
             self._n_running += 1
             try:
+                if pd is not None and pd.wants_prefill(body):
+                    return await self._pd_prefill(request, kind, body, model, n, pd)
                 return await self._produce(request, kind, body, model, n, fault)
             finally:
                 self.running[model] -= 1
@@ -369,6 +389,8 @@ class SimNode:
                 self._release()
         except _ApiError as exc:
             return exc.response
+        except PDError as exc:
+            return _error(exc.status, str(exc), "server_error", None, exc.code)
         except _ClientGone:
             # Usually unwritable; a client still there only sees it when the server shuts down.
             return _error(503, "the node is shutting down", "server_error")
@@ -388,6 +410,9 @@ class SimNode:
                 await asyncio.sleep(_POLL_S)
                 if self._gone(request):
                     raise _ClientGone
+        if self.pd is not None:
+            # Scheduled: the engine migrates the prefill session now, then decodes.
+            await self.pd.migrate(body)
         slow = fault.mode == "slow"
         factor = fault.factor if slow else 1.0
         dt = self._dt * factor
@@ -408,6 +433,27 @@ class SimNode:
             raise _ClientGone
         self.served += 1
         return _json(result)
+
+    async def _pd_prefill(
+        self,
+        request: web.Request,
+        kind: str,
+        body: dict[str, Any],
+        model: str,
+        n: int,
+        pd: PDEngine,
+    ) -> web.StreamResponse:
+        """A DistServe prefill: always one JSON answer, with the cache kept for migration."""
+
+        async def work() -> dict[str, Any]:
+            seconds = self._prefill + n * self._dt
+            if seconds > 0:
+                await self._sleep(request, seconds)
+            return self._complete(kind, body, model, n)
+
+        answer = await pd.prefill(body, n, work)
+        self.served += 1
+        return _json(answer)
 
     def _usage(self, kind: str, body: dict[str, Any], n: int) -> dict[str, int]:
         prompt = _count_words(body.get("messages") if kind == "chat" else body.get("prompt"))
@@ -531,6 +577,8 @@ class SimNode:
             "# TYPE sim_requests_total counter",
             f"sim_requests_total {self.requests_total}",
         ]
+        if self.pd is not None:
+            lines += self.pd.metric_lines()
         return web.Response(
             body=("\n".join(lines) + "\n").encode(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
@@ -589,6 +637,8 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/sim/stats", node.sim_stats)
     app.router.add_post("/sim/reset", node.sim_reset)
     app.router.add_post("/terminate", node.terminate)
+    if node.pd is not None:
+        add_routes(app, node.pd)
     return app
 
 
@@ -646,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="label in x-sim-node (default host:port)")
     p.add_argument("--certfile", default=None, help="with --keyfile: serve HTTPS")
     p.add_argument("--keyfile", default=None)
+    p.add_argument("--role", default="Hybrid", choices=ROLES, help="DistServe engine role")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size it reports")
+    p.add_argument("--block-size", type=int, default=64, help="prompt tokens per cache block")
     args = p.parse_args(argv)
     try:
         config = SimConfig(**{**vars(args), "models": tuple(args.models or ("sim-model",))})

@@ -25,6 +25,7 @@ from .model import (
     Role,
     Strategy,
 )
+from .pd import PDSession, PDState
 from .registry import RegistryView, normalize_url
 from .store import Store, StoreSettings, key_digest
 
@@ -39,6 +40,8 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "Outcome",
+    "PDSession",
+    "PDState",
     "Pick",
     "ProbeResult",
     "Registry",

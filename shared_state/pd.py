@@ -45,7 +45,7 @@ def _sessions(flat: list[object]) -> list[PDSession]:
         record = flat[i + 1]
         sid_text = sid.decode() if isinstance(sid, bytes) else str(sid)
         text = record.decode() if isinstance(record, bytes) else str(record)
-        prefill, decode, replica = (text.split(" ") + ["", "", ""])[:3]
+        prefill, decode, replica = [*text.split(" "), "", "", ""][:3]
         out.append(PDSession(int(sid_text), prefill, "" if decode == "-" else decode, replica))
     return out
 
@@ -145,12 +145,17 @@ class PDState:
             )
 
     async def try_lock(self, prefill: str, decode: str, ttl_ms: int) -> str | None:
-        """Take the pair's connect lock: its token, or None when another process holds it."""
+        """Take the pair's connect lock: its token; "" when the pair is connected already;
+        None when another process holds the lock."""
         token = secrets.token_hex(8)
-        key = self.keys.pd_lock(pair_key(prefill, decode))
-        async with self.store.guard():
-            taken = await self.store.client.set(key, token, nx=True, px=ttl_ms)
-        return token if taken else None
+        pair = pair_key(prefill, decode)
+        k = self.keys
+        result = int(
+            await self.store.run_script(
+                scripts.PD_LOCK, [k.pd_pairs, k.pd_lock(pair)], [pair, token, ttl_ms]
+            )
+        )
+        return {1: "", 2: token}.get(result)
 
     async def mark_connected(self, prefill: str, decode: str, token: str) -> bool:
         pair = pair_key(prefill, decode)

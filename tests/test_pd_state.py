@@ -40,9 +40,7 @@ class TestSessions:
         assert sorted(closed + dropped) == sorted(ids)
         assert await states[0].sessions() == []
 
-    async def test_record_names_prefill_decode_and_owner(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_record_names_prefill_decode_and_owner(self, store_factory: StoreFactory) -> None:
         pd = PDState(store_factory())
         sid = await pd.open_session(P1, "replica-a")
         (session,) = await pd.sessions()
@@ -81,14 +79,16 @@ class TestPairs:
         assert await states[1].mark_connected(P1, D1, winners[0])
         assert await states[2].is_connected(P1, D1)
         assert await states[0].pairs() == {(P1, D1): (await states[0].pairs())[(P1, D1)]}
-        # The lock is free again, and a stale token cannot mark anything.
-        again = await states[3].try_lock(P1, D1, 5000)
-        assert again is not None
-        assert not await states[0].mark_connected(P1, D1, winners[0])
-        await states[3].unlock(P1, D1, "not-the-token")
-        assert await states[0].try_lock(P1, D1, 5000) is None
-        await states[3].unlock(P1, D1, again)
-        assert await states[0].try_lock(P1, D1, 5000) is not None
+        # A connected pair is never locked again: "" says it is connected.
+        assert await states[3].try_lock(P1, D1, 5000) == ""
+        # A stale token cannot mark anything, and only the holder unlocks.
+        again = await states[3].try_lock(P2, D1, 5000)
+        assert again
+        assert not await states[0].mark_connected(P2, D1, winners[0])
+        await states[3].unlock(P2, D1, "not-the-token")
+        assert await states[0].try_lock(P2, D1, 5000) is None
+        await states[3].unlock(P2, D1, again)
+        assert await states[0].try_lock(P2, D1, 5000)
 
     async def test_lock_of_a_dead_connector_expires(self, store_factory: StoreFactory) -> None:
         pd = PDState(store_factory())

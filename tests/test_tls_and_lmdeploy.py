@@ -106,10 +106,10 @@ def test_lmdeploy_command_line_serves_https_end_to_end(
     assert "--disable-cache-status has no effect" in gateway.output()
 
 
-def test_distserve_and_ssl_without_files_stop_start_up_in_one_line(
+def test_unknown_serving_strategy_and_ssl_without_files_stop_start_up_in_one_line(
     certificate: tuple[Path, Path],
 ) -> None:
-    for args in (["--serving-strategy", "DistServe"], ["--ssl"]):
+    for args in (["--serving-strategy", "Bogus"], ["--migration-protocol", "TCP"], ["--ssl"]):
         result = subprocess.run(
             [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30
         )

@@ -1,0 +1,567 @@
+"""DistServe end to end: 2 Prefill + 2 Decode simulated nodes, 2 gateway replicas, one Redis,
+the official openai SDK. The simulated engines count every session they allocate and free,
+every connect and double connect, so a leak or a double free shows in their figures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from shared_state import PDState, Store
+from tests.fleet import Gateway, Process, SimNode, eventually
+
+MODEL = "sim-model"
+CHAT = [{"role": "user", "content": "tell me a story about a very long prompt indeed"}]
+SIM = ("--tokens-per-s", "400", "--prefill-ms", "5", "--slots", "16")
+
+
+@dataclass
+class Fleet:
+    redis_url: str
+    prefill: list[SimNode]
+    decode: list[SimNode]
+    gateways: list[Gateway]
+
+    def pd(self, node: SimNode) -> dict[str, object]:
+        stats = node.stats()["pd"]
+        assert isinstance(stats, dict)
+        return stats
+
+    def total(self, nodes: list[SimNode], name: str) -> int:
+        return sum(int(self.pd(n)[name]) for n in nodes if n.alive())  # type: ignore[call-overload]
+
+    def client(self, i: int = 0, **kw: object) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.gateways[i].url}/v1", api_key="none", max_retries=0, **kw
+        )
+
+
+def register(gateway: Gateway, node: SimNode, role: int) -> None:
+    """As ``lmdeploy serve api_server --role ... --proxy-url`` registers itself."""
+    body = {"url": node.url, "status": {"models": [MODEL], "role": role}}
+    httpx.post(f"{gateway.url}/nodes/add", json=body, timeout=10).raise_for_status()
+
+
+async def post(url: str, **kw: object) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.post(url, **kw)  # type: ignore[arg-type]
+
+
+def metric(gateway: Gateway, name: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=5).text
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def start_fleet(
+    procs: list[Process], redis_url: str, *gateway_flags: str, replicas: int = 2
+) -> Fleet:
+    prefill = [SimNode(*SIM, "--role", "Prefill", name=f"prefill{i}") for i in range(2)]
+    decode = [SimNode(*SIM, "--role", "Decode", name=f"decode{i}") for i in range(2)]
+    procs.extend(prefill + decode)
+    flags = ("--redis-url", redis_url, "--serving-strategy", "DistServe", *gateway_flags)
+    gateways = [Gateway(*flags, name=f"pdgw{i}") for i in range(replicas)]
+    procs.extend(gateways)
+    for node in prefill:
+        register(gateways[0], node, 2)
+    for node in decode:
+        register(gateways[-1], node, 3)
+    return Fleet(redis_url, prefill, decode, gateways)
+
+
+@pytest.fixture
+def fleet(procs: list[Process], redis_url: str) -> Iterator[Fleet]:
+    yield start_fleet(procs, redis_url)
+
+
+async def pd_state(redis_url: str) -> tuple[PDState, Store]:
+    store = Store.open(redis_url, timeout_s=5.0)
+    return PDState(store), store
+
+
+async def no_sessions_left(fleet: Fleet) -> None:
+    """Nothing held on any prefill node, nothing recorded in Redis."""
+    pd, store = await pd_state(fleet.redis_url)
+    try:
+
+        async def settled() -> bool:
+            held = fleet.total(fleet.prefill, "held")
+            return held == 0 and not await pd.sessions()
+
+        assert await eventually(settled, 15), [fleet.pd(n) for n in fleet.prefill]
+    finally:
+        await store.close()
+
+
+class TestRequests:
+    async def test_chat_and_completions_plain_and_streaming(self, fleet: Fleet) -> None:
+        for i in range(2):
+            client = fleet.client(i)
+            chat = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+            assert chat.choices[0].message.content == "tok0 tok1 tok2 tok3 "
+            text = await client.completions.create(model=MODEL, prompt="a b c", max_tokens=3)
+            assert text.choices[0].text == "tok0 tok1 tok2 "
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=CHAT,  # type: ignore[arg-type]
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            parts = [c.choices[0].delta.content async for c in stream if c.choices]
+            assert "".join(p or "" for p in parts) == "tok0 tok1 tok2 tok3 tok4 "
+            text_stream = await client.completions.create(
+                model=MODEL, prompt="x", max_tokens=2, stream=True
+            )
+            assert "".join([c.choices[0].text async for c in text_stream]) == "tok0 tok1 "
+            await client.close()
+        allocated = fleet.total(fleet.prefill, "allocated")
+        assert allocated == 8  # one prefill session per request, none twice
+        assert fleet.total(fleet.prefill, "freed_by_decode") == 8
+        assert fleet.total(fleet.decode, "migrations") == 8
+        for name in ("freed_by_proxy", "double_frees", "unknown_frees", "prefill_overruns"):
+            assert fleet.total(fleet.prefill, name) == 0, name
+        await no_sessions_left(fleet)
+
+    async def test_each_pair_connected_once_across_replicas(self, fleet: Fleet) -> None:
+        """A cold fleet hit by both replicas at once: every pair is connected exactly once."""
+        clients = [fleet.client(0), fleet.client(1)]
+
+        async def one(i: int) -> str | None:
+            answer = await clients[i % 2].completions.create(model=MODEL, prompt="p", max_tokens=1)
+            return answer.choices[0].text
+
+        answers = await asyncio.gather(*(one(i) for i in range(60)))
+        assert answers == ["tok0 "] * 60
+        pd, store = await pd_state(fleet.redis_url)
+        pairs = await pd.pairs()
+        await store.close()
+        # Both decode nodes were used from both prefill nodes (60 picks over 2 x 2).
+        assert len(pairs) == 4
+        for node in fleet.prefill + fleet.decode:
+            stats = fleet.pd(node)
+            assert stats["double_connects"] == 0, stats
+            assert stats["connects"] == stats["initializes"] == 2, stats
+        assert (
+            metric(fleet.gateways[0], "fleetgate_distserve_pair_connects_total")
+            + metric(fleet.gateways[1], "fleetgate_distserve_pair_connects_total")
+            == 4
+        )
+        # A replica started now needs no warm-up: it finds the pairs connected.
+        late = Gateway(
+            "--redis-url", fleet.redis_url, "--serving-strategy", "DistServe", name="pdgw-late"
+        )
+        try:
+            late_client = openai.AsyncOpenAI(base_url=f"{late.url}/v1", api_key="x", max_retries=0)
+            for _ in range(8):
+                await late_client.completions.create(model=MODEL, prompt="p", max_tokens=1)
+            await late_client.close()
+            assert metric(late, "fleetgate_distserve_pair_connects_total") == 0
+        finally:
+            late.close()
+        assert sum(int(fleet.pd(n)["connects"]) for n in fleet.prefill) == 4
+        for c in clients:
+            await c.close()
+
+    async def test_prefill_is_told_one_token_even_with_max_completion_tokens(
+        self, fleet: Fleet
+    ) -> None:
+        """LMDeploy's proxy sets only max_tokens on completions: an engine that prefers
+        max_completion_tokens then decodes the whole answer on the Prefill node."""
+        client = fleet.client()
+        text = await client.completions.create(
+            model=MODEL, prompt="p", extra_body={"max_completion_tokens": 40}
+        )
+        assert text.choices[0].text.split() == [f"tok{i}" for i in range(40)]
+        chat = await client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            max_completion_tokens=30,
+        )
+        assert len((chat.choices[0].message.content or "").split()) == 30
+        assert fleet.total(fleet.prefill, "prefill_overruns") == 0
+        assert fleet.total(fleet.prefill, "allocated") == 2
+        await client.close()
+        await no_sessions_left(fleet)
+
+    async def test_n_above_one_is_refused(self, fleet: Fleet) -> None:
+        client = fleet.client()
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=CHAT, n=2)  # type: ignore[arg-type]
+        assert "n > 1" in caught.value.message
+        assert caught.value.body["param"] == "n"  # type: ignore[index]
+        assert fleet.total(fleet.prefill, "allocated") == 0
+        await client.close()
+
+    async def test_prefill_failure_retries_another_prefill_node(self, fleet: Fleet) -> None:
+        fleet.prefill[0].fault("status_503")
+        client = fleet.client()
+        for _ in range(6):
+            answer = await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+            assert answer.choices[0].text == "tok0 tok1 "
+        assert fleet.pd(fleet.prefill[0])["allocated"] == 0
+        assert fleet.pd(fleet.prefill[1])["allocated"] == 6
+        await client.close()
+        await no_sessions_left(fleet)
+
+    async def test_decode_refusal_frees_the_session_and_retries(self, fleet: Fleet) -> None:
+        fleet.decode[0].fault("status_503")
+        client = fleet.client()
+        for _ in range(8):
+            answer = await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+            assert answer.choices[0].text == "tok0 tok1 "
+        refused = int(fleet.decode[0].stats()["requests_total"])  # type: ignore[call-overload]
+        assert refused >= 1  # the first request at least tried it
+        assert fleet.total(fleet.prefill, "freed_by_proxy") == refused
+        assert fleet.total(fleet.prefill, "freed_by_decode") == 8
+        assert fleet.total(fleet.prefill, "allocated") == 8 + refused
+        assert fleet.total(fleet.prefill, "double_frees") == 0
+        await client.close()
+        await no_sessions_left(fleet)
+
+    async def test_no_decode_node_is_an_openai_error(self, fleet: Fleet) -> None:
+        for node in fleet.decode:
+            removed = await post(f"{fleet.gateways[0].url}/nodes/remove", json={"url": node.url})
+            removed.raise_for_status()
+        await asyncio.sleep(1.2)  # the other replica follows the registry within a second
+        for i in range(2):
+            client = fleet.client(i)
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+            await client.close()
+            assert caught.value.status_code == 503
+            assert "Decode" in caught.value.message
+        assert fleet.total(fleet.prefill, "double_frees") == 0
+        await no_sessions_left(fleet)
+
+
+async def _mixed_request(
+    client: openai.AsyncOpenAI, i: int, rng: random.Random
+) -> tuple[str, int | None]:
+    """One request of the leak test: its kind and the status the client saw (None: left)."""
+    chat = i % 2 == 0
+    stream = rng.random() < 0.5
+    leave = stream and rng.random() < 0.4  # disconnect mid-stream
+    tokens = rng.randint(4, 40)
+    kind = f"{'chat' if chat else 'text'}{'-stream' if stream else ''}"
+    try:
+        if chat:
+            call = client.chat.completions.create(
+                model=MODEL,
+                messages=CHAT,  # type: ignore[arg-type]
+                max_tokens=tokens,
+                stream=stream,  # type: ignore[call-overload]
+            )
+        else:
+            call = client.completions.create(
+                model=MODEL,
+                prompt="one two three",
+                max_tokens=tokens,
+                stream=stream,  # type: ignore[call-overload]
+            )
+        answer = await call
+        if stream:
+            seen = 0
+            async for _ in answer:
+                seen += 1
+                if leave and seen == 2:
+                    await answer.close()
+                    return kind, None
+        return kind, 200
+    except openai.APIStatusError as exc:
+        assert isinstance(exc.body, dict) and "message" in exc.body, exc
+        return kind, exc.status_code
+    except openai.APIError as exc:  # a stream cut by the killed node: an SSE error event
+        assert "failed mid-stream" in str(exc) or "error" in str(exc).lower(), exc
+        return kind, 0
+
+
+class TestNoLeaks:
+    async def test_200_mixed_requests_disconnects_and_a_killed_decode_node(
+        self, fleet: Fleet
+    ) -> None:
+        """100 mixed requests with disconnects mid-stream, then 100 more during which a Decode
+        node is killed. Every session is freed; the only second frees are of sessions whose
+        decode node died holding the request, which fleetgate counts as uncertain."""
+        rng = random.Random(8)
+        clients = [fleet.client(0, timeout=30), fleet.client(1, timeout=30)]
+        gate = asyncio.Semaphore(16)
+
+        async def one(i: int) -> tuple[str, int | None]:
+            async with gate:
+                if i == 110:
+                    fleet.decode[0].kill()  # SIGKILL, with requests in flight on it
+                return await _mixed_request(clients[i % 2], i, rng)
+
+        def figures() -> dict[str, int]:
+            names = ("allocated", "freed_by_decode", "freed_by_proxy", "double_frees")
+            return {n: fleet.total(fleet.prefill, n) for n in (*names, "unknown_frees", "held")}
+
+        first = await asyncio.gather(*(one(i) for i in range(100)))
+        assert [s for _, s in first].count(None) >= 10  # clients did leave mid-stream
+        assert all(s in (200, None) for _, s in first), first
+        await no_sessions_left(fleet)
+        calm = figures()
+        # Disconnects alone: each session freed exactly once.
+        assert calm["allocated"] == calm["freed_by_decode"] + calm["freed_by_proxy"] >= 100
+        assert calm["double_frees"] == calm["unknown_frees"] == 0
+
+        second = await asyncio.gather(*(one(i) for i in range(100, 200)))
+        statuses = [status for _, status in first + second]
+        assert not fleet.decode[0].alive()
+        assert statuses.count(200) + statuses.count(None) >= 190, statuses
+        assert all(s in (200, None, 0, 502, 503) for s in statuses), statuses
+        await no_sessions_left(fleet)
+        end = figures()
+        uncertain = sum(
+            metric(g, "fleetgate_distserve_uncertain_frees_total") for g in fleet.gateways
+        )
+        pairs = sum(int(fleet.pd(n)["connects"]) for n in fleet.prefill)
+        print(f"leak test: {end}, uncertain {uncertain:g}, pairs connected {pairs}")
+        # Nothing held, nothing unknown freed, every allocation freed.
+        assert end["held"] == end["unknown_frees"] == 0
+        assert end["allocated"] == end["freed_by_decode"] + end["freed_by_proxy"] >= 200
+        # A second free only where the killed decode node may have migrated before dying.
+        assert end["double_frees"] <= uncertain
+        for c in clients:
+            await c.close()
+
+    async def test_a_killed_replica_leaves_no_session_held(
+        self, procs: list[Process], redis_url: str
+    ) -> None:
+        fleet = start_fleet(procs, redis_url, "--lease-seconds", "1")
+        for node in fleet.decode:
+            node.fault("hang")  # the decode engines never schedule: sessions stay in migration
+        doomed = fleet.client(0, timeout=30)
+        calls = [
+            asyncio.ensure_future(doomed.completions.create(model=MODEL, prompt="p", max_tokens=2))
+            for _ in range(6)
+        ]
+        pd, store = await pd_state(redis_url)
+        try:
+
+            async def shelved() -> bool:
+                sessions = await pd.sessions()
+                return len(sessions) == 6 and all(s.decode for s in sessions)
+
+            assert await eventually(shelved, 15)
+            assert fleet.total(fleet.prefill, "held") == 6
+            fleet.gateways[0].kill()
+            # The other replica's upkeep takes the expired records and frees the sessions.
+            await no_sessions_left(fleet)
+            assert fleet.total(fleet.prefill, "freed_by_proxy") == 6
+            assert fleet.total(fleet.prefill, "double_frees") == 0
+            assert metric(fleet.gateways[1], "fleetgate_distserve_sessions_total") == 6
+        finally:
+            await store.close()
+            for node in fleet.decode:
+                node.fault("none")
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            await doomed.close()
+
+
+class TestOperations:
+    async def test_connection_warmup(self, fleet: Fleet) -> None:
+        url = f"{fleet.gateways[0].url}/distserve/connection_warmup"
+        async with httpx.AsyncClient(timeout=30) as http:
+            first, second = await asyncio.gather(http.post(url), http.post(url))
+            assert first.status_code == second.status_code == 200
+            counts = [first.json()["connected"], second.json()["connected"]]
+            assert sum(counts) == 4  # two concurrent warm-ups connect each pair once
+            again = (await http.post(f"{fleet.gateways[1].url}/distserve/connection_warmup")).json()
+        assert again["already_connected"] == 4 and again["connected"] == 0
+        assert {(p["prefill"], p["decode"]) for p in again["pairs"]} == {
+            (p.url, d.url) for p in fleet.prefill for d in fleet.decode
+        }
+        for node in fleet.prefill + fleet.decode:
+            assert fleet.pd(node)["double_connects"] == 0
+        # Requests after the warm-up connect nothing more.
+        client = fleet.client(1)
+        for _ in range(6):
+            await client.completions.create(model=MODEL, prompt="p", max_tokens=1)
+        assert sum(int(fleet.pd(n)["connects"]) for n in fleet.prefill) == 4
+        await client.close()
+
+    async def test_warmup_reports_a_pair_that_cannot_connect(
+        self, procs: list[Process], fleet: Fleet
+    ) -> None:
+        odd = SimNode(*SIM, "--role", "Decode", "--tp", "2", name="decode-tp2")
+        procs.append(odd)
+        register(fleet.gateways[0], odd, 3)
+        response = await post(f"{fleet.gateways[0].url}/distserve/connection_warmup")
+        assert response.status_code == 502
+        body = response.json()
+        assert body["failed"] == 2 and body["connected"] == 4
+        assert body["error"]["code"] == "pair_connect_failed"
+        failed = [p for p in body["pairs"] if p["status"] == "failed"]
+        assert {p["decode"] for p in failed} == {odd.url}
+        assert all("tensor-parallel" in p["detail"] for p in failed)
+
+    async def test_gc_frees_orphaned_sessions(self, fleet: Fleet) -> None:
+        pd, store = await pd_state(fleet.redis_url)
+        prefill = fleet.prefill[0]
+        try:
+            # A replica that died right after its prefill: a held session, a record, no owner.
+            orphans = [await pd.open_session(prefill.url, "replica-gone") for _ in range(3)]
+            async with httpx.AsyncClient(timeout=10) as http:
+                for sid in orphans:
+                    body = {
+                        "model": MODEL,
+                        "prompt": "p",
+                        "max_tokens": 1,
+                        "max_completion_tokens": 1,
+                        "with_cache": True,
+                        "preserve_cache": True,
+                        "session_id": sid,
+                    }
+                    answer = await http.post(f"{prefill.url}/v1/completions", json=body)
+                    assert answer.json()["cache_block_ids"]
+                assert fleet.pd(prefill)["held"] == 3
+                # Live work is left alone.
+                client = fleet.client()
+                await client.completions.create(model=MODEL, prompt="p", max_tokens=1)
+                report = (await http.post(f"{fleet.gateways[0].url}/distserve/gc")).json()
+                await client.close()
+        finally:
+            await store.close()
+        assert report == {
+            "success": True,
+            "expired": 0,
+            "orphaned": 3,
+            "freed": 3,
+            "failed": 0,
+            "in_migration": 0,
+        }
+        stats = fleet.pd(prefill)
+        assert stats["held"] == 0 and stats["double_frees"] == 0 and stats["unknown_frees"] == 0
+
+    async def test_endpoints_need_the_admin_key_and_distserve(
+        self, procs: list[Process], redis_url: str
+    ) -> None:
+        secured = Gateway(
+            "--redis-url", redis_url, "--serving-strategy", "DistServe", "--admin-key", "adm1n"
+        )
+        hybrid = Gateway("--redis-url", redis_url)
+        procs.extend([secured, hybrid])
+        for path in ("/distserve/connection_warmup", "/distserve/gc"):
+            denied = await post(f"{secured.url}{path}")
+            assert denied.status_code == 401 and "error" in denied.json()
+            allowed = await post(f"{secured.url}{path}", headers={"authorization": "Bearer adm1n"})
+            assert allowed.status_code == 200, allowed.text
+            off = await post(f"{hybrid.url}{path}")
+            assert off.status_code == 400 and "DistServe" in off.json()["error"]["message"]
+
+    async def test_removing_a_decode_node_drops_its_pairs(self, fleet: Fleet) -> None:
+        gateway = fleet.gateways[0]
+        (await post(f"{gateway.url}/distserve/connection_warmup")).raise_for_status()
+        gone = fleet.decode[0]
+        removed = await post(f"{gateway.url}/nodes/remove", json={"url": gone.url})
+        assert removed.json()["distserve"]["pairs_dropped"] == 2
+        for node in fleet.prefill:
+            stats = fleet.pd(node)
+            assert gone.url not in stats["connected"]  # type: ignore[operator]
+            assert stats["drops"] == 1
+        assert fleet.pd(gone)["connected"] == []
+        pd, store = await pd_state(fleet.redis_url)
+        assert {d for _, d in await pd.pairs()} == {fleet.decode[1].url}
+        await store.close()
+
+    async def test_checker_drops_the_pairs_of_a_dead_decode_node(
+        self, procs: list[Process], fleet: Fleet
+    ) -> None:
+        (await post(f"{fleet.gateways[0].url}/distserve/connection_warmup")).raise_for_status()
+        checker = Process(
+            [
+                "python",
+                "-m",
+                "gateway.cli",
+                "health-checker",
+                "--redis-url",
+                fleet.redis_url,
+                "--interval",
+                "0.2",
+                "--fall",
+                "1",
+                "--deregister-after",
+                "0.5",
+            ],
+            "pd-checker",
+        )
+        procs.append(checker)
+        dead = fleet.decode[1]
+        dead.kill()
+        pd, store = await pd_state(fleet.redis_url)
+        try:
+
+            async def dropped() -> bool:
+                return {d for _, d in await pd.pairs()} == {fleet.decode[0].url}
+
+            assert await eventually(dropped, 20), checker.output()
+        finally:
+            await store.close()
+        for node in fleet.prefill:
+            stats = fleet.pd(node)
+            assert dead.url not in stats["connected"]  # type: ignore[operator]
+            assert stats["drops"] == 1
+
+
+async def test_dummy_prefill(procs: list[Process], redis_url: str) -> None:
+    fleet = start_fleet(procs, redis_url, "--dummy-prefill", replicas=1)
+    client = fleet.client()
+    for stream in (False, True):
+        answer = await client.completions.create(
+            model=MODEL,
+            prompt="p",
+            max_tokens=3,
+            stream=stream,  # type: ignore[call-overload]
+        )
+        if stream:
+            text = "".join([c.choices[0].text async for c in answer])
+        else:
+            text = answer.choices[0].text
+        assert text == "tok0 tok1 tok2 "
+    await client.close()
+    assert all(int(n.stats()["requests_total"]) == 0 for n in fleet.prefill)  # type: ignore[call-overload]
+    assert fleet.total(fleet.decode, "dummy_prefill") == 2
+    assert fleet.total(fleet.decode, "connects") == 0
+    pd, store = await pd_state(redis_url)
+    assert await pd.pairs() == {} and await pd.sessions() == []
+    await store.close()
+
+
+def test_flags_are_lmdeploys(procs: list[Process], redis_url: str) -> None:
+    gateway = Gateway(
+        "--redis-url",
+        redis_url,
+        "--serving-strategy",
+        "DistServe",
+        "--migration-protocol",
+        "NVLINK",
+        "--link-type",
+        "IB",
+    )
+    procs.append(gateway)
+    decode = SimNode(*SIM, "--role", "Decode")
+    prefill = SimNode(*SIM, "--role", "Prefill")
+    procs.extend([decode, prefill])
+    register(gateway, prefill, 2)
+    register(gateway, decode, 3)
+    answer = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": MODEL, "prompt": "p", "max_tokens": 2},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    for node in (prefill, decode):
+        stats = node.stats()["pd"]
+        # LMDeploy's enum values: MigrationProtocol.NVLINK = 3, RDMALinkType.IB = 1.
+        assert stats["last_init"] == {"protocol": 3, "link_type": 1}  # type: ignore[index]
+    assert decode.stats()["pd"]["migrations"] == 1  # type: ignore[index]
