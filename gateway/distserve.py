@@ -469,7 +469,7 @@ class DistServe:
                     h.metrics.retry_budget_exhausted.inc()
                     break
                 h.metrics.retries.inc()
-            rid = f"{request_id}.{attempt}"
+            rid = (request_id, attempt)
             prefilled: _Prefilled | None = None
             try:
                 if not self.dummy:
@@ -477,7 +477,7 @@ class DistServe:
                     if prefilled is None:
                         return  # the prefill node refused the request itself: relayed
                 error = await self._decode(
-                    h, scope, exchange, request, model, rid, prefilled, tried_d, attempt
+                    h, scope, exchange, request, model, rid, prefilled, tried_d
                 )
                 if error is None:
                     return
@@ -507,15 +507,15 @@ class DistServe:
         scope: Scope,
         exchange: _Exchange,
         request: dict[str, Any],
-        rid: str,
+        rid: tuple[str, int],
         tried: list[str],
     ) -> _Prefilled | None:
         model = str(request["model"])
-        route = await self.router.pick(model, f"{rid}.p", tried, role=Role.PREFILL)
+        request_id, attempt = rid
+        route = await self.router.pick(model, f"{request_id}.{attempt}.p", tried, role=Role.PREFILL)
         if route is None:
             raise _NoNode(Role.PREFILL)
         node = route.node
-        tried.append(node.id)
         started = time.perf_counter()
         outcome = Outcome.FAIL
         response: UpstreamResponse | None = None
@@ -535,7 +535,7 @@ class DistServe:
             body.pop("stream_options", None)
             try:
                 response = await self.upstream.send(
-                    node, "POST", scope["path"], scope["headers"], orjson.dumps(body), rid
+                    node, "POST", scope["path"], scope["headers"], orjson.dumps(body), request_id
                 )
                 data = await response.read()
             except UpstreamFailure as exc:
@@ -553,8 +553,8 @@ class DistServe:
                 await self._settle(session_id, free=False)  # a refused request holds nothing
                 if 400 <= status < 500 and status != 429:
                     outcome = Outcome.NEUTRAL
-                    exchange.attempts, exchange.route, exchange.node_id = 1, route, node.id
-                    await h._send_buffered(exchange, response, data, rid, route)
+                    exchange.attempts, exchange.route, exchange.node_id = attempt, route, node.id
+                    await h._send_buffered(exchange, response, data, request_id, route)
                     return None
                 outcome = Outcome.NEUTRAL if status == 429 else Outcome.FAIL
                 raise _Retry(UpstreamError(f"prefill node {node.id} answered {status}"))
@@ -568,6 +568,8 @@ class DistServe:
             self.owned.discard(session_id)  # the client left mid-prefill: a sweep frees it
             raise
         finally:
+            if outcome is not Outcome.OK:
+                tried.append(node.id)  # a retry prefills elsewhere; a good node stays eligible
             if response is not None:
                 response.close()
             elapsed = time.perf_counter() - started
@@ -580,13 +582,15 @@ class DistServe:
         exchange: _Exchange,
         request: dict[str, Any],
         model: str,
-        rid: str,
+        rid: tuple[str, int],
         prefilled: _Prefilled | None,
         tried: list[str],
-        attempt: int,
     ) -> GatewayError | None:
-        route = await self.router.pick(model, f"{rid}.d", tried, role=Role.DECODE)
+        request_id, attempt = rid
+        route = await self.router.pick(model, f"{request_id}.{attempt}.d", tried, role=Role.DECODE)
         if route is None:
+            if prefilled is not None:
+                await asyncio.shield(self._settle(prefilled.session_id, free=True))
             raise _NoNode(Role.DECODE)
         node = route.node
         tried.append(node.id)
@@ -639,4 +643,6 @@ class DistServe:
 
         exchange.attempts, exchange.route = attempt, route
         final = attempt == h.max_attempts
-        return await h._attempt(scope, exchange, body, model, rid, route, final, settle=settle)
+        return await h._attempt(
+            scope, exchange, body, model, request_id, route, final, settle=settle
+        )

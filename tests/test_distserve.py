@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from shared_state import PDState, Store
+from shared_state.devserver import RedisServer
 from tests.fleet import Gateway, Process, SimNode, eventually
 
 MODEL = "sim-model"
@@ -224,6 +225,42 @@ class TestRequests:
         assert fleet.total(fleet.prefill, "double_frees") == 0
         await client.close()
         await no_sessions_left(fleet)
+
+    async def test_decode_nodes_that_all_fail_give_a_502(self, fleet: Fleet) -> None:
+        """Each decode node resets the connection: the client gets an OpenAI-shaped 502, and
+        every prefill session is freed once (the sim resets before it migrates)."""
+        for node in fleet.decode:
+            node.fault("reset")
+        client = fleet.client()
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+        await client.close()
+        assert caught.value.status_code == 502
+        assert caught.value.body["type"] == "upstream_error"  # type: ignore[index]
+        await no_sessions_left(fleet)
+        attempts = fleet.total(fleet.prefill, "allocated")
+        assert attempts == 3  # --max-attempts: a new prefill for each decode attempt
+        assert fleet.total(fleet.prefill, "freed_by_proxy") == attempts
+        assert fleet.total(fleet.prefill, "double_frees") == 0
+
+    async def test_store_down_is_an_openai_error_and_allocates_nothing(
+        self, procs: list[Process]
+    ) -> None:
+        server = RedisServer().start()
+        try:
+            fleet = start_fleet(procs, server.url, "--store-timeout", "0.2", replicas=1)
+            client = fleet.client()
+            await client.completions.create(model=MODEL, prompt="p", max_tokens=1)
+            server.close()
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(model=MODEL, prompt="p", max_tokens=1)
+            await client.close()
+        finally:
+            server.close()
+        assert caught.value.status_code == 503
+        assert "store" in caught.value.message
+        assert fleet.total(fleet.prefill, "allocated") == 1
+        assert fleet.total(fleet.prefill, "held") == 0
 
     async def test_no_decode_node_is_an_openai_error(self, fleet: Fleet) -> None:
         for node in fleet.decode:
@@ -497,16 +534,26 @@ class TestOperations:
         )
         procs.append(checker)
         dead = fleet.decode[1]
-        dead.kill()
+        prefill = fleet.prefill[0]
         pd, store = await pd_state(fleet.redis_url)
         try:
+            # A session handed to the decode node that is about to die, still held.
+            sid = await pd.open_session(prefill.url, "some-replica")
+            body = {"model": MODEL, "prompt": "p", "max_tokens": 1, "max_completion_tokens": 1}
+            body.update(with_cache=True, preserve_cache=True, session_id=sid)
+            (await post(f"{prefill.url}/v1/completions", json=body)).raise_for_status()
+            assert await pd.shelve(sid, dead.url) is True
+            dead.kill()
 
             async def dropped() -> bool:
                 return {d for _, d in await pd.pairs()} == {fleet.decode[0].url}
 
             assert await eventually(dropped, 20), checker.output()
+            assert await pd.sessions() == []
         finally:
             await store.close()
+        stats = fleet.pd(prefill)
+        assert stats["held"] == 0 and stats["freed_by_proxy"] == 1
         for node in fleet.prefill:
             stats = fleet.pd(node)
             assert dead.url not in stats["connected"]  # type: ignore[operator]
