@@ -464,11 +464,8 @@ class DistServe:
         tried_d: list[str] = []
         last_error: GatewayError | None = None
         for attempt in range(1, h.max_attempts + 1):
-            if attempt > 1:
-                if not h.budget.try_spend():
-                    h.metrics.retry_budget_exhausted.inc()
-                    break
-                h.metrics.retries.inc()
+            if attempt > 1 and not h.may_retry():
+                break
             rid = (request_id, attempt)
             prefilled: _Prefilled | None = None
             try:

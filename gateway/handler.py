@@ -326,17 +326,22 @@ class ProxyHandler:
             if watcher is not None:
                 watcher.cancel()
 
+    def may_retry(self) -> bool:
+        """Whether the retry budget allows one more attempt (counted when it does)."""
+        if not self.budget.try_spend():
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        self.metrics.retries.inc()
+        return True
+
     async def _route(
         self, scope: Scope, exchange: _Exchange, body: bytes, model: str, request_id: str
     ) -> None:
         tried: list[str] = []
         last_error: GatewayError | None = None
         for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                if not self.budget.try_spend():
-                    self.metrics.retry_budget_exhausted.inc()
-                    break
-                self.metrics.retries.inc()
+            if attempt > 1 and not self.may_retry():
+                break
             route = await self.router.pick(
                 model, f"{request_id}.{attempt}", tried, session_key=exchange.session_key
             )
