@@ -332,9 +332,17 @@ class TestNoLeaks:
 
         async def one(i: int) -> tuple[str, int | None]:
             async with gate:
-                if i == 110:
-                    fleet.decode[0].kill()  # SIGKILL, with requests in flight on it
                 return await _mixed_request(clients[i % 2], i, rng)
+
+        async def kill_when_busy(node: SimNode) -> int:
+            """SIGKILL the node once it has requests in flight; returns how many it had."""
+            while True:
+                stats = await asyncio.to_thread(node.stats)
+                running = int(stats["running"])  # type: ignore[call-overload]
+                if running >= 2:
+                    node.kill()
+                    return running
+                await asyncio.sleep(0.005)
 
         def figures() -> dict[str, int]:
             names = ("allocated", "freed_by_decode", "freed_by_proxy", "double_frees")
@@ -349,7 +357,9 @@ class TestNoLeaks:
         assert calm["allocated"] == calm["freed_by_decode"] + calm["freed_by_proxy"] >= 100
         assert calm["double_frees"] == calm["unknown_frees"] == 0
 
+        killer = asyncio.ensure_future(kill_when_busy(fleet.decode[0]))
         second = await asyncio.gather(*(one(i) for i in range(100, 200)))
+        in_flight_at_kill = await killer
         statuses = [status for _, status in first + second]
         assert not fleet.decode[0].alive()
         assert statuses.count(200) + statuses.count(None) >= 190, statuses
@@ -360,7 +370,10 @@ class TestNoLeaks:
             metric(g, "fleetgate_distserve_uncertain_frees_total") for g in fleet.gateways
         )
         pairs = sum(int(fleet.pd(n)["connects"]) for n in fleet.prefill)
-        print(f"leak test: {end}, uncertain {uncertain:g}, pairs connected {pairs}")
+        print(
+            f"leak test: {end}, uncertain {uncertain:g}, pairs connected {pairs}, "
+            f"killed with {in_flight_at_kill} in flight"
+        )
         # Nothing held, nothing unknown freed, every allocation freed.
         assert end["held"] == end["unknown_frees"] == 0
         assert end["allocated"] == end["freed_by_decode"] + end["freed_by_proxy"] >= 200
