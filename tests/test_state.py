@@ -241,9 +241,16 @@ class TestStrategies:
         await self._latencies(store, A, [0.1] * 5)
         await self._latencies(store, B, [0.3] * 5)
         await self._latencies(store, C, [0.5] * 5)
-        counts = collections.Counter(await picks(store, 300, Strategy.MIN_OBSERVED_LATENCY))
-        # Best of two random nodes: the slowest never wins, the fastest wins most.
-        assert counts[C] == 0 and counts[A] > counts[B] > 0
+        # Idle fleet: LMDeploy's meaning, the lowest mean wins.
+        assert set(await picks(store, 50, Strategy.MIN_OBSERVED_LATENCY)) == {A}
+        # Requests in flight anywhere in the fleet scale the mean: with 2 on A (0.1 x 3 = 0.3)
+        # A and B tie; with 5 on A (0.6) B wins; C (0.5) only once B has one in flight too.
+        await hold(store, A, 2)
+        assert set(await picks(store, 60, Strategy.MIN_OBSERVED_LATENCY)) == {A, B}
+        await hold(store, A, 5, tag="more")
+        assert set(await picks(store, 20, Strategy.MIN_OBSERVED_LATENCY)) == {B}
+        await hold(store, B, 1)
+        assert set(await picks(store, 20, Strategy.MIN_OBSERVED_LATENCY)) == {C}
 
     async def test_min_observed_latency_new_node_is_tried_not_starved(
         self, store_factory: StoreFactory
@@ -254,9 +261,12 @@ class TestStrategies:
         await self._latencies(store, A, [0.1] * 5)
         await self._latencies(store, B, [0.2] * 5)
         await self._latencies(store, C, [0.3] * 5)
-        await store.add_node(D, ["m"])  # no history: prior = 0.2, the mean of the others
+        await store.add_node(D, ["m"])  # no history: prior = 0.1, the best mean of the others
         counts = collections.Counter(await picks(store, 300, Strategy.MIN_OBSERVED_LATENCY))
-        assert 0 < counts[D] < 300 * 0.6, counts
+        assert set(counts) == {A, D} and 0.3 < counts[D] / 300 < 0.7, counts
+        # Its first answers give it a history of its own: a slow one stops being picked.
+        await self._latencies(store, D, [0.4])
+        assert set(await picks(store, 50, Strategy.MIN_OBSERVED_LATENCY)) == {A}
 
     async def test_min_observed_latency_cold_start_spreads(
         self, store_factory: StoreFactory

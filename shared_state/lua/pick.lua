@@ -10,7 +10,7 @@
 -- ARGV[4]  random seed, integer in [1, 2147483646] (randomness comes from the caller)
 -- ARGV[5]  model name
 -- ARGV[6]  role wanted (1 Hybrid, 2 Prefill, 3 Decode; 0 any)
--- ARGV[7]  latency prior for nodes without history, ms (0: mean of the others)
+-- ARGV[7]  latency prior for nodes without history, ms (0: the best mean of the others)
 -- ARGV[8]  exploration probability for min_observed_latency, 0..1
 -- ARGV[9]  age after which scraped cache usage is stale, ms
 -- ARGV[10] default cache share of one request for min_cache_usage, 0..1
@@ -194,41 +194,32 @@ elseif strategy == 'round_robin' then
   winner = eligible[(cursor - 1) % n + 1]
   winner.score = cursor
 elseif strategy == 'min_observed_latency' then
-  local sum, cnt = 0, 0
+  local best_mean
   for _, c in ipairs(eligible) do
     local samples = redis.call('LRANGE', KEYS[3 * c.i + 2], 0, -1)
     if #samples > 0 then
       local s = 0
       for _, v in ipairs(samples) do s = s + tonumber(v) end
       c.score = s / #samples
-      sum = sum + c.score
-      cnt = cnt + 1
+      if best_mean == nil or c.score < best_mean then best_mean = c.score end
     end
   end
-  -- A node with no history gets a prior (by default the mean of the others), so it is tried
-  -- rather than starved, and does not win every pick at cold start either.
+  -- A node with no history gets a prior (by default the best mean of the others: optimism
+  -- under uncertainty), so it is tried at once rather than starved; its first answers then
+  -- give it a history of its own. At cold start all nodes tie and the pick is random.
   local prior = prior_ms
-  if prior <= 0 then
-    prior = 0
-    if cnt > 0 then prior = sum / cnt end
-  end
-  -- A request waits behind the node's requests in flight: the observed mean is scaled by
-  -- them, so a burst spreads instead of flooding the node that was fastest a moment ago.
+  if prior <= 0 then prior = best_mean or 0 end
+  -- A request waits behind the node's requests in flight, counted across every replica: the
+  -- mean is scaled by them, so a burst spreads instead of flooding the node that was fastest
+  -- a moment ago.
   for _, c in ipairs(eligible) do
     if c.score == nil then c.score = prior end
     c.score = c.score * (c.inflight + 1)
   end
   if n > 1 and rnd() < explore then
     winner = eligible[math.floor(rnd() * n) + 1]
-  elseif n <= 2 then
-    winner = argmin(eligible)
   else
-    -- Power of two choices: the best of two random nodes, so replicas reading the same
-    -- slightly stale means do not all herd onto one node.
-    local a = math.floor(rnd() * n) + 1
-    local b = math.floor(rnd() * (n - 1)) + 1
-    if b >= a then b = b + 1 end
-    winner = argmin({eligible[a], eligible[b]})
+    winner = argmin(eligible)
   end
 elseif strategy == 'min_cache_usage' then
   local fresh = true
