@@ -102,10 +102,15 @@ class ApiKey(msgspec.Struct, frozen=True):
 
 
 class Lease(msgspec.Struct, frozen=True):
-    """A reservation of one request on one node; ``member`` is ``<replica>:<request-id>``."""
+    """A reservation of one request on one node; ``member`` is ``<replica>:<request-id>``.
+
+    ``load`` is the node's requests in flight when it was taken, this one included: a latency
+    sample is recorded divided by it, so the window learns the node's speed while the load of
+    the moment comes from the live lease counts."""
 
     node_id: str
     member: str
+    load: int = 1
 
 
 class Pick(msgspec.Struct, frozen=True, kw_only=True):

@@ -540,7 +540,7 @@ class Store:
         node = view.by_id[node_id]
         return (
             Pick(
-                lease=Lease(node_id, request.member),
+                lease=Lease(node_id, request.member, max(1, int(in_flight))),
                 node=node,
                 in_flight=int(in_flight),
                 score=float(score),
@@ -557,9 +557,14 @@ class Store:
             await self.refresh(epoch)
 
     async def release(self, lease: Lease, outcome: Outcome, latency_s: float) -> Release:
-        """End ``lease``; record ``outcome`` and ``latency_s`` only if the lease was held."""
+        """End ``lease``; record ``outcome`` and ``latency_s`` only if the lease was held.
+
+        A good answer's latency is recorded per unit of load (divided by ``lease.load``); a
+        failure's is recorded whole, and at least the failure penalty."""
         outcome = Outcome(outcome)
         s = self.settings
+        if outcome is Outcome.OK:
+            latency_s /= max(1, lease.load)
         pool: list[str] = []
         if outcome is Outcome.FAIL:
             view = self._view

@@ -6,7 +6,7 @@
 -- KEYS[4]  ejected sorted set (node id scored by ejected-until, ms)
 -- ARGV[1]  lease member "<replica>:<request-id>"
 -- ARGV[2]  outcome: "ok", "fail" or "neutral" (client error, cancel: no sample)
--- ARGV[3]  latency, ms
+-- ARGV[3]  latency, ms (of a good answer: divided by the requests in flight when it was picked)
 -- ARGV[4]  latency window, samples kept
 -- ARGV[5]  failure penalty, ms: a failure is recorded as at least this slow
 -- ARGV[6]  consecutive failures that eject the node
