@@ -408,6 +408,7 @@ class DistServe:
             self.pd, call, self.protocol, LINK_TYPES[settings.link_type], self.metrics
         )
         self.owned: set[int] = set()  # open sessions of this replica, renewed like leases
+        self.decoding: set[int] = set()  # sessions whose decode request is being sent
         self._upkeep: asyncio.Task[None] | None = None
 
     # -- upkeep ---------------------------------------------------------------------------
@@ -491,11 +492,13 @@ class DistServe:
                     f"no healthy {none.role.name.title()} node can serve model `{model}` now"
                 ) from None
             finally:
-                if prefilled is not None and prefilled.session_id in self.owned:
-                    # Cancelled (the client left) or failed before the decode node answered.
-                    await asyncio.shield(
-                        self._settle(prefilled.session_id, free=True, uncertain=True)
-                    )
+                if prefilled is not None:
+                    sid = prefilled.session_id
+                    sent = sid in self.decoding  # the decode node may have the request
+                    self.decoding.discard(sid)
+                    if sid in self.owned:
+                        # Cancelled (the client left) or failed before the decode node answered.
+                        await asyncio.shield(self._settle(sid, free=True, uncertain=sent))
         raise last_error or NoHealthyNode(f"no healthy node can serve model `{model}` now")
 
     async def _prefill(
@@ -639,6 +642,8 @@ class DistServe:
             )
 
         exchange.attempts, exchange.route = attempt, route
+        if prefilled is not None:
+            self.decoding.add(prefilled.session_id)
         final = attempt == h.max_attempts
         return await h._attempt(
             scope, exchange, body, model, request_id, route, final, settle=settle
