@@ -379,6 +379,7 @@ class ProxyHandler:
         node = route.node
         started_at = time.perf_counter()
         outcome = Outcome.NEUTRAL
+        tokens = 0
         response: UpstreamResponse | None = None
         try:
             try:
@@ -409,7 +410,7 @@ class ProxyHandler:
                 return UpstreamError(f"node {node.id} answered {status}")
             exchange.node_id = node.id
             if response.is_event_stream:
-                outcome = await self._relay_stream(exchange, response, request_id, route)
+                outcome, tokens = await self._relay_stream(exchange, response, request_id, route)
             else:
                 try:
                     data = await response.read()
@@ -418,13 +419,14 @@ class ProxyHandler:
                     self.metrics.attempts.inc((("node", node.id), ("result", "error")))
                     return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
                 outcome = outcome_of(status)
+                tokens = _completion_tokens(data) if status == 200 else 0
                 await self._send_buffered(exchange, response, data, request_id, route)
             self.metrics.attempts.inc((("node", node.id), ("result", str(status))))
             return None
         finally:
             if response is not None:
                 response.close()
-            release = self.router.release(route, outcome, time.perf_counter() - started_at)
+            release = self.router.release(route, outcome, time.perf_counter() - started_at, tokens)
             if exchange.complete:
                 await release  # nothing can cancel a finished exchange: no shield task needed
             else:
@@ -504,13 +506,15 @@ class ProxyHandler:
 
     async def _relay_stream(
         self, exchange: _Exchange, response: UpstreamResponse, request_id: str, route: Route
-    ) -> Outcome:
+    ) -> tuple[Outcome, int]:
         headers = response.relay_headers(keep_length=False)
         headers.extend(self._headers(request_id, route, exchange))
         await exchange.start(response.status, headers)
+        events = 0
         try:
             async for chunk in response.chunks():
                 if chunk:
+                    events += chunk.count(b"data:")
                     await exchange.body(chunk, more=True)
         except UpstreamFailure as exc:
             self.metrics.stream_errors.inc((("node", route.node.id),))
@@ -520,9 +524,10 @@ class ProxyHandler:
                 more=True,
             )
             await exchange.body(b"")
-            return Outcome.FAIL
+            return Outcome.FAIL, 0
         await exchange.body(b"")
-        return outcome_of(response.status)
+        # One event per token, then one that finishes the choice and "[DONE]": roughly.
+        return outcome_of(response.status), max(0, events - 2)
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -566,6 +571,26 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
         if name == b"content-type":
             return b"json" in value.lower()
     return False
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def _completion_tokens(data: bytes) -> int:
+    """The tokens a buffered answer reports having generated (0 when it says nothing)."""
+    try:
+        usage = _decode_answer(data).usage
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return 0
+    return usage.completion_tokens if usage is not None else 0
 
 
 def _decode(body: bytes) -> RequestView:

@@ -181,7 +181,9 @@ class Router:
 
     # -- releasing -----------------------------------------------------------------------
 
-    async def release(self, route: Route, outcome: Outcome, latency_s: float) -> None:
+    async def release(
+        self, route: Route, outcome: Outcome, latency_s: float, tokens: int = 0
+    ) -> None:
         """End a route's lease; never raises (a lease the store missed expires by itself)."""
         self.local_in_flight[route.node.id] -= 1
         if self.local_in_flight[route.node.id] <= 0:
@@ -190,7 +192,7 @@ class Router:
             return
         self.leases.pop(route.lease.member, None)
         try:
-            result = await self.store.release(route.lease, outcome, latency_s)
+            result = await self.store.release(route.lease, outcome, latency_s, tokens)
         except StoreUnavailable:
             self.metrics.store_errors.inc((("op", "release"),))
             return

@@ -105,8 +105,8 @@ class Lease(msgspec.Struct, frozen=True):
     """A reservation of one request on one node; ``member`` is ``<replica>:<request-id>``.
 
     ``load`` is the node's requests in flight when it was taken, this one included: a latency
-    sample is recorded divided by it, so the window learns the node's speed while the load of
-    the moment comes from the live lease counts."""
+    sample is recorded divided by it (and by the answer's output tokens), so the window learns
+    the node's speed while the load of the moment comes from the live lease counts."""
 
     node_id: str
     member: str

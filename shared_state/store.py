@@ -556,15 +556,20 @@ class Store:
         with contextlib.suppress(StoreUnavailable):
             await self.refresh(epoch)
 
-    async def release(self, lease: Lease, outcome: Outcome, latency_s: float) -> Release:
+    async def release(
+        self, lease: Lease, outcome: Outcome, latency_s: float, tokens: int = 0
+    ) -> Release:
         """End ``lease``; record ``outcome`` and ``latency_s`` only if the lease was held.
 
-        A good answer's latency is recorded per unit of load (divided by ``lease.load``); a
-        failure's is recorded whole, and at least the failure penalty."""
+        A good answer's latency is recorded per unit of load (divided by ``lease.load``) and per
+        output token when ``tokens`` is known; a failure's is recorded whole, and at least the
+        failure penalty."""
         outcome = Outcome(outcome)
         s = self.settings
         if outcome is Outcome.OK:
             latency_s /= max(1, lease.load)
+            if tokens > 0:
+                latency_s /= tokens
         pool: list[str] = []
         if outcome is Outcome.FAIL:
             view = self._view

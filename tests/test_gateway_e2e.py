@@ -401,3 +401,34 @@ async def test_workers_are_replicas_sharing_redis(redis_url: str, cleanup: list)
             return bool((await http.get(f"{gateway.url}/nodes/replicas")).json()["count"] == 2)
 
     assert await eventually(two_replicas, 5)
+
+
+async def test_latency_samples_are_per_output_token(redis_url: str, cleanup: list) -> None:
+    """40 tokens at 100 tokens/s take about 400 ms; the sample recorded is about 10 ms (per
+    token), for a buffered answer (its usage) and for a stream (its events) alike."""
+    node = start_node(cleanup, "--tokens-per-s", "100")
+    gateway = start_gateway(cleanup, redis_url, node)
+    sdk = client(gateway)
+    await sdk.completions.create(model=MODEL, prompt="x", max_tokens=40)
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,  # type: ignore[arg-type]
+        max_tokens=40,
+        stream=True,
+    )
+    async for _ in stream:
+        pass
+    await sdk.close()
+    store = Store.open(redis_url, timeout_s=5.0)
+    try:
+
+        async def recorded() -> bool:
+            (status,) = await store.status()
+            return len(status.latencies_s) == 2
+
+        assert await eventually(recorded, 5)
+        (status,) = await store.status()
+    finally:
+        await store.close()
+    for sample in status.latencies_s:
+        assert 0.008 <= sample <= 0.02, status.latencies_s

@@ -87,6 +87,29 @@ class TestRegistry:
         status = await store.status()
         assert status[0].latencies_s == (0.2,)
 
+    async def test_samples_are_per_output_token_and_unit_of_load(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """A good answer is recorded per output token and per request in flight at its pick,
+        so a node that happened to get long answers, or a busy moment, does not look slow; a
+        failure is recorded whole."""
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        first = await store.pick("m", strategy="least_connections", replica="r", request_id="1")
+        second = await store.pick("m", strategy="least_connections", replica="r", request_id="2")
+        assert first is not None and second is not None
+        assert (first.lease.load, second.lease.load) == (1, 2)
+        await store.release(first.lease, Outcome.OK, 0.8, tokens=40)  # 20 ms a token
+        await store.release(second.lease, Outcome.OK, 0.8, tokens=10)  # 80 / 2 requests
+        third = await store.pick("m", strategy="least_connections", replica="r", request_id="3")
+        assert third is not None
+        await store.release(third.lease, Outcome.OK, 0.05)  # no token count: whole latency
+        fourth = await store.pick("m", strategy="least_connections", replica="r", request_id="4")
+        assert fourth is not None
+        await store.release(fourth.lease, Outcome.FAIL, 0.5, tokens=10)
+        (status,) = await store.status()
+        assert status.latencies_s == pytest.approx((10.0, 0.05, 0.04, 0.02))  # newest first
+
     @pytest.mark.parametrize(
         ("url", "models", "kwargs"),
         [
