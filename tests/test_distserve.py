@@ -371,7 +371,8 @@ class TestNoLeaks:
         )
         pairs = sum(int(fleet.pd(n)["connects"]) for n in fleet.prefill)
         print(
-            f"leak test: {end}, uncertain {uncertain:g}, pairs connected {pairs}, "
+            f"leak test: first 100 {calm}; all 200 {end}, uncertain {uncertain:g}, "
+            f"pairs connected {pairs}, "
             f"killed with {in_flight_at_kill} in flight"
         )
         # Nothing held, nothing unknown freed, every allocation freed.
