@@ -401,7 +401,10 @@ class ProxyHandler:
                     return UpstreamTimeout(f"node {node.id} timed out")
                 return UpstreamError(f"node {node.id} failed: {exc}")
             status = response.status
-            if settle is not None:
+            # An engine may answer a stream's 200 before it starts the work: a stream is settled
+            # by its first event instead.
+            deferred = settle if status == 200 and response.is_event_stream else None
+            if settle is not None and deferred is None:
                 await settle(status, True)
             self.metrics.ttfb.observe((("model", model),), time.perf_counter() - started_at)
             if status in RETRY_STATUSES and not final:
@@ -410,7 +413,9 @@ class ProxyHandler:
                 return UpstreamError(f"node {node.id} answered {status}")
             exchange.node_id = node.id
             if response.is_event_stream:
-                outcome, tokens = await self._relay_stream(exchange, response, request_id, route)
+                outcome, tokens = await self._relay_stream(
+                    exchange, response, request_id, route, deferred
+                )
             else:
                 try:
                     data = await response.read()
@@ -505,7 +510,12 @@ class ProxyHandler:
         await exchange.body(data)
 
     async def _relay_stream(
-        self, exchange: _Exchange, response: UpstreamResponse, request_id: str, route: Route
+        self,
+        exchange: _Exchange,
+        response: UpstreamResponse,
+        request_id: str,
+        route: Route,
+        settle: Settle | None = None,
     ) -> tuple[Outcome, int]:
         headers = response.relay_headers(keep_length=False)
         headers.extend(self._headers(request_id, route, exchange))
@@ -514,9 +524,16 @@ class ProxyHandler:
         try:
             async for chunk in response.chunks():
                 if chunk:
+                    if settle is not None:
+                        await settle(502 if _is_error_event(chunk) else 200, True)
+                        settle = None
                     events += chunk.count(b"data:")
                     await exchange.body(chunk, more=True)
+            if settle is not None:
+                await settle(None, True)  # ended without a single event
         except UpstreamFailure as exc:
+            if settle is not None:
+                await settle(None, True)
             self.metrics.stream_errors.inc((("node", route.node.id),))
             log.warning("stream %s from %s broke: %s", request_id, route.node.id, exc)
             await exchange.body(
@@ -545,6 +562,12 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
                 return text
             break
     return os.urandom(12).hex()
+
+
+def _is_error_event(chunk: bytes) -> bool:
+    """Whether a stream's first event is an error object rather than a completion chunk."""
+    first = chunk.split(b"\n\n", 1)[0]
+    return b'"error"' in first and b'"choices"' not in first
 
 
 def _session_key(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -185,6 +185,9 @@ class NodesAPI:
             insecure=insecure,
             reason="registered through /nodes/add",
         )
+        if not created and node.role != Role.HYBRID:
+            # A DistServe engine that registers again has restarted: its connections are gone.
+            await self.cleaner.drop_node(node.id)
         await self.store.refresh(await self.store.epoch())
         return json_response(
             {"message": "Added successfully", "created": created, "node": node_json(node)}

@@ -410,7 +410,8 @@ class SimNode:
                 await asyncio.sleep(_POLL_S)
                 if self._gone(request):
                     raise _ClientGone
-        if self.pd is not None:
+        streamed = body.get("stream") is True and kind != "embed"
+        if self.pd is not None and not streamed:
             # Scheduled: the engine migrates the prefill session now, then decodes.
             await self.pd.migrate(body)
         slow = fault.mode == "slow"
@@ -524,6 +525,15 @@ class SimNode:
         buf: list[bytes] = []
         try:
             await resp.prepare(request)
+            if self.pd is not None:
+                # As LMDeploy's api_server, the stream's 200 goes out before the engine runs:
+                # the migration happens after it, and a refusal is an error event.
+                try:
+                    await self.pd.migrate(body)
+                except PDError as exc:
+                    error = {"message": str(exc), "type": "server_error", "code": exc.code}
+                    await resp.write(_sse({"error": error}) + _DONE)
+                    return resp
             t0 = loop.time()
             for i in range(n if cut is None else min(n, cut)):
                 if dt and (wait := t0 + (i + 1) * dt - loop.time()) >= _MIN_SLEEP_S:

@@ -262,6 +262,41 @@ class TestRequests:
         assert fleet.total(fleet.prefill, "allocated") == 1
         assert fleet.total(fleet.prefill, "held") == 0
 
+    async def test_a_restarted_decode_engine(self, fleet: Fleet) -> None:
+        """A Decode engine that lost its connections answers a stream's 200, then refuses the
+        migration in an error event: the session is freed once. When it registers again its
+        pairs are dropped, and the next request connects them anew."""
+        gateway = fleet.gateways[0].url
+        (await post(f"{gateway}/distserve/connection_warmup")).raise_for_status()
+        decode = fleet.decode[0]
+        (
+            await post(f"{gateway}/nodes/remove", json={"url": fleet.decode[1].url})
+        ).raise_for_status()
+        for prefill in fleet.prefill:  # what a restart does to the engine
+            body = {"engine_id": decode.url, "remote_engine_id": prefill.url}
+            (await post(f"{decode.url}/distserve/p2p_drop_connect", json=body)).raise_for_status()
+        client = fleet.client()
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=3,
+            stream=True,
+        )
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in stream:
+                pass
+        assert "no connection" in str(caught.value)
+        await no_sessions_left(fleet)
+        assert fleet.total(fleet.prefill, "freed_by_proxy") == 1
+        assert fleet.total(fleet.prefill, "double_frees") == 0
+        register(fleet.gateways[1], decode, 3)  # the restarted engine announces itself
+        answer = await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+        assert answer.choices[0].text == "tok0 tok1 "
+        await client.close()
+        stats = fleet.pd(decode)
+        assert stats["double_connects"] == 0 and stats["migrations"] == 1
+        await no_sessions_left(fleet)
+
     async def test_no_decode_node_is_an_openai_error(self, fleet: Fleet) -> None:
         for node in fleet.decode:
             removed = await post(f"{fleet.gateways[0].url}/nodes/remove", json={"url": node.url})
