@@ -441,7 +441,13 @@ class DistServe:
     async def _settle(self, session_id: int, *, free: bool, uncertain: bool = False) -> None:
         """End a session this replica owns: free it unless the decode engine took it."""
         self.owned.discard(session_id)
-        closed = await self.pd.close(session_id)
+        try:
+            closed = await self.pd.close(session_id)
+        except StateError as exc:
+            # The answer goes on; the record, no longer renewed, expires and a sweep frees it.
+            log.warning("session %d left to expire: %s", session_id, exc)
+            self.router.metrics.store_errors.inc((("op", "pd_close"),))
+            return
         if not free:
             self.metrics.sessions.inc((("end", "migrated"),), len(closed))
             return
