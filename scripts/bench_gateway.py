@@ -398,27 +398,18 @@ async def bench(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, An
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for run in range(1, args.runs + 1):
             figures: dict[str, float] = {}
-            for name in PATHS:
+            loads = [(name, False, "rps") for name in PATHS]
+            loads += [(name, True, "sse") for name in ("direct", "gateway")]
+            for name, stream, figure in loads:
                 rate, tally = await closed_loop(
                     session,
                     urls[name],
-                    stream=False,
+                    stream=stream,
                     concurrency=args.concurrency,
                     warmup_s=args.warmup,
                     duration_s=args.duration,
                 )
-                figures[f"{name}.rps"] = rate
-                merge(name, tally)
-            for name in ("direct", "gateway"):
-                rate, tally = await closed_loop(
-                    session,
-                    urls[name],
-                    stream=True,
-                    concurrency=args.concurrency,
-                    warmup_s=args.warmup,
-                    duration_s=args.duration,
-                )
-                figures[f"{name}.sse"] = rate
+                figures[f"{name}.{figure}"] = rate
                 merge(name, tally)
             samples, tallies = await sequential_latency(session, urls, args.latency_requests)
             for name in PATHS:

@@ -95,7 +95,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared_state.devserver import RedisServer, free_port
+from shared_state.devserver import RedisServer, free_port, script_stats
 from shared_state.keys import KeySchema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -848,15 +848,9 @@ def serve_instant_nodes(count: int) -> int:
 
 
 async def _redis_counters(r: aioredis.Redis) -> dict[str, float]:
-    """Redis CPU seconds, and script calls and their time (commandstats also counts the
-    commands scripts run inside, so only EVALSHA/EVAL, which include them, are used)."""
+    """Redis CPU seconds, and script calls and their time."""
     cpu = await r.info("cpu")
-    stats = await r.info("commandstats")
-    calls = usec = 0.0
-    for name in ("cmdstat_evalsha", "cmdstat_eval"):
-        if name in stats:
-            calls += float(stats[name]["calls"])
-            usec += float(stats[name]["usec"])
+    calls, usec = await script_stats(r)
     return {
         "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         "script_calls": calls,
@@ -1659,6 +1653,13 @@ def write_charts(result: dict[str, Any], out: Path) -> list[str]:
         _progress("matplotlib is not installed (pip install -e '.[bench]'): no charts")
         return []
     written: list[str] = []
+
+    def save(fig: Any, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return name
+
     colors = {"1 replica": "#4c72b0", "4 shared": "#55a868", "4 private": "#c44e52"}
     if "comparison" in result:
         comp = result["comparison"]
@@ -1756,10 +1757,7 @@ def write_charts(result: dict[str, Any], out: Path) -> list[str]:
             f"medians of {result['runs']} runs",
             fontsize=11,
         )
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=110)
-        plt.close(fig)
-        written.append("latency.png")
+        written.append(save(fig, "latency.png"))
 
         names = [n["name"] for n in sc["nodes"]]
         palette = ["#1f77b4", "#6baed6", "#ff7f0e", "#fdae6b", "#2ca02c", "#98df8a"]
@@ -1789,10 +1787,7 @@ def write_charts(result: dict[str, Any], out: Path) -> list[str]:
             "Each node's share by strategy and set-up (top: share of capacity)", fontsize=10
         )
         ax.legend(ncol=len(names), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.06))
-        fig.tight_layout()
-        fig.savefig(out / "shares.png", dpi=110)
-        plt.close(fig)
-        written.append("shares.png")
+        written.append(save(fig, "shares.png"))
     if "scale" in result:
         sizes = result["scale"]["sizes"]
         xs = [int(s) for s in sizes]
@@ -1839,10 +1834,7 @@ def write_charts(result: dict[str, Any], out: Path) -> list[str]:
             f"Cost per request by fleet size (1 replica, {result['scale']['rate_rps']:g} req/s)",
             fontsize=11,
         )
-        fig.tight_layout()
-        fig.savefig(out / "scale.png", dpi=110)
-        plt.close(fig)
-        written.append("scale.png")
+        written.append(save(fig, "scale.png"))
     drills = result.get("drills", {})
     panels = [
         (k, t)
@@ -1900,10 +1892,7 @@ def write_charts(result: dict[str, Any], out: Path) -> list[str]:
             f"Failure drill: kill -9 one node mid-run ({drills[panels[0][0]]['load']:.0%} load)",
             fontsize=11,
         )
-        fig.tight_layout()
-        fig.savefig(out / "drill.png", dpi=110)
-        plt.close(fig)
-        written.append("drill.png")
+        written.append(save(fig, "drill.png"))
     return written
 
 

@@ -20,18 +20,13 @@ import time
 import redis.asyncio as aioredis
 
 from shared_state import Outcome, Store, Strategy
-from shared_state.devserver import RedisServer
+from shared_state.devserver import RedisServer, script_stats
 
 SIZES = (4, 16, 64, 256)
 
 
 async def server_usec_per_call(client: aioredis.Redis) -> float:
-    stats = await client.info("commandstats")
-    calls = usec = 0.0
-    for name in ("cmdstat_evalsha", "cmdstat_eval"):
-        if name in stats:
-            calls += float(stats[name]["calls"])
-            usec += float(stats[name]["usec"])
+    calls, usec = await script_stats(client)
     return usec / calls if calls else 0.0
 
 

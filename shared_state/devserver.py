@@ -10,6 +10,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+
+async def script_stats(client: Any) -> tuple[float, float]:
+    """(calls, microseconds) of Lua scripts on a Redis server so far. Only EVALSHA and EVAL
+    are counted: commandstats also counts the commands scripts run inside them."""
+    stats = await client.info("commandstats")
+    calls = usec = 0.0
+    for name in ("cmdstat_evalsha", "cmdstat_eval"):
+        if name in stats:
+            calls += float(stats[name]["calls"])
+            usec += float(stats[name]["usec"])
+    return calls, usec
 
 
 def free_port() -> int:

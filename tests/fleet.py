@@ -110,6 +110,17 @@ class Gateway(Process):
         raise TimeoutError(f"{self.url} never listed {model}:\n{self.output()}")
 
 
+def replicas_of(
+    procs: list[Process], redis_url: str, node: SimNode, count: int = 2
+) -> list[Gateway]:
+    """``count`` gateway replicas sharing ``redis_url``, each started with ``--node``, ready."""
+    replicas = [Gateway("--redis-url", redis_url, "--node", node.url) for _ in range(count)]
+    procs += replicas
+    for gateway in replicas:
+        gateway.wait_models("sim-model")
+    return replicas
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
     """Poll ``check`` until it holds or ``timeout_s`` passes; returns whether it held."""
     deadline = time.monotonic() + timeout_s

@@ -14,7 +14,7 @@ import pytest
 from shared_state import InvalidInput, Store, StoreUnavailable, UnknownKey, key_digest
 from shared_state import limits as key_limits
 from tests.conftest import StoreFactory
-from tests.fleet import Gateway, Process, SimNode, eventually, ops
+from tests.fleet import Gateway, Process, SimNode, eventually, ops, replicas_of
 
 MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
@@ -235,10 +235,7 @@ async def test_key_over_its_limit_gets_429_from_either_replica(
 ) -> None:
     node = SimNode("--tokens-per-s", "20")
     procs.append(node)
-    replicas = [Gateway("--redis-url", redis_url, "--node", node.url) for _ in range(2)]
-    procs += replicas
-    for gateway in replicas:
-        gateway.wait_models(MODEL)
+    replicas = replicas_of(procs, redis_url, node)
 
     added = ops(redis_url, "keys", "add", "rated", "--key", KEY_A, "--rpm", "3")
     assert added.returncode == 0, added.stderr

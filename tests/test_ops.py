@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from shared_state import InvalidInput, UnknownKey, key_digest
 from tests.conftest import StoreFactory
-from tests.fleet import Gateway, Process, SimNode, eventually, ops
+from tests.fleet import Gateway, Process, SimNode, eventually, ops, replicas_of
 
 MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
@@ -59,10 +59,8 @@ async def test_keys_in_redis_are_seen_by_every_replica(
 ) -> None:
     node = SimNode("--tokens-per-s", "inf")
     procs.append(node)
-    replicas = [Gateway("--redis-url", redis_url, "--node", node.url) for _ in range(2)]
-    procs += replicas
+    replicas = replicas_of(procs, redis_url, node)
     for gateway in replicas:
-        gateway.wait_models(MODEL)
         assert await status_of(gateway, None) == 200  # no key anywhere: open
 
     added = ops(redis_url, "keys", "add", "team-a", "--key", KEY_A)
