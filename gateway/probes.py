@@ -7,6 +7,7 @@ httpx is the client here: probes are few and small, and its timeout values fit t
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import httpx
@@ -86,16 +87,21 @@ class Prober:
     async def _get(self, node: Node, path: str) -> httpx.Response:
         return await self.client.get(node.url + path, headers=self.headers_of(node))
 
-    async def health(self, node: Node) -> Finding:
+    @staticmethod
+    async def _finding(label: str, call: Awaitable[httpx.Response]) -> Finding:
+        """A probe's verdict: a 200 in time passes; a timeout, an error or another status fails."""
         try:
-            response = await self._get(node, "/health")
+            response = await call
         except httpx.TimeoutException:
-            return Finding(False, "GET /health timed out")
+            return Finding(False, f"{label} timed out")
         except httpx.HTTPError as exc:
-            return Finding(False, f"GET /health failed: {type(exc).__name__}")
+            return Finding(False, f"{label} failed: {type(exc).__name__}")
         if response.status_code != 200:
-            return Finding(False, f"GET /health answered {response.status_code}")
-        return Finding(True, "GET /health 200")
+            return Finding(False, f"{label} answered {response.status_code}")
+        return Finding(True, f"{label} 200")
+
+    async def health(self, node: Node) -> Finding:
+        return await self._finding("GET /health", self._get(node, "/health"))
 
     async def models(self, node: Node) -> list[str] | None:
         try:
@@ -113,17 +119,10 @@ class Prober:
         if not node.models:
             return Finding(False, "no model to probe")
         body = {"model": node.models[0], "prompt": "ping", "max_tokens": 1, "stream": False}
-        try:
-            response = await self.client.post(
-                node.url + "/v1/completions", json=body, headers=self.headers_of(node)
-            )
-        except httpx.TimeoutException:
-            return Finding(False, "generation probe timed out")
-        except httpx.HTTPError as exc:
-            return Finding(False, f"generation probe failed: {type(exc).__name__}")
-        if response.status_code != 200:
-            return Finding(False, f"generation probe answered {response.status_code}")
-        return Finding(True, "generation probe 200")
+        call = self.client.post(
+            node.url + "/v1/completions", json=body, headers=self.headers_of(node)
+        )
+        return await self._finding("generation probe", call)
 
     async def load(self, node: Node) -> Load | None:
         try:

@@ -34,7 +34,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .simpd import ROLES, PDEngine, PDError, add_routes
+from .simpd import ROLES, PDEngine, PDError, add_routes, refusal
 
 FAULT_MODES: Final = frozenset(
     {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
@@ -390,7 +390,7 @@ class SimNode:
         except _ApiError as exc:
             return exc.response
         except PDError as exc:
-            return _error(exc.status, str(exc), "server_error", None, exc.code)
+            return refusal(exc)
         except _ClientGone:
             # Usually unwritable; a client still there only sees it when the server shuts down.
             return _error(503, "the node is shutting down", "server_error")

@@ -18,8 +18,10 @@ The figures are in ``/metrics`` (``sim_pd_*``) and ``/sim/stats`` (``pd``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -74,6 +76,22 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+Handler = Callable[["PDEngine", web.Request], Awaitable[web.Response]]
+
+
+def _answers(handler: Handler) -> Handler:
+    """A /distserve endpoint: a :class:`PDError` it raises is its answer."""
+
+    @functools.wraps(handler)
+    async def answer(engine: PDEngine, request: web.Request) -> web.Response:
+        try:
+            return await handler(engine, request)
+        except PDError as exc:
+            return refusal(exc)
+
+    return answer
+
+
 class PDEngine:
     """The DistServe state of one simulated Prefill or Decode engine."""
 
@@ -126,16 +144,14 @@ class PDEngine:
         # LMDeploy's endpoint returns model_dump_json(): a JSON string holding the JSON.
         return _ok(orjson.dumps(config).decode())
 
+    @_answers
     async def p2p_initialize(self, request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            local, remote = _str(body, "local_engine_id"), _str(body, "remote_engine_id")
-            protocol = _protocol(body)
-            for name in ("local_engine_config", "remote_engine_config"):
-                if not isinstance(body.get(name), dict) or "tp_size" not in body[name]:
-                    raise PDError(422, f"{name} must be an engine config", "invalid_field")
-        except PDError as exc:
-            return _refuse(exc)
+        body = await _body(request)
+        local, remote = _str(body, "local_engine_id"), _str(body, "remote_engine_id")
+        protocol = _protocol(body)
+        for name in ("local_engine_config", "remote_engine_config"):
+            if not isinstance(body.get(name), dict) or "tp_size" not in body[name]:
+                raise PDError(422, f"{name} must be an engine config", "invalid_field")
         if remote in self.initialized:
             self.counts["double_connects"] += 1  # the pair is being connected a second time
         self.initialized[remote] = (local, protocol)
@@ -156,65 +172,57 @@ class PDEngine:
             }
         )
 
+    @_answers
     async def p2p_connect(self, request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            remote = _str(body, "remote_engine_id")
-            _protocol(body)
-            endpoint = body.get("remote_engine_endpoint_info")
-            if not isinstance(endpoint, dict) or not isinstance(endpoint.get("zmq_address"), str):
-                raise PDError(422, "remote_engine_endpoint_info needs a zmq_address", "invalid")
-            if not isinstance(body.get("remote_kvtransfer_endpoint_info"), list):
-                raise PDError(422, "remote_kvtransfer_endpoint_info must be a list", "invalid")
-            if remote not in self.initialized:
-                # LMDeploy: a KeyError on the receiver socket, a 500.
-                raise PDError(500, f"p2p_connect before p2p_initialize for {remote}", "no_init")
-        except PDError as exc:
-            return _refuse(exc)
+        body = await _body(request)
+        remote = _str(body, "remote_engine_id")
+        _protocol(body)
+        endpoint = body.get("remote_engine_endpoint_info")
+        if not isinstance(endpoint, dict) or not isinstance(endpoint.get("zmq_address"), str):
+            raise PDError(422, "remote_engine_endpoint_info needs a zmq_address", "invalid")
+        if not isinstance(body.get("remote_kvtransfer_endpoint_info"), list):
+            raise PDError(422, "remote_kvtransfer_endpoint_info must be a list", "invalid")
+        if remote not in self.initialized:
+            # LMDeploy: a KeyError on the receiver socket, a 500.
+            raise PDError(500, f"p2p_connect before p2p_initialize for {remote}", "no_init")
         if remote in self.connected:
             self.counts["double_connects"] += 1
         self.connected.add(remote)
         self.counts["connects"] += 1
         return _ok({"status": SUCCESS})
 
+    @_answers
     async def p2p_drop_connect(self, request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            _str(body, "engine_id")
-            remote = _str(body, "remote_engine_id")
-        except PDError as exc:
-            return _refuse(exc)
+        body = await _body(request)
+        _str(body, "engine_id")
+        remote = _str(body, "remote_engine_id")
         self.connected.discard(remote)
         self.initialized.pop(remote, None)
         self.counts["drops"] += 1
         return _ok({"success": True})
 
+    @_answers
     async def free_cache(self, request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            _str(body, "remote_engine_id")
-            sid = _int(body, "remote_session_id")
-        except PDError as exc:
-            return _refuse(exc)
+        body = await _body(request)
+        _str(body, "remote_engine_id")
+        sid = _int(body, "remote_session_id")
         self._free(sid, "freed_by_proxy")
         return _ok({"status": "SUCCESS"})
 
+    @_answers
     async def sim_migrate(self, request: web.Request) -> web.Response:
         """The Decode engine reads a session's blocks and frees it (RDMA read + ZMQ free)."""
-        try:
-            body = await _body(request)
-            peer = _str(body, "engine_id")
-            sid = _int(body, "session_id")
-            blocks = body.get("block_ids")
-            if peer not in self.connected:
-                raise PDError(409, f"no connection with {peer}", "not_connected")
-            if sid not in self.sessions:
-                what = "freed" if sid in self.freed else "unknown"
-                raise PDError(409, f"session {sid} is {what}", f"{what}_session")
-            if blocks != self.sessions[sid]:
-                raise PDError(409, f"block ids of session {sid} do not match", "bad_blocks")
-        except PDError as exc:
-            return _refuse(exc)
+        body = await _body(request)
+        peer = _str(body, "engine_id")
+        sid = _int(body, "session_id")
+        blocks = body.get("block_ids")
+        if peer not in self.connected:
+            raise PDError(409, f"no connection with {peer}", "not_connected")
+        if sid not in self.sessions:
+            what = "freed" if sid in self.freed else "unknown"
+            raise PDError(409, f"session {sid} is {what}", f"{what}_session")
+        if blocks != self.sessions[sid]:
+            raise PDError(409, f"block ids of session {sid} do not match", "bad_blocks")
         self._free(sid, "freed_by_decode")
         return _ok({"status": "SUCCESS"})
 
@@ -332,7 +340,7 @@ def _ok(obj: object) -> web.Response:
     return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
-def _refuse(exc: PDError) -> web.Response:
+def refusal(exc: PDError) -> web.Response:
     body = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}}
     return web.Response(body=orjson.dumps(body), status=exc.status, content_type="application/json")
 
