@@ -37,8 +37,6 @@ from shared_state.pd import PDSession, PDState
 from .errors import (
     BadRequest,
     GatewayError,
-    ModelNotFound,
-    NoHealthyNode,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -47,7 +45,7 @@ from .proxy import Upstream, UpstreamFailure, UpstreamResponse
 from .settings import LINK_TYPES, MIGRATION_PROTOCOLS, GatewaySettings
 
 if TYPE_CHECKING:
-    from .handler import ProxyHandler, Scope, _Exchange
+    from .handler import ProxyHandler, Scope, Settle, _Exchange
     from .routing import Router
 
 log = logging.getLogger("fleetgate.distserve")
@@ -63,6 +61,10 @@ Call = Callable[[Node, str, Any], Awaitable[tuple[int, bytes]]]
 
 class PairError(Exception):
     """A prefill/decode pair could not be connected."""
+
+
+class PairMismatch(PairError):
+    """The pair's engines cannot be connected at all (their parallel sizes differ)."""
 
 
 class DistServeMetrics:
@@ -258,10 +260,11 @@ class PairConnector:
                 self.metrics.connects.inc((("result", "ok"),))
                 log.info("connected %s -> %s", prefill.id, decode.id)
                 return
+            except PairMismatch as exc:
+                error = exc
+                break  # retrying cannot change a configuration
             except PairError as exc:
                 error = exc
-                if "tensor-parallel" in str(exc):
-                    break  # retrying cannot change a configuration mismatch
         self.metrics.connects.inc((("result", "failed"),))
         raise PairError(f"cannot connect {prefill.id} -> {decode.id}: {error}")
 
@@ -287,7 +290,7 @@ class PairConnector:
             if not isinstance(config, dict) or "tp_size" not in config:
                 raise PairError(f"{node.id} answered no engine config")
         if p_config["tp_size"] != d_config["tp_size"]:
-            raise PairError(
+            raise PairMismatch(
                 f"tensor-parallel sizes differ: {prefill.id} tp={p_config['tp_size']}, "
                 f"{decode.id} tp={d_config['tp_size']}"
             )
@@ -357,12 +360,13 @@ class _NoNode(Exception):
         self.role = role
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Prefilled:
     node: Node
     session_id: int
     block_ids: list[int]
     token_id: int
+    sent: bool = False  # its decode request went out: the decode node may have taken it
 
 
 def _request_object(body: bytes) -> dict[str, Any]:
@@ -408,7 +412,6 @@ class DistServe:
             self.pd, call, self.protocol, LINK_TYPES[settings.link_type], self.metrics
         )
         self.owned: set[int] = set()  # open sessions of this replica, renewed like leases
-        self.decoding: set[int] = set()  # sessions whose decode request is being sent
         self._upkeep: asyncio.Task[None] | None = None
 
     # -- upkeep ---------------------------------------------------------------------------
@@ -477,7 +480,9 @@ class DistServe:
             prefilled: _Prefilled | None = None
             try:
                 if not self.dummy:
-                    prefilled = await self._prefill(h, scope, exchange, request, rid, tried_p)
+                    prefilled = await self._prefill(
+                        h, scope, exchange, request, model, rid, tried_p
+                    )
                     if prefilled is None:
                         return  # the prefill node refused the request itself: relayed
                 error = await self._decode(
@@ -491,21 +496,14 @@ class DistServe:
             except _NoNode as none:
                 if attempt > 1:
                     break
-                view = self.router.view()
-                if view is None or not view.serves(model):
-                    raise ModelNotFound(f"The model `{model}` does not exist.") from None
-                raise NoHealthyNode(
-                    f"no healthy {none.role.name.title()} node can serve model `{model}` now"
-                ) from None
+                raise h.no_node(model, none.role.name.title()) from None
             finally:
-                if prefilled is not None:
-                    sid = prefilled.session_id
-                    sent = sid in self.decoding  # the decode node may have the request
-                    self.decoding.discard(sid)
-                    if sid in self.owned:
-                        # Cancelled (the client left) or failed before the decode node answered.
-                        await asyncio.shield(self._settle(sid, free=True, uncertain=sent))
-        raise last_error or NoHealthyNode(f"no healthy node can serve model `{model}` now")
+                if prefilled is not None and prefilled.session_id in self.owned:
+                    # Cancelled (the client left), or failed before the decode node answered.
+                    await asyncio.shield(
+                        self._settle(prefilled.session_id, free=True, uncertain=prefilled.sent)
+                    )
+        raise last_error or h.no_node(model)
 
     async def _prefill(
         self,
@@ -513,10 +511,10 @@ class DistServe:
         scope: Scope,
         exchange: _Exchange,
         request: dict[str, Any],
+        model: str,
         rid: tuple[str, int],
         tried: list[str],
     ) -> _Prefilled | None:
-        model = str(request["model"])
         request_id, attempt = rid
         route = await self.router.pick(model, f"{request_id}.{attempt}.p", tried, role=Role.PREFILL)
         if route is None:
@@ -595,9 +593,7 @@ class DistServe:
         request_id, attempt = rid
         route = await self.router.pick(model, f"{request_id}.{attempt}.d", tried, role=Role.DECODE)
         if route is None:
-            if prefilled is not None:
-                await asyncio.shield(self._settle(prefilled.session_id, free=True))
-            raise _NoNode(Role.DECODE)
+            raise _NoNode(Role.DECODE)  # serve() frees the session
         node = route.node
         tried.append(node.id)
         if prefilled is None:
@@ -622,8 +618,7 @@ class DistServe:
                     await self.connector.ensure(prefilled.node, node)
             except PairError as exc:
                 await asyncio.shield(self.router.release(route, Outcome.FAIL, 0.0))
-                await asyncio.shield(self._settle(sid, free=True))
-                raise _Retry(UpstreamError(str(exc))) from None
+                raise _Retry(UpstreamError(str(exc))) from None  # serve() frees the session
             except BaseException:
                 await asyncio.shield(self.router.release(route, Outcome.NEUTRAL, 0.0))
                 raise
@@ -636,20 +631,20 @@ class DistServe:
                 "is_dummy_prefill": False,
             }
         body = orjson.dumps({**request, "migration_request": migration})
-
-        async def settle(status: int | None, sent: bool) -> None:
-            """The decode node answered ``status`` (None: failed after the request went out)."""
-            if prefilled is None:
-                return
-            took = status is not None and status < 400
-            uncertain = status is None and sent
-            await asyncio.shield(
-                self._settle(prefilled.session_id, free=not took, uncertain=uncertain)
-            )
-
-        exchange.attempts, exchange.route = attempt, route
+        settle: Settle | None = None
         if prefilled is not None:
-            self.decoding.add(prefilled.session_id)
+            session = prefilled
+
+            async def settle(status: int | None, sent: bool) -> None:
+                """The decode node answered ``status`` (None: failed, maybe after sending)."""
+                took = status is not None and status < 400
+                uncertain = status is None and sent
+                await asyncio.shield(
+                    self._settle(session.session_id, free=not took, uncertain=uncertain)
+                )
+
+            session.sent = True
+        exchange.attempts, exchange.route = attempt, route
         final = attempt == h.max_attempts
         return await h._attempt(
             scope, exchange, body, model, request_id, route, final, settle=settle

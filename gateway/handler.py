@@ -334,6 +334,14 @@ class ProxyHandler:
         self.metrics.retries.inc()
         return True
 
+    def no_node(self, model: str, role: str = "") -> GatewayError:
+        """Why no node was picked: the model is unknown, or none of its nodes can serve now."""
+        view = self.router.view()
+        if view is None or not view.serves(model):
+            return ModelNotFound(f"The model `{model}` does not exist.")
+        kind = f"{role} node" if role else "node"
+        return NoHealthyNode(f"no healthy {kind} can serve model `{model}` now")
+
     async def _route(
         self, scope: Scope, exchange: _Exchange, body: bytes, model: str, request_id: str
     ) -> None:
@@ -347,10 +355,7 @@ class ProxyHandler:
             )
             if route is None:
                 if attempt == 1:
-                    view = self.router.view()
-                    if view is None or not view.serves(model):
-                        raise ModelNotFound(f"The model `{model}` does not exist.")
-                    raise NoHealthyNode(f"no healthy node can serve model `{model}` now")
+                    raise self.no_node(model)
                 break
             tried.append(route.node.id)
             exchange.attempts, exchange.route = attempt, route
@@ -359,7 +364,7 @@ class ProxyHandler:
             if error is None:
                 return
             last_error = error
-        raise last_error or NoHealthyNode(f"no healthy node can serve model `{model}` now")
+        raise last_error or self.no_node(model)
 
     async def _attempt(
         self,
@@ -424,7 +429,8 @@ class ProxyHandler:
                     self.metrics.attempts.inc((("node", node.id), ("result", "error")))
                     return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
                 outcome = outcome_of(status)
-                tokens = _completion_tokens(data) if status == 200 else 0
+                generated = status == 200 and scope["path"] != "/v1/embeddings"
+                tokens = _completion_tokens(data) if generated else 0
                 await self._send_buffered(exchange, response, data, request_id, route)
             self.metrics.attempts.inc((("node", node.id), ("result", str(status))))
             return None

@@ -191,7 +191,7 @@ class _Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self.paused and self.buffered <= PAUSE_ABOVE_BYTES // 2 and self.transport:
+        if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
         return data
@@ -262,9 +262,6 @@ class UpstreamResponse:
             self._upstream._give_back(self._origin, self._conn)
         else:
             self._conn.abort()
-
-    def release(self) -> None:
-        self.close()
 
 
 class Upstream:
