@@ -164,7 +164,7 @@ class Gateway:
                         await self.store.update_node(url, models=models)
                     except UnknownNode:
                         await self.store.add_node(url, models, reason="--node at start")
-                    await self.store.refresh(await self.store.epoch())
+                    await self.store.refresh_latest()
                     pending.remove(url)
                     log.info("registered node %s with models %s", url, models)
                 except (UpstreamFailure, StateError) as exc:
@@ -178,7 +178,7 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         await self.auth.check_client(request.headers.raw)
         with contextlib.suppress(StoreUnavailable):
-            await self.store.refresh(await self.store.epoch())
+            await self.store.refresh_latest()
         view = self.store.cached_view
         names = view.models() if view else []
         return json_response(
@@ -199,7 +199,7 @@ class Gateway:
         view = self.store.cached_view
         if store_ok:
             with contextlib.suppress(StoreUnavailable):
-                view = await self.store.refresh(await self.store.epoch())
+                view = await self.store.refresh_latest()
         active = sum(1 for n in view.registry.nodes if n.state is NodeState.ACTIVE) if view else 0
         ready = store_ok and active > 0
         body = {

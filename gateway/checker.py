@@ -186,9 +186,10 @@ class HealthChecker:
     async def _call(self, node: Node, path: str, body: Any) -> tuple[int, bytes]:
         headers = Prober.headers_of(node)
         if body is None:
-            response = await self.prober.client.get(node.url + path, headers=headers)
+            response = await self.prober.client_for(node).get(node.url + path, headers=headers)
         else:
-            response = await self.prober.client.post(node.url + path, json=body, headers=headers)
+            client = self.prober.client_for(node)
+            response = await client.post(node.url + path, json=body, headers=headers)
         return response.status_code, response.content
 
     @property

@@ -187,7 +187,7 @@ class PDCleaner:
         """Free sessions whose migration is over or orphaned: expired records, records whose
         nodes left the registry, records of replicas that are not alive."""
         expired = await self.pd.take_expired()
-        view = await self.pd.store.refresh(await self.pd.store.epoch())
+        view = await self.pd.store.refresh_latest()
         orphans = [
             s.session_id
             for s in await self.pd.sessions()
@@ -328,7 +328,7 @@ class PairConnector:
     async def warmup(self) -> list[PairResult]:
         """Connect every active (prefill, decode) pair serving a common model."""
         store = self.pd.store
-        view = await store.refresh(await store.epoch())
+        view = await store.refresh_latest()
         nodes = view.registry.nodes
         active = [n for n in nodes if n.state is NodeState.ACTIVE]
         prefills = [n for n in active if n.role == Role.PREFILL]

@@ -188,7 +188,7 @@ class NodesAPI:
         if not created and node.role != Role.HYBRID:
             # A DistServe engine that registers again has restarted: its connections are gone.
             await self.cleaner.drop_node(node.id)
-        await self.store.refresh(await self.store.epoch())
+        await self.store.refresh_latest()
         return json_response(
             {"message": "Added successfully", "created": created, "node": node_json(node)}
         )
@@ -222,7 +222,7 @@ class NodesAPI:
         url = await self._target(request)
         await self.store.remove_node(url)
         dropped = await self.cleaner.drop_node(url)
-        await self.store.refresh(await self.store.epoch())
+        await self.store.refresh_latest()
         return json_response({"message": "Deleted successfully", "url": url, "distserve": dropped})
 
     async def _terminate(self, url: str) -> dict[str, Any]:
@@ -248,7 +248,7 @@ class NodesAPI:
         from the registry but could not be stopped."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
         outcome = await self._terminate(await self._target(request))
-        await self.store.refresh(await self.store.epoch())
+        await self.store.refresh_latest()
         if outcome["terminated"]:
             return json_response({"message": "Terminated successfully", **outcome})
         return json_response(
@@ -269,7 +269,7 @@ class NodesAPI:
         self.auth.check_admin(request.headers.raw, _client_host(request))
         registry = await self.store.registry()
         results = [await self._terminate(node.url) for node in registry.nodes]
-        await self.store.refresh(await self.store.epoch())
+        await self.store.refresh_latest()
         failed = [r for r in results if not r["terminated"]]
         body = {
             "message": "Terminated successfully" if not failed else "Some nodes did not stop",

@@ -71,21 +71,30 @@ def parse_load(text: str) -> Load | None:
 
 class Prober:
     def __init__(self, timeout_s: float) -> None:
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            follow_redirects=False,
-        )
+        def client(verify: bool) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                follow_redirects=False,
+                verify=verify,
+            )
+
+        self.client = client(True)
+        self._insecure = client(False)  # for nodes registered as insecure, as the gateway does
+
+    def client_for(self, node: Node) -> httpx.AsyncClient:
+        return self._insecure if node.insecure else self.client
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self._insecure.aclose()
 
     @staticmethod
     def headers_of(node: Node) -> dict[str, str]:
         return {"authorization": f"Bearer {node.api_key}"} if node.api_key else {}
 
     async def _get(self, node: Node, path: str) -> httpx.Response:
-        return await self.client.get(node.url + path, headers=self.headers_of(node))
+        return await self.client_for(node).get(node.url + path, headers=self.headers_of(node))
 
     @staticmethod
     async def _finding(label: str, call: Awaitable[httpx.Response]) -> Finding:
@@ -119,7 +128,7 @@ class Prober:
         if not node.models:
             return Finding(False, "no model to probe")
         body = {"model": node.models[0], "prompt": "ping", "max_tokens": 1, "stream": False}
-        call = self.client.post(
+        call = self.client_for(node).post(
             node.url + "/v1/completions", json=body, headers=self.headers_of(node)
         )
         return await self._finding("generation probe", call)

@@ -215,7 +215,7 @@ class Router:
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(StoreUnavailable):
-                await self.store.refresh(await self.store.epoch())
+                await self.store.refresh_latest()
 
     async def _renew_forever(self) -> None:
         interval = self.store.settings.lease_ms / 1000 / 3

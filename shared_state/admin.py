@@ -206,10 +206,10 @@ def _limits_text(key: ApiKey) -> str:
 # -- commands ---------------------------------------------------------------------------
 
 
-async def ask_models(url: str, api_key: str | None) -> list[str]:
+async def ask_models(url: str, api_key: str | None, insecure: bool = False) -> list[str]:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=5.0, verify=not insecure) as client:
             response = await client.get(f"{url}/v1/models", headers=headers)
         data = response.json().get("data") if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
@@ -228,7 +228,7 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         return 0
     url = normalize_url(args.url)
     if command == "add":
-        models = args.model or await ask_models(url, args.api_key)
+        models = args.model or await ask_models(url, args.api_key, args.insecure)
         _, created = await store.add_node(
             url,
             models,

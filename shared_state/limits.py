@@ -54,7 +54,7 @@ async def limits_of(store: Store, digest: str) -> tuple[int, int] | None:
     """
     view = store.cached_view
     if view is None or digest not in view.key_digests:
-        view = await store.refresh(await store.epoch())
+        view = await store.refresh_latest()
     return view.registry.key_limits.get(digest)
 
 

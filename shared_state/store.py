@@ -336,6 +336,10 @@ class Store:
             self._view = RegistryView(await self.registry())
             return self._view
 
+    async def refresh_latest(self) -> RegistryView:
+        """The view at the store's current epoch: re-read only if the registry changed."""
+        return await self.refresh(await self.epoch())
+
     async def status(self) -> list[NodeStatus]:
         """Every node with its leases in force and recent latencies."""
         registry = await self.registry()

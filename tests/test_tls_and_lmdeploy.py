@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from gateway.probes import Prober
+from shared_state import Node
 from tests.fleet import Gateway, Process, SimNode, make_certificate
 from tests.support import free_port, wait_for_port
 
@@ -170,3 +172,22 @@ def test_terminate_removes_and_stops_nodes_and_says_when_it_cannot(
         assert everything.json()["nodes"][b.url]["terminated"] is True
         assert b.proc.wait(timeout=10) == 0
         assert http.get(f"{gateway.url}/nodes/status").json() == {}
+
+
+async def test_checker_probes_an_insecure_node_without_certificate_checks(
+    certificate: tuple[Path, Path], procs: list[Process]
+) -> None:
+    """A node registered as insecure is probed as the gateway reaches it; a verified one with
+    a self-signed certificate fails its probe."""
+    cert, key = certificate
+    node = HttpsNode(cert, key)
+    procs.append(node)
+    prober = Prober(timeout_s=5.0)
+    try:
+        insecure = Node(id=node.url, url=node.url, models=(MODEL,), insecure=True)
+        verified = Node(id=node.url, url=node.url, models=(MODEL,))
+        assert (await prober.health(insecure)).ok
+        assert (await prober.generate(insecure)).ok
+        assert not (await prober.health(verified)).ok
+    finally:
+        await prober.close()
