@@ -181,7 +181,6 @@ class HealthChecker:
         self._seen_failures: dict[str, int] = {}
         self._last_generate: dict[str, float] = {}
         self._generate_failed: set[str] = set()
-        self._wake = asyncio.Event()
 
     async def _call(self, node: Node, path: str, body: Any) -> tuple[int, bytes]:
         headers = Prober.headers_of(node)

@@ -225,9 +225,9 @@ class NodesAPI:
         await self.store.refresh_latest()
         return json_response({"message": "Deleted successfully", "url": url, "distserve": dropped})
 
-    async def _terminate(self, url: str) -> dict[str, Any]:
+    async def _terminate(self, node: Node) -> dict[str, Any]:
         """Remove a node, then ask it to stop through its /terminate; say what happened."""
-        node = await self.store.get_node(url)
+        url = node.id
         await self.store.remove_node(url)
         await self.cleaner.drop_node(url)
         outcome: dict[str, Any] = {"url": url, "removed": True, "terminated": False}
@@ -247,7 +247,7 @@ class NodesAPI:
         """LMDeploy's /nodes/terminate: 200 when the node stopped, 502 when it was removed
         from the registry but could not be stopped."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
-        outcome = await self._terminate(await self._target(request))
+        outcome = await self._terminate(await self.store.get_node(await self._target(request)))
         await self.store.refresh_latest()
         if outcome["terminated"]:
             return json_response({"message": "Terminated successfully", **outcome})
@@ -268,7 +268,7 @@ class NodesAPI:
         """LMDeploy's /nodes/terminate_all: every node removed and asked to stop."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
         registry = await self.store.registry()
-        results = [await self._terminate(node.url) for node in registry.nodes]
+        results = [await self._terminate(node) for node in registry.nodes]
         await self.store.refresh_latest()
         failed = [r for r in results if not r["terminated"]]
         body = {

@@ -247,9 +247,12 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         if args.api_key is not None and args.clear_api_key:
             raise InvalidInput("--api-key and --clear-api-key contradict each other")
         api_key = "" if args.clear_api_key else args.api_key
-        await store.update_node(
-            url, models=args.model, speed=args.speed, weight=args.weight, api_key=api_key
-        )
+        fields = (args.model, args.speed, args.weight, api_key)
+        if not args.state or any(f is not None for f in fields):
+            # A state change alone is one write (one registry re-read on every replica).
+            await store.update_node(
+                url, models=args.model, speed=args.speed, weight=args.weight, api_key=api_key
+            )
         if args.state:
             await store.set_state(url, NodeState(args.state), f"set {args.state} by operator")
         verb = "changed"

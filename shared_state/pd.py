@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from typing import cast
 
 import msgspec
 
@@ -38,20 +39,18 @@ def pair_key(prefill: str, decode: str) -> str:
     return f"{prefill} {decode}"
 
 
-def _sessions(flat: list[object]) -> list[PDSession]:
+def _split_pair(field: str) -> tuple[str, str]:
+    prefill, _, decode = field.partition(" ")
+    return prefill, decode
+
+
+def _sessions(flat: list[str]) -> list[PDSession]:
+    """Sessions from a flat ``[id, "prefill decode replica", ...]`` reply (clients decode text)."""
     out: list[PDSession] = []
     for i in range(0, len(flat), 2):
-        sid = flat[i]
-        record = flat[i + 1]
-        sid_text = sid.decode() if isinstance(sid, bytes) else str(sid)
-        text = record.decode() if isinstance(record, bytes) else str(record)
-        prefill, decode, replica = [*text.split(" "), "", "", ""][:3]
-        out.append(PDSession(int(sid_text), prefill, "" if decode == "-" else decode, replica))
+        prefill, decode, replica = [*flat[i + 1].split(" "), "", "", ""][:3]
+        out.append(PDSession(int(flat[i]), prefill, "" if decode == "-" else decode, replica))
     return out
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class PDState:
@@ -120,8 +119,8 @@ class PDState:
 
     async def sessions(self) -> list[PDSession]:
         async with self.store.guard():
-            raw = await self.store.client.hgetall(self.keys.pd_sessions)
-        flat: list[object] = []
+            raw = cast(dict[str, str], await self.store.client.hgetall(self.keys.pd_sessions))
+        flat: list[str] = []
         for sid, record in raw.items():
             flat += [sid, record]
         return sorted(_sessions(flat), key=lambda s: s.session_id)
@@ -131,11 +130,10 @@ class PDState:
     async def pairs(self) -> dict[tuple[str, str], int]:
         """Connected pairs, with the ms time each was connected."""
         async with self.store.guard():
-            raw = await self.store.client.hgetall(self.keys.pd_pairs)
+            raw = cast(dict[str, str], await self.store.client.hgetall(self.keys.pd_pairs))
         out: dict[tuple[str, str], int] = {}
         for field, value in raw.items():
-            p, _, d = _text(field).partition(" ")
-            out[(p, d)] = int(_text(value))
+            out[_split_pair(field)] = int(value)
         return out
 
     async def is_connected(self, prefill: str, decode: str) -> bool:
@@ -175,8 +173,4 @@ class PDState:
         pairs_raw, sessions_raw = await self.store.run_script(
             scripts.PD_DROP, [k.pd_pairs, k.pd_sessions, k.pd_deadlines], [node_id]
         )
-        dropped: list[tuple[str, str]] = []
-        for field in pairs_raw:
-            p, _, d = _text(field).partition(" ")
-            dropped.append((p, d))
-        return dropped, _sessions(list(sessions_raw))
+        return [_split_pair(field) for field in pairs_raw], _sessions(list(sessions_raw))
