@@ -26,6 +26,7 @@ from shared_state import (
     StoreUnavailable,
     UnknownNode,
 )
+from shared_state.registry import model_ids
 
 from .accesslog import AccessLog
 from .auth import Authenticator
@@ -156,8 +157,7 @@ class Gateway:
                 probe = Node(id=url, url=url, models=())
                 try:
                     listing = await self.upstream.get_json(probe, "/v1/models")
-                    data = listing.get("data") if isinstance(listing, dict) else None
-                    models = [m["id"] for m in data or [] if isinstance(m, dict) and "id" in m]
+                    models = model_ids(listing)
                     try:
                         # Known already (another replica, an operator): keep its speed,
                         # weight and state, which a rolling restart must not undo.

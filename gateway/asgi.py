@@ -1,8 +1,7 @@
 """The ASGI app built from the command line handed down by ``fleetgate serve --workers N``."""
 
 from .app import create_app
-from .config import argv_from_environment
-from .server import setup_logging
+from .config import argv_from_environment, setup_logging
 from .settings import load_settings
 
 settings = load_settings(argv_from_environment())

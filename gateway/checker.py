@@ -13,10 +13,8 @@ import contextlib
 import logging
 import random
 import signal
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,17 @@ from shared_state import Fenced, Node, NodeState, PDState, StateError, Store, St
 from shared_state.health import HealthLedger
 from shared_state.model import HealthReport, ProbeResult
 
-from .config import ConfigError, Option, int_range, non_empty, port, positive_float, resolve
+from .config import (
+    ConfigError,
+    Option,
+    int_range,
+    non_empty,
+    port,
+    positive_float,
+    process_id,
+    resolve,
+    setup_logging,
+)
 from .distserve import DistServeMetrics, PDCleaner
 from .metrics import Counter, render_text
 from .probes import Finding, Prober
@@ -104,7 +112,7 @@ class CheckerSettings:
     def identity(self) -> str:
         if self.checker_id:
             return self.checker_id.replace(" ", "-")
-        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        return process_id()
 
 
 def load_settings(argv: Sequence[str] | None = None) -> CheckerSettings:
@@ -391,9 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fleetgate health-checker: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_checker(settings))
     return 0

@@ -8,9 +8,12 @@ then the default. This is the only module that reads ``os.environ``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +201,17 @@ def argv_from_environment() -> list[str]:
 
     raw = os.environ.get(ARGV_VARIABLE)
     return list(json.loads(raw)) if raw else []
+
+
+def setup_logging(level: str) -> None:
+    """One log format for every fleetgate process, on stderr."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def process_id() -> str:
+    """A name unique to this process: host name and a random suffix."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"

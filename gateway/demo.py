@@ -21,7 +21,8 @@ from shared_state import Store, StoreSettings, Strategy
 
 from .app import create_app
 from .checker import CheckerSettings, HealthChecker
-from .server import hypercorn_config, setup_logging
+from .config import setup_logging
+from .server import hypercorn_config
 from .settings import GatewaySettings
 from .simnode import SimConfig, build_app
 

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared_state import InvalidInput, Node, NodeStatus, Role, Store, normalize_url
+from shared_state.registry import model_ids
 
 from .auth import Authenticator
 from .distserve import PDCleaner
@@ -201,11 +202,10 @@ class NodesAPI:
             raise UpstreamError(
                 f"no models given and the node's /v1/models could not be read: {exc}"
             ) from None
-        data = listing.get("data") if isinstance(listing, dict) else None
-        models = [m.get("id") for m in data or [] if isinstance(m, dict)]
+        models = model_ids(listing)
         if not models:
             raise UpstreamError("the node's /v1/models lists no models")
-        return [m for m in models if isinstance(m, str)]
+        return models
 
     async def _target(self, request: Request) -> str:
         payload = await _json_object(request)

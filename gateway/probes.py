@@ -14,6 +14,7 @@ import httpx
 import orjson
 
 from shared_state import Node
+from shared_state.registry import model_ids
 
 # Gauge names by server: vLLM (current and older), SGLang, LMDeploy.
 KV_USAGE = (
@@ -117,11 +118,10 @@ class Prober:
             response = await self._get(node, "/v1/models")
             if response.status_code != 200:
                 return None
-            data = orjson.loads(response.content).get("data")
-        except (httpx.HTTPError, orjson.JSONDecodeError, AttributeError):
+            listing = orjson.loads(response.content)
+        except (httpx.HTTPError, orjson.JSONDecodeError):
             return None
-        names = [m.get("id") for m in data or [] if isinstance(m, dict)]
-        return [n for n in names if isinstance(n, str) and n] or None
+        return model_ids(listing) or None
 
     async def generate(self, node: Node) -> Finding:
         """A one-token completion: catches a node whose /health is green but cannot generate."""

@@ -13,7 +13,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
 from .app import create_app
-from .config import ConfigError, argv_for_workers
+from .config import ConfigError, argv_for_workers, setup_logging
 from .settings import GatewaySettings, load_settings
 
 
@@ -30,14 +30,6 @@ def hypercorn_config(settings: GatewaySettings) -> Config:
         config.certfile = settings.certfile
         config.keyfile = settings.keyfile
     return config
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def serve_async(settings: GatewaySettings) -> None:

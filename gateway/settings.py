@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from .config import (
     non_empty,
     port,
     positive_float,
+    process_id,
     resolve,
 )
 
@@ -217,7 +216,7 @@ class GatewaySettings:
         """This process's replica id: configured, or unique per process."""
         if self.replica_id:
             return self.replica_id.replace(":", "-")
-        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}".replace(":", "-")
+        return process_id().replace(":", "-")
 
 
 def load_settings(

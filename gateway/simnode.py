@@ -34,7 +34,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .simpd import ROLES, PDEngine, PDError, add_routes, refusal
+from .simpd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
 
 FAULT_MODES: Final = frozenset(
     {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
@@ -124,10 +124,6 @@ def _error(
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
-
-
-def _json(obj: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
 def _sse(obj: object) -> bytes:
@@ -348,7 +344,7 @@ class SimNode:
             {"id": m, "object": "model", "created": self._created, "owned_by": "fleetgate-sim"}
             for m in self.config.models
         ]
-        return _json({"object": "list", "data": data})
+        return json_answer({"object": "list", "data": data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
@@ -433,7 +429,7 @@ class SimNode:
             _abort(request, rst=False)
             raise _ClientGone
         self.served += 1
-        return _json(result)
+        return json_answer(result)
 
     async def _pd_prefill(
         self,
@@ -454,7 +450,7 @@ class SimNode:
 
         answer = await pd.prefill(body, n, work)
         self.served += 1
-        return _json(answer)
+        return json_answer(answer)
 
     def _usage(self, kind: str, body: dict[str, Any], n: int) -> dict[str, int]:
         prompt = _count_words(body.get("messages") if kind == "chat" else body.get("prompt"))
@@ -567,8 +563,8 @@ class SimNode:
         fault = self.fault
         if fault.mode == "unhealthy":
             self._consume(fault)
-            return _json({"status": "unhealthy"}, status=503)
-        return _json({"status": "ok"})
+            return json_answer({"status": "unhealthy"}, status=503)
+        return json_answer({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         kv = self._n_running / self.config.slots
@@ -609,14 +605,14 @@ class SimNode:
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
             return _error(400, f"bad fault request: {exc!r}")
-        return _json(self.stats())
+        return json_answer(self.stats())
 
     async def sim_stats(self, request: web.Request) -> web.Response:
-        return _json(self.stats())
+        return json_answer(self.stats())
 
     async def sim_reset(self, request: web.Request) -> web.Response:
         self.reset()
-        return _json(self.stats())
+        return json_answer(self.stats())
 
     async def terminate(self, request: web.Request) -> web.Response:
         """LMDeploy api_server's /terminate: answer, then stop the process."""
@@ -625,7 +621,7 @@ class SimNode:
         except _ApiError as exc:
             return exc.response
         asyncio.get_running_loop().call_later(0.05, self.stop.set)
-        return _json({"status": "terminating", "name": self.name})
+        return json_answer({"status": "terminating", "name": self.name})
 
 
 NODE_KEY: Final = web.AppKey("fleetgate_simnode", SimNode)

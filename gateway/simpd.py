@@ -142,7 +142,7 @@ class PDEngine:
             "num_gpu_blocks": 4096,
         }
         # LMDeploy's endpoint returns model_dump_json(): a JSON string holding the JSON.
-        return _ok(orjson.dumps(config).decode())
+        return json_answer(orjson.dumps(config).decode())
 
     @_answers
     async def p2p_initialize(self, request: web.Request) -> web.Response:
@@ -164,7 +164,7 @@ class PDEngine:
         self.counts["initializes"] += 1
         host = request.host
         info = orjson.dumps({"engine": local, "peer": remote}).decode()
-        return _ok(
+        return json_answer(
             {
                 "status": SUCCESS,
                 "engine_endpoint_info": {"zmq_address": f"tcp://{host}"},
@@ -189,7 +189,7 @@ class PDEngine:
             self.counts["double_connects"] += 1
         self.connected.add(remote)
         self.counts["connects"] += 1
-        return _ok({"status": SUCCESS})
+        return json_answer({"status": SUCCESS})
 
     @_answers
     async def p2p_drop_connect(self, request: web.Request) -> web.Response:
@@ -199,7 +199,7 @@ class PDEngine:
         self.connected.discard(remote)
         self.initialized.pop(remote, None)
         self.counts["drops"] += 1
-        return _ok({"success": True})
+        return json_answer({"success": True})
 
     @_answers
     async def free_cache(self, request: web.Request) -> web.Response:
@@ -207,7 +207,7 @@ class PDEngine:
         _str(body, "remote_engine_id")
         sid = _int(body, "remote_session_id")
         self._free(sid, "freed_by_proxy")
-        return _ok({"status": "SUCCESS"})
+        return json_answer({"status": "SUCCESS"})
 
     @_answers
     async def sim_migrate(self, request: web.Request) -> web.Response:
@@ -224,7 +224,7 @@ class PDEngine:
         if blocks != self.sessions[sid]:
             raise PDError(409, f"block ids of session {sid} do not match", "bad_blocks")
         self._free(sid, "freed_by_decode")
-        return _ok({"status": "SUCCESS"})
+        return json_answer({"status": "SUCCESS"})
 
     def _free(self, sid: int, by: str) -> None:
         if sid in self.sessions:
@@ -336,8 +336,8 @@ class PDEngine:
         return lines
 
 
-def _ok(obj: object) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+def json_answer(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
 def refusal(exc: PDError) -> web.Response:

@@ -22,7 +22,7 @@ import orjson
 
 from .errors import InvalidInput, StateError, StoreUnavailable, UnknownKey, UnknownNode
 from .model import ApiKey, NodeState, NodeStatus, Role
-from .registry import normalize_url
+from .registry import model_ids, normalize_url
 from .store import Store
 
 EXIT_FAILED, EXIT_USAGE, EXIT_STORE = 1, 2, 3
@@ -211,11 +211,9 @@ async def ask_models(url: str, api_key: str | None, insecure: bool = False) -> l
     try:
         async with httpx.AsyncClient(timeout=5.0, verify=not insecure) as client:
             response = await client.get(f"{url}/v1/models", headers=headers)
-        data = response.json().get("data") if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        models = model_ids(response.json()) if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError) as exc:
         raise InvalidInput(f"could not ask {url} for its models ({exc}); pass --model") from None
-    ids = [m.get("id") for m in data or [] if isinstance(m, dict)]
-    models = [m for m in ids if isinstance(m, str) and m]
     if not models:
         raise InvalidInput(f"{url}/v1/models lists no models; pass --model")
     return models

@@ -35,6 +35,15 @@ def normalize_url(url: object) -> str:
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
+def model_ids(listing: object) -> list[str]:
+    """The model names of an OpenAI ``/v1/models`` answer (empty when it lists none)."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return []
+    ids = [m.get("id") for m in data if isinstance(m, dict)]
+    return [m for m in ids if isinstance(m, str) and m]
+
+
 def validate_models(models: Iterable[object]) -> tuple[str, ...]:
     out: list[str] = []
     for m in models:
