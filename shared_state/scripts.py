@@ -17,12 +17,16 @@ class ScriptClient(Protocol):
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
 
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+
+
 class Script:
     """One ``.lua`` file; runs with EVALSHA and loads itself when the server lacks it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.source = _read("_prelude") + _read(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: ScriptClient, keys: list[str], args: list[Any]) -> Any:

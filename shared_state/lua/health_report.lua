@@ -41,8 +41,7 @@ end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return {'gone', '', 0}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local state = redis.call('HGET', KEYS[2], 'state') or 'active'
 
 local function log_event(from, to, why)

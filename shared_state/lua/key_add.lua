@@ -55,8 +55,7 @@ for _, raw in ipairs(all) do
     return {'name_taken', 0}
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local meta = {name = name, created_ms = now}
 apply(meta)
 redis.call('HSET', KEYS[1], digest, cjson.encode(meta))

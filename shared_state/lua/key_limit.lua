@@ -30,8 +30,7 @@ local rpm = tonumber(ARGV[2])
 local concurrency = tonumber(ARGV[3])
 local lease_ms = tonumber(ARGV[4])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local period = 60000
 
 local in_flight = 0

@@ -6,8 +6,7 @@
 -- Returns 1 when a live slot was freed; 0 when the lease had expired (the request had already
 -- stopped counting) or was released before. Releasing is idempotent.
 local member = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local deadline = redis.call('ZSCORE', KEYS[1], member)
 if not deadline then
   return 0

@@ -14,8 +14,7 @@ local exists = redis.call('EXISTS', KEYS[2]) == 1
 if not exists and not create then
   return redis.error_reply('unknown node ' .. id)
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 if not exists then
   redis.call('HSET', KEYS[2], 'id', id, 'added_ms', now, 'state', 'active', 'state_since_ms', now)
 end

@@ -10,7 +10,6 @@
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then
   return 0
 end
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], ARGV[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('HSET', KEYS[1], ARGV[1], now_ms())
 redis.call('DEL', KEYS[2])
 return 1

@@ -6,8 +6,7 @@
 --
 -- Returns {session id, record, ...}: the caller now owns them and frees them on their
 -- prefill nodes. A session is taken by one caller only.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
 for i = 1, #due do

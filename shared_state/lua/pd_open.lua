@@ -9,8 +9,7 @@
 --
 -- Returns the new session id. The decode field is "-" until a decode node takes the session.
 local sid = redis.call('INCR', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 redis.call('HSET', KEYS[2], sid, ARGV[1] .. ' - ' .. ARGV[2])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), sid)
 return sid

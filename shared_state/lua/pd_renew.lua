@@ -5,8 +5,7 @@
 -- ARGV[2..] session ids
 --
 -- Returns the number of sessions renewed; a session already closed is not brought back.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local deadline = now + tonumber(ARGV[1])
 local renewed = 0
 for i = 2, #ARGV do

@@ -15,8 +15,7 @@ if not record then
 end
 local prefill, _, replica = string.match(record, '^(%S+) (%S+) (%S+)$')
 redis.call('HSET', KEYS[1], ARGV[1], prefill .. ' ' .. ARGV[2] .. ' ' .. replica)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 if redis.call('HEXISTS', KEYS[3], prefill .. ' ' .. ARGV[2]) == 1 then
   return 1

@@ -38,8 +38,7 @@ local stale_ms = tonumber(ARGV[9])
 local default_share = tonumber(ARGV[10])
 local epsilon = tonumber(ARGV[11] or '0.25')
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
 
 -- Park-Miller generator: products stay below 2^53, so doubles keep it exact.

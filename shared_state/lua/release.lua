@@ -30,8 +30,7 @@ local base_ms = tonumber(ARGV[7])
 local max_ms = tonumber(ARGV[8])
 local pool = tonumber(ARGV[9])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local deadline = redis.call('ZSCORE', KEYS[2], member)
 if not deadline then
   return {0, 0, 0}

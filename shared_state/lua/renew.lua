@@ -10,8 +10,7 @@
 -- brought back: its request stopped counting, and releasing it later records nothing.
 local replica = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 redis.call('ZADD', KEYS[1], now, replica)
 local renewed = 0
 local a = 3

@@ -14,8 +14,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
   return {-1}
 end
 local alive_ms, forget_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local pruned = 0
 for i = 3, #KEYS do
   pruned = pruned + redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. now)
