@@ -310,7 +310,7 @@ class Store:
         api_keys = cast(dict[str, str], replies[1])
         key_limits = {}
         for digest, raw in api_keys.items():
-            limits = _key_limits(raw)
+            limits = _key_limits(_json(raw))
             if limits != (0, 0):
                 key_limits[digest] = limits
         return Registry(int(replies[0] or 0), nodes, frozenset(api_keys), key_limits)
@@ -430,7 +430,7 @@ class Store:
         out = []
         for digest, raw in entries.items():
             meta = orjson.loads(raw)
-            rpm, concurrency = _key_limits(raw)
+            rpm, concurrency = _key_limits(meta)
             out.append(
                 ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"]), rpm, concurrency)
             )
@@ -628,12 +628,19 @@ def _limit_arg(name: str, value: int | None) -> str:
     return str(value)
 
 
-def _key_limits(raw: str) -> tuple[int, int]:
-    """(rpm, concurrency) of a stored key's JSON, 0 for unlimited; malformed reads as none."""
+def _json(raw: str) -> Any:
+    """A stored JSON value; ``None`` when it is malformed."""
     try:
-        meta = orjson.loads(raw)
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _key_limits(meta: Any) -> tuple[int, int]:
+    """(rpm, concurrency) of a stored key's record, 0 for unlimited; malformed reads as none."""
+    try:
         return max(int(meta.get("rpm") or 0), 0), max(int(meta.get("concurrency") or 0), 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         return 0, 0
 
 
