@@ -10,7 +10,7 @@ anyone can reproduce on one machine.
 Everything runs as subprocesses on free loopback ports: a throwaway ``redis-server``,
 simulated nodes (``python -m gateway.simnode``: continuous batching with a waiting queue) of
 unequal capacity, gateway replicas (``python -m gateway``) and, where they share Redis, one
-health-checker (``python -m gateway.checker``). By default there are two fast nodes (2 slots
+health-checker (``python -m gateway.checker``). By default there are two fast nodes (1 slot
 x 320 tokens/s, 10 ms prefill) and two slow ones (1 slot x 160 tokens/s, 20 ms prefill);
 ``--nodes`` changes them. Each node is registered with ``speed`` = slots x tokens/s through
 ``POST /nodes/add`` (on every replica when stores are private).
@@ -58,7 +58,7 @@ Outputs: a table and one JSON line on stdout (progress on stderr) and, in ``--ou
 (default ``docs/benchmarks``; nothing is written with ``--quick`` unless ``--out`` is
 given): ``results.json`` (every run), ``results.md`` (the figures, the command, the date),
 and the charts ``latency.png``, ``shares.png``, ``scale.png`` and ``drill.png`` (needs
-matplotlib: ``pip install -e ".[bench]"``). The default set takes about 8 minutes on
+matplotlib: ``pip install -e ".[bench]"``). The default set takes about 7 minutes on
 2 cores; ``--quick`` is a smoke run of about 2 minutes. ``--replot results.json`` redraws
 the charts and results.md from saved figures.
 
@@ -151,12 +151,15 @@ class NodeSpec:
         return self.slots / self.service_s(mean_tokens)
 
 
-# Small batches, so that queueing occurs at 70% load: with 4 and 2 slots instead (and half
-# the tokens/s), private replicas' herding cost only about 0-15% in mean latency at exactly
-# 70% load, within the runs' spread; with these it costs 20-30%, clear of it.
+# One sequence at a time on every node: a request sent to a busy node waits for a whole
+# answer, the case where a router's view of the load matters most. With batches (2 slots on
+# the fast nodes, or on all four), the waits are shorter, and so is the price of a partial
+# view: private replicas then cost min_expected_latency 12-25% in mean latency, and
+# min_observed_latency, whose latency samples still carry the load the other replicas put on
+# a node, 1-17%, close to the runs' spread; with one slot they cost both 23-30%.
 DEFAULT_NODES = (
-    NodeSpec("fast-1", 2, 320.0, 10.0),
-    NodeSpec("fast-2", 2, 320.0, 10.0),
+    NodeSpec("fast-1", 1, 320.0, 10.0),
+    NodeSpec("fast-2", 1, 320.0, 10.0),
     NodeSpec("slow-1", 1, 160.0, 20.0),
     NodeSpec("slow-2", 1, 160.0, 20.0),
 )
