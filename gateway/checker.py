@@ -263,6 +263,7 @@ class HealthChecker:
         self.live_replicas = sweep.live_replicas
         self.metrics.swept.inc((), sweep.pruned_leases)
         await self.pd.sweep()
+        await self.pd.drop_departed({n.id for n in registry.nodes})
         self.metrics.replicas.set((), len(sweep.live_replicas))
         # Each report carries the node's state after it: no second read of the registry.
         states = dict.fromkeys((s.value for s in NodeState), 0)

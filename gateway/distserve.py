@@ -127,6 +127,7 @@ class PDCleaner:
         self.pd = pd
         self.call = call
         self.metrics = metrics
+        self._absent: set[str] = set()  # nodes of pairs or sessions missing at the last look
 
     async def free(self, sessions: list[PDSession], how: str) -> int:
         """Free sessions on their prefill nodes; returns how many calls succeeded."""
@@ -177,6 +178,24 @@ class PDCleaner:
                 len(sessions),
             )
         return {"pairs_dropped": len(pairs), "sessions": len(sessions), "freed": freed}
+
+    async def drop_departed(self, registered: set[str]) -> list[str]:
+        """Drop the pairs and sessions of nodes that left the registry by a path that does
+        not clean up (``fleetgate nodes remove``, a script writing Redis).
+
+        ``registered`` is read before the PD state: a node that registers in between can
+        look departed once, so only a node missing from two calls in a row is dropped.
+        """
+        pairs = await self.pd.pairs()
+        sessions = await self.pd.sessions()
+        involved = {node for pair in pairs for node in pair}
+        involved |= {s.prefill for s in sessions} | {s.decode for s in sessions if s.decode}
+        absent = involved - registered
+        departed = sorted(absent & self._absent)
+        self._absent = absent - set(departed)
+        for node_id in departed:
+            await self.drop_node(node_id)
+        return departed
 
     async def _drop_one(self, engine: str, remote: str) -> None:
         body = {"engine_id": engine, "remote_engine_id": remote}

@@ -16,7 +16,7 @@ import pytest
 
 from shared_state import PDState, Store
 from shared_state.devserver import RedisServer
-from tests.fleet import Gateway, Process, SimNode, eventually
+from tests.fleet import Gateway, Process, SimNode, eventually, ops
 
 MODEL = "sim-model"
 CHAT = [{"role": "user", "content": "tell me a story about a very long prompt indeed"}]
@@ -564,24 +564,7 @@ class TestOperations:
         self, procs: list[Process], fleet: Fleet
     ) -> None:
         (await post(f"{fleet.gateways[0].url}/distserve/connection_warmup")).raise_for_status()
-        checker = Process(
-            [
-                "python",
-                "-m",
-                "gateway.cli",
-                "health-checker",
-                "--redis-url",
-                fleet.redis_url,
-                "--interval",
-                "0.2",
-                "--fall",
-                "1",
-                "--deregister-after",
-                "0.5",
-            ],
-            "pd-checker",
-        )
-        procs.append(checker)
+        checker = start_checker(procs, fleet)
         dead = fleet.decode[1]
         prefill = fleet.prefill[0]
         pd, store = await pd_state(fleet.redis_url)
@@ -607,6 +590,57 @@ class TestOperations:
             stats = fleet.pd(node)
             assert dead.url not in stats["connected"]  # type: ignore[operator]
             assert stats["drops"] == 1
+
+
+    async def test_checker_drops_the_pairs_of_a_node_removed_by_the_ops_cli(
+        self, procs: list[Process], fleet: Fleet
+    ) -> None:
+        """``fleetgate nodes remove`` writes Redis only; the checker notices the pairs and
+        sessions of a node that left the registry and drops them like a deregistration."""
+        (await post(f"{fleet.gateways[0].url}/distserve/connection_warmup")).raise_for_status()
+        gone = fleet.decode[0]
+        prefill = fleet.prefill[1]
+        pd, store = await pd_state(fleet.redis_url)
+        try:
+            sid = await pd.open_session(prefill.url, "some-replica")
+            body = {"model": MODEL, "prompt": "p", "max_tokens": 1, "max_completion_tokens": 1}
+            body.update(with_cache=True, preserve_cache=True, session_id=sid)
+            (await post(f"{prefill.url}/v1/completions", json=body)).raise_for_status()
+            assert await pd.shelve(sid, gone.url) is True
+            removed = ops(fleet.redis_url, "nodes", "remove", gone.url)
+            assert removed.returncode == 0, removed.stderr
+            checker = start_checker(procs, fleet)
+
+            async def dropped() -> bool:
+                return {d for _, d in await pd.pairs()} == {fleet.decode[1].url}
+
+            assert await eventually(dropped, 20), checker.output()
+            assert await pd.sessions() == []
+        finally:
+            await store.close()
+        assert fleet.pd(prefill)["held"] == 0 and fleet.pd(prefill)["freed_by_proxy"] == 1
+        assert fleet.pd(gone)["connected"] == []  # alive: told to disconnect too
+        for node in fleet.prefill:
+            stats = fleet.pd(node)
+            assert gone.url not in stats["connected"]  # type: ignore[operator]
+            assert stats["drops"] == 1
+        # The nodes still registered keep their pairs, round after round.
+        await asyncio.sleep(1.0)
+        pd, store = await pd_state(fleet.redis_url)
+        try:
+            assert len(await pd.pairs()) == 2
+        finally:
+            await store.close()
+        assert fleet.total(fleet.decode[1:], "drops") == 0
+
+
+def start_checker(procs: list[Process], fleet: Fleet) -> Process:
+    """A health-checker probing every 0.2 s that deregisters after 0.5 s unhealthy."""
+    argv = ["python", "-m", "gateway.cli", "health-checker", "--redis-url", fleet.redis_url]
+    argv += ["--interval", "0.2", "--fall", "1", "--deregister-after", "0.5"]
+    checker = Process(argv, "pd-checker")
+    procs.append(checker)
+    return checker
 
 
 async def test_dummy_prefill(procs: list[Process], redis_url: str) -> None:
