@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -591,7 +592,6 @@ class TestOperations:
             assert dead.url not in stats["connected"]  # type: ignore[operator]
             assert stats["drops"] == 1
 
-
     async def test_checker_drops_the_pairs_of_a_node_removed_by_the_ops_cli(
         self, procs: list[Process], fleet: Fleet
     ) -> None:
@@ -636,7 +636,7 @@ class TestOperations:
 
 def start_checker(procs: list[Process], fleet: Fleet) -> Process:
     """A health-checker probing every 0.2 s that deregisters after 0.5 s unhealthy."""
-    argv = ["python", "-m", "gateway.cli", "health-checker", "--redis-url", fleet.redis_url]
+    argv = [sys.executable, "-m", "gateway.cli", "health-checker", "--redis-url", fleet.redis_url]
     argv += ["--interval", "0.2", "--fall", "1", "--deregister-after", "0.5"]
     checker = Process(argv, "pd-checker")
     procs.append(checker)
