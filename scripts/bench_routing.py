@@ -21,11 +21,13 @@ output length, conditioned on its expected count so that every run offers exactl
 each request is sent at its arrival time whatever is still in flight. Output lengths
 (``max_tokens``) are drawn from a seeded lognormal (median 32 tokens, sigma 0.5, capped at
 128); half of the requests stream (SSE). Each request goes to a replica drawn uniformly at
-random, as an L4 balancer spreads connections. Run r uses seed ``--seed + r`` for every
-set-up, so set-ups are compared on the very same arrivals (common random numbers). Latency
-is from the scheduled arrival to the last byte; time to first token (TTFT) is to the first
-token event of a stream. Requests arriving in the first ``--warmup`` seconds are sent but
-not counted.
+random, as an L4 balancer spreads connections, and carries the ``X-Session-ID`` of one of 64
+conversations (what ``session_affinity`` keys on). For the weighted strategies each node is
+registered with its speed relative to the slowest node's as its weight. Run r uses seed
+``--seed + r`` for every set-up, so set-ups are compared on the very same arrivals (common
+random numbers). Latency is from the scheduled arrival to the last byte; time to first token
+(TTFT) is to the first token event of a stream. Requests arriving in the first
+``--warmup`` seconds are sent but not counted.
 
 Parts (``--parts``, all by default):
 
@@ -112,10 +114,15 @@ STRATEGIES = (
     "round_robin",
     "least_connections",
     "min_cache_usage",
+    "weighted_round_robin",
+    "weighted_least_connections",
+    "session_affinity",
     "min_expected_latency",
     "min_observed_latency",
 )
 LATENCY_STRATEGIES = ("min_expected_latency", "min_observed_latency")
+OTHER_STRATEGIES = tuple(s for s in STRATEGIES if s not in LATENCY_STRATEGIES)
+CHATS = 64  # distinct X-Session-ID values over the requests (session_affinity's keys)
 SCALE_SIZES = (4, 16, 64, 256)
 FULL_SCAN_LIMIT = 32  # shared_state.store.StoreSettings.full_scan_limit
 
@@ -219,7 +226,7 @@ class Setup:
 
 def comparison_setups(quick: bool) -> list[Setup]:
     setups: list[Setup] = []
-    others = ("random", "round_robin") if quick else STRATEGIES[:4]
+    others = ("random", "round_robin") if quick else OTHER_STRATEGIES
     setups += [Setup(s, 4, True) for s in others]
     for strategy in LATENCY_STRATEGIES[:1] if quick else LATENCY_STRATEGIES:
         setups += [Setup(strategy, 1, True), Setup(strategy, 4, True), Setup(strategy, 4, False)]
@@ -232,6 +239,7 @@ class Arrival:
     tokens: int
     stream: bool
     u: float  # uniform in [0, 1): picks the replica, as an L4 balancer would
+    chat: int  # which conversation it belongs to: its X-Session-ID
 
 
 def make_schedule(
@@ -246,9 +254,17 @@ def make_schedule(
     set-ups shrink or grow with it.
     """
     rng = random.Random(seed)
+    chats = random.Random(f"chats-{seed}")  # its own stream: the rest is as without chats
     times = sorted(rng.uniform(0.0, span_s) for _ in range(round(rate * span_s)))
     return [
-        Arrival(t, lengths.draw(rng), rng.random() < stream_fraction, rng.random()) for t in times
+        Arrival(
+            t,
+            lengths.draw(rng),
+            rng.random() < stream_fraction,
+            rng.random(),
+            chats.randrange(CHATS),
+        )
+        for t in times
     ]
 
 
@@ -448,11 +464,22 @@ class Harness:
         await self.r.flushall()
         await self.r.config_resetstat()
 
-    async def register(self, session: aiohttp.ClientSession, gateways: Sequence[Child]) -> None:
-        """Register every node with its speed through /nodes/add on each given gateway."""
+    async def register(
+        self, session: aiohttp.ClientSession, gateways: Sequence[Child], strategy: str = ""
+    ) -> None:
+        """Register every node with its speed through /nodes/add on each given gateway; for
+        a weighted strategy also with a weight, its capacity relative to the slowest node's
+        (as an operator sets them: other strategies keep weight 1, as ``random`` is weighted
+        by speed and weight already)."""
+        slowest = min(spec.speed for spec, _node in self.nodes.values())
         for gw in gateways:
             for spec, node in self.nodes.values():
-                payload = {"url": node.url, "status": {"models": [MODEL], "speed": spec.speed}}
+                payload: dict[str, Any] = {
+                    "url": node.url,
+                    "status": {"models": [MODEL], "speed": spec.speed},
+                }
+                if strategy.startswith("weighted_"):
+                    payload["weight"] = spec.speed / slowest
                 async with session.post(gw.url + "/nodes/add", json=payload) as resp:
                     if resp.status != 200:
                         text = await resp.text()
@@ -508,6 +535,7 @@ class Result:
     stream: bool
     tokens: int
     replica: int
+    chat: int = 0
     ok: bool = False
     error: str = ""
     detail: str = ""
@@ -550,8 +578,9 @@ async def send(
     """One request; fills ``res``. ``start`` is its scheduled time on the loop clock."""
     loop = asyncio.get_running_loop()
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": res.tokens, "stream": res.stream}
+    headers = {"X-Session-ID": f"chat-{res.chat}"}
     try:
-        async with session.post(base + CHAT_PATH, json=body) as resp:
+        async with session.post(base + CHAT_PATH, json=body, headers=headers) as resp:
             res.node = resp.headers.get("x-fleetgate-node", "")
             if resp.status != 200:
                 text = await resp.read()
@@ -588,7 +617,7 @@ async def drive(
         if delay > 0:
             await asyncio.sleep(delay)
         index, base = choose(arrival)
-        res = Result(arrival.at, arrival.stream, arrival.tokens, index)
+        res = Result(arrival.at, arrival.stream, arrival.tokens, index, arrival.chat)
         res.lag = loop.time() - start
         results.append(res)
         await send(session, base, res, start, t0)
@@ -754,7 +783,7 @@ async def run_setup(
             started.append(h.start_checker())
         gateways = h.start_gateways(setup)
         started += gateways
-        await h.register(session, gateways if not setup.shared else gateways[:1])
+        await h.register(session, gateways if not setup.shared else gateways[:1], setup.strategy)
         await h.wait_ready(session, gateways, len(h.nodes))
         for _spec, node in h.nodes.values():
             async with session.post(node.url + "/sim/reset") as resp:
@@ -1586,7 +1615,10 @@ def write_markdown(result: dict[str, Any], out: Path, charts: list[str]) -> None
         f"median {sc['lengths']['median']:g} tokens, sigma {sc['lengths']['sigma']:g}, capped at "
         f"{sc['lengths']['cap']} (mean {sc['lengths']['mean']:.1f}); "
         f"{sc['stream_fraction']:.0%} of requests streamed; each request sent to a replica "
-        "drawn uniformly at random (an L4 balancer). Latency: scheduled arrival to last byte. "
+        "drawn uniformly at random (an L4 balancer), with an `X-Session-ID` of one of "
+        f"{CHATS} conversations drawn uniformly (the keys of `session_affinity`); for the "
+        "weighted strategies each node is registered with its speed relative to the slowest "
+        "as its weight. Latency: scheduled arrival to last byte. "
         f"TTFT: to the first token event of a stream. Each figure is the median of "
         f"{result['runs']} runs of {result['duration_s']:g} s (after {result['warmup_s']:g} s "
         "of warm-up); every set-up gets the same arrivals in a given run.",
