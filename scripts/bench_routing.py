@@ -60,7 +60,7 @@ Outputs: a table and one JSON line on stdout (progress on stderr) and, in ``--ou
 (default ``docs/benchmarks``; nothing is written with ``--quick`` unless ``--out`` is
 given): ``results.json`` (every run), ``results.md`` (the figures, the command, the date),
 and the charts ``latency.png``, ``shares.png``, ``scale.png`` and ``drill.png`` (needs
-matplotlib: ``pip install -e ".[bench]"``). The default set takes about 7 minutes on
+matplotlib: ``pip install -e ".[bench]"``). The default set takes about 8 minutes on
 2 cores; ``--quick`` is a smoke run of about 2 minutes. ``--replot results.json`` redraws
 the charts and results.md from saved figures.
 
