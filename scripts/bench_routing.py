@@ -55,6 +55,8 @@ when something failed to start): at 70% load, 4 sharing replicas within 5% of 1 
 mean latency and at least 10% better than 4 private replicas, for both latency strategies;
 ``min_expected_latency`` better than ``random`` and ``round_robin``; per-request gateway and
 Redis CPU at 256 nodes at most 1.25x that at 64 (flat past the 32-candidate full-scan limit).
+Two set-ups are compared run by run, on the same arrivals: the figure is the median of the
+per-run ratios of their mean latencies (the table shows the medians of each set-up's runs).
 
 Outputs: a table and one JSON line on stdout (progress on stderr) and, in ``--out``
 (default ``docs/benchmarks``; nothing is written with ``--quick`` unless ``--out`` is
@@ -1445,10 +1447,15 @@ def drill_lines(result: dict[str, Any]) -> list[str]:
             else f"{x['failed_after_kill']} later arrivals failed"
         )
         if key == "node_kill_shared":
+            ejected = x["ejected_seen_after_s"]
             detection = (
-                f"passive ejection (shared by all replicas through Redis) seen after "
-                f"{_s(x['ejected_seen_after_s'])}; marked unhealthy by the checker after "
-                f"{_s(x['unhealthy_after_s'])}"
+                "passive ejection (shared by all replicas through Redis) "
+                + (
+                    f"seen after {_s(ejected)}"
+                    if ejected is not None
+                    else "not seen (too few attempts on the node before the checker's verdict)"
+                )
+                + f"; marked unhealthy by the checker after {_s(x['unhealthy_after_s'])}"
             )
         else:
             detection = (
@@ -1647,6 +1654,9 @@ def write_markdown(result: dict[str, Any], out: Path, charts: list[str]) -> None
     if result["targets"]:
         lines += [
             "## Targets",
+            "",
+            "Two set-ups are compared run by run, on the same arrivals: a latency figure is "
+            "the median of the per-run ratios of their mean latencies, minus 1.",
             "",
             _md_table(
                 ["target", "measured", "verdict"],
