@@ -6,3 +6,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+
+-- Whether checker ``id`` holds the leader lease (key "<checker-id> <token>") under ``token``:
+-- every checker write is fenced by it, so a paused former leader cannot write.
+local function leads(leader_key, id, token)
+  return redis.call('GET', leader_key) == id .. ' ' .. token
+end

@@ -35,7 +35,7 @@ local deregister_ms = tonumber(ARGV[7])
 local reason = ARGV[8]
 local keep = tonumber(ARGV[13])
 
-if redis.call('GET', KEYS[1]) ~= id .. ' ' .. token then
+if not leads(KEYS[1], id, token) then
   return {'fenced', '', 0}
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then

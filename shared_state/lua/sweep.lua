@@ -10,7 +10,7 @@
 --
 -- Returns {pruned, replica, last_ms, replica, last_ms, ...}: the number of expired leases
 -- removed, then each live replica with its last renewal time; {-1} when fenced.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
+if not leads(KEYS[1], ARGV[1], ARGV[2]) then
   return {-1}
 end
 local alive_ms, forget_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
