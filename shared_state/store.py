@@ -389,13 +389,12 @@ class Store:
             raise InvalidInput("an API key must be at least 16 characters without spaces")
         digest = key_digest(key)
         limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
-        status, _epoch = await self.run_script(
+        status, _epoch, _digest, entry = await self.run_script(
             scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name, *limits, "add"]
         )
         if status == "name_taken":
             raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
-        keys = {k.fingerprint: k for k in await self.list_keys()}
-        return keys[digest[:12]], status == "added"
+        return _api_key(digest, orjson.loads(entry)), status == "added"
 
     async def set_key_limits(
         self, name: str, *, rpm: int | None = None, concurrency: int | None = None
@@ -403,18 +402,12 @@ class Store:
         """Change the limits of the key named ``name`` (``None``: unchanged, 0: unlimited);
         returns it and whether anything changed. :class:`UnknownKey` if there is none."""
         limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
-        async with self.guard():
-            entries = cast(dict[str, str], await self.client.hgetall(self.keys.api_keys))
-        digest = next((d for d, raw in entries.items() if orjson.loads(raw)["name"] == name), "")
-        if not digest:
-            raise UnknownKey(f"no API key named {name!r}")
-        status, _epoch = await self.run_script(
-            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name, *limits, "set"]
+        status, _epoch, digest, entry = await self.run_script(
+            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], ["", name, *limits, "set"]
         )
-        if status == "unknown":  # revoked meanwhile
+        if status == "unknown":
             raise UnknownKey(f"no API key named {name!r}")
-        keys = {k.fingerprint: k for k in await self.list_keys()}
-        return keys[digest[:12]], status == "updated"
+        return _api_key(str(digest), orjson.loads(entry)), status == "updated"
 
     async def revoke_key(self, name: str) -> None:
         """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
@@ -427,13 +420,7 @@ class Store:
     async def list_keys(self) -> list[ApiKey]:
         async with self.guard():
             entries = cast(dict[str, str], await self.client.hgetall(self.keys.api_keys))
-        out = []
-        for digest, raw in entries.items():
-            meta = orjson.loads(raw)
-            rpm, concurrency = _key_limits(meta)
-            out.append(
-                ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"]), rpm, concurrency)
-            )
+        out = [_api_key(digest, orjson.loads(raw)) for digest, raw in entries.items()]
         return sorted(out, key=lambda k: (k.created_ms, k.name))
 
     async def key_exists(self, digest: str) -> bool:
@@ -634,6 +621,12 @@ def _json(raw: str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
+
+
+def _api_key(digest: str, meta: Any) -> ApiKey:
+    """A stored key's public view: its record, and the first 12 hex digits of its digest."""
+    rpm, concurrency = _key_limits(meta)
+    return ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"]), rpm, concurrency)
 
 
 def _key_limits(meta: Any) -> tuple[int, int]:

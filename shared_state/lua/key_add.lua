@@ -4,13 +4,14 @@
 -- KEYS[1]  API key hash: hex digest -> JSON {"name", "created_ms", "rpm"?, "concurrency"?}
 --          (an absent limit means unlimited)
 -- KEYS[2]  registry epoch (replicas refresh their key cache when it moves)
--- ARGV[1]  hex SHA-256 digest of the key
+-- ARGV[1]  hex SHA-256 digest of the key ("set" mode: "" finds the key by its name)
 -- ARGV[2]  key name (unique)
 -- ARGV[3]  requests per minute: "" (or absent) leaves it as it is, "0" removes it, N sets it
 -- ARGV[4]  concurrent requests: the same
 -- ARGV[5]  "add" (default) or "set": only change the limits of the stored key, never add one
 --
--- Returns {status, epoch}: "added"; "exists" when this very key is already stored under this
+-- Returns {status, epoch, digest, entry}, entry being the stored JSON after the call ("" when
+-- nothing is stored for this call): "added"; "exists" when this very key is already stored under this
 -- name with these limits (adding is idempotent); "updated" when its limits changed;
 -- "name_taken" when the name belongs to another key; "unknown" ("set" only) when no such key
 -- is stored under this name. The epoch moves only when something changed.
@@ -34,29 +35,41 @@ local function apply(meta)
   return changed
 end
 
-local current = redis.call('HGET', KEYS[1], digest)
+if digest == '' and mode == 'set' then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if cjson.decode(all[i + 1]).name == name then
+      digest = all[i]
+      break
+    end
+  end
+end
+
+local current = digest ~= '' and redis.call('HGET', KEYS[1], digest)
 if current then
   local meta = cjson.decode(current)
   if meta.name == name then
     if apply(meta) then
-      redis.call('HSET', KEYS[1], digest, cjson.encode(meta))
-      return {'updated', redis.call('INCR', KEYS[2])}
+      local entry = cjson.encode(meta)
+      redis.call('HSET', KEYS[1], digest, entry)
+      return {'updated', redis.call('INCR', KEYS[2]), digest, entry}
     end
-    return {'exists', tonumber(redis.call('GET', KEYS[2]) or '0')}
+    return {'exists', tonumber(redis.call('GET', KEYS[2]) or '0'), digest, current}
   end
-  return {mode == 'set' and 'unknown' or 'name_taken', 0}
+  return {mode == 'set' and 'unknown' or 'name_taken', 0, digest, ''}
 end
 if mode == 'set' then
-  return {'unknown', 0}
+  return {'unknown', 0, digest, ''}
 end
 local all = redis.call('HVALS', KEYS[1])
 for _, raw in ipairs(all) do
   if cjson.decode(raw).name == name then
-    return {'name_taken', 0}
+    return {'name_taken', 0, digest, ''}
   end
 end
 local now = now_ms()
 local meta = {name = name, created_ms = now}
 apply(meta)
-redis.call('HSET', KEYS[1], digest, cjson.encode(meta))
-return {'added', redis.call('INCR', KEYS[2])}
+local entry = cjson.encode(meta)
+redis.call('HSET', KEYS[1], digest, entry)
+return {'added', redis.call('INCR', KEYS[2]), digest, entry}
