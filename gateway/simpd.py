@@ -342,7 +342,7 @@ def json_answer(obj: object, status: int = 200) -> web.Response:
 
 def refusal(exc: PDError) -> web.Response:
     body = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}}
-    return web.Response(body=orjson.dumps(body), status=exc.status, content_type="application/json")
+    return json_answer(body, exc.status)
 
 
 def add_routes(app: web.Application, engine: PDEngine) -> None:

@@ -11,8 +11,8 @@
 -- ARGV[5]  "add" (default) or "set": only change the limits of the stored key, never add one
 --
 -- Returns {status, epoch, digest, entry}, entry being the stored JSON after the call ("" when
--- nothing is stored for this call): "added"; "exists" when this very key is already stored under this
--- name with these limits (adding is idempotent); "updated" when its limits changed;
+-- nothing is stored for this call): "added"; "exists" when this very key is already stored
+-- under this name with these limits (adding is idempotent); "updated" when its limits changed;
 -- "name_taken" when the name belongs to another key; "unknown" ("set" only) when no such key
 -- is stored under this name. The epoch moves only when something changed.
 local digest, name = ARGV[1], ARGV[2]
@@ -36,13 +36,7 @@ local function apply(meta)
 end
 
 if digest == '' and mode == 'set' then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    if cjson.decode(all[i + 1]).name == name then
-      digest = all[i]
-      break
-    end
-  end
+  digest = key_named(KEYS[1], name) or ''
 end
 
 local current = digest ~= '' and redis.call('HGET', KEYS[1], digest)
@@ -61,11 +55,8 @@ end
 if mode == 'set' then
   return {'unknown', 0, digest, ''}
 end
-local all = redis.call('HVALS', KEYS[1])
-for _, raw in ipairs(all) do
-  if cjson.decode(raw).name == name then
-    return {'name_taken', 0, digest, ''}
-  end
+if key_named(KEYS[1], name) then
+  return {'name_taken', 0, digest, ''}
 end
 local now = now_ms()
 local meta = {name = name, created_ms = now}

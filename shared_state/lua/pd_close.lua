@@ -10,10 +10,7 @@ local out = {}
 for i = 1, #ARGV do
   local record = redis.call('HGET', KEYS[1], ARGV[i])
   if record then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    out[#out + 1] = ARGV[i]
-    out[#out + 1] = record
+    take_session(KEYS[1], KEYS[2], ARGV[i], record, out)
   end
 end
 return out

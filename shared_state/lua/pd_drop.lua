@@ -23,10 +23,7 @@ local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local p, d = string.match(all[i + 1], '^(%S+) (%S+) ')
   if p == node or d == node then
-    redis.call('HDEL', KEYS[2], all[i])
-    redis.call('ZREM', KEYS[3], all[i])
-    sessions_out[#sessions_out + 1] = all[i]
-    sessions_out[#sessions_out + 1] = all[i + 1]
+    take_session(KEYS[2], KEYS[3], all[i], all[i + 1], sessions_out)
   end
 end
 return {pairs_out, sessions_out}

@@ -11,11 +11,10 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0,
 local out = {}
 for i = 1, #due do
   local record = redis.call('HGET', KEYS[1], due[i])
-  redis.call('ZREM', KEYS[2], due[i])
   if record then
-    redis.call('HDEL', KEYS[1], due[i])
-    out[#out + 1] = due[i]
-    out[#out + 1] = record
+    take_session(KEYS[1], KEYS[2], due[i], record, out)
+  else
+    redis.call('ZREM', KEYS[2], due[i])
   end
 end
 return out
