@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import openai
@@ -497,20 +498,10 @@ class TestOperations:
         prefill = fleet.prefill[0]
         try:
             # A replica that died right after its prefill: a held session, a record, no owner.
-            orphans = [await pd.open_session(prefill.url, "replica-gone") for _ in range(3)]
+            for _ in range(3):
+                _sid, answer = await prefill_session(pd, prefill, "replica-gone")
+                assert answer["cache_block_ids"]
             async with httpx.AsyncClient(timeout=10) as http:
-                for sid in orphans:
-                    body = {
-                        "model": MODEL,
-                        "prompt": "p",
-                        "max_tokens": 1,
-                        "max_completion_tokens": 1,
-                        "with_cache": True,
-                        "preserve_cache": True,
-                        "session_id": sid,
-                    }
-                    answer = await http.post(f"{prefill.url}/v1/completions", json=body)
-                    assert answer.json()["cache_block_ids"]
                 assert fleet.pd(prefill)["held"] == 3
                 # Live work is left alone.
                 client = fleet.client()
@@ -571,11 +562,7 @@ class TestOperations:
         pd, store = await pd_state(fleet.redis_url)
         try:
             # A session handed to the decode node that is about to die, still held.
-            sid = await pd.open_session(prefill.url, "some-replica")
-            body = {"model": MODEL, "prompt": "p", "max_tokens": 1, "max_completion_tokens": 1}
-            body.update(with_cache=True, preserve_cache=True, session_id=sid)
-            (await post(f"{prefill.url}/v1/completions", json=body)).raise_for_status()
-            assert await pd.shelve(sid, dead.url) is True
+            await hold_session_for(pd, prefill, dead)
             dead.kill()
 
             async def dropped() -> bool:
@@ -585,12 +572,7 @@ class TestOperations:
             assert await pd.sessions() == []
         finally:
             await store.close()
-        stats = fleet.pd(prefill)
-        assert stats["held"] == 0 and stats["freed_by_proxy"] == 1
-        for node in fleet.prefill:
-            stats = fleet.pd(node)
-            assert dead.url not in stats["connected"]  # type: ignore[operator]
-            assert stats["drops"] == 1
+        assert_dropped(fleet, prefill, dead)
 
     async def test_checker_drops_the_pairs_of_a_node_removed_by_the_ops_cli(
         self, procs: list[Process], fleet: Fleet
@@ -602,11 +584,7 @@ class TestOperations:
         prefill = fleet.prefill[1]
         pd, store = await pd_state(fleet.redis_url)
         try:
-            sid = await pd.open_session(prefill.url, "some-replica")
-            body = {"model": MODEL, "prompt": "p", "max_tokens": 1, "max_completion_tokens": 1}
-            body.update(with_cache=True, preserve_cache=True, session_id=sid)
-            (await post(f"{prefill.url}/v1/completions", json=body)).raise_for_status()
-            assert await pd.shelve(sid, gone.url) is True
+            await hold_session_for(pd, prefill, gone)
             removed = ops(fleet.redis_url, "nodes", "remove", gone.url)
             assert removed.returncode == 0, removed.stderr
             checker = start_checker(procs, fleet)
@@ -618,12 +596,8 @@ class TestOperations:
             assert await pd.sessions() == []
         finally:
             await store.close()
-        assert fleet.pd(prefill)["held"] == 0 and fleet.pd(prefill)["freed_by_proxy"] == 1
+        assert_dropped(fleet, prefill, gone)
         assert fleet.pd(gone)["connected"] == []  # alive: told to disconnect too
-        for node in fleet.prefill:
-            stats = fleet.pd(node)
-            assert gone.url not in stats["connected"]  # type: ignore[operator]
-            assert stats["drops"] == 1
         # The nodes still registered keep their pairs, round after round.
         await asyncio.sleep(1.0)
         pd, store = await pd_state(fleet.redis_url)
@@ -632,6 +606,35 @@ class TestOperations:
         finally:
             await store.close()
         assert fleet.total(fleet.decode[1:], "drops") == 0
+
+
+async def prefill_session(
+    pd: PDState, prefill: SimNode, replica: str
+) -> tuple[int, dict[str, Any]]:
+    """A session opened for ``replica`` and prefilled on ``prefill``, its cache held; returns
+    its id and the prefill node's answer."""
+    sid = await pd.open_session(prefill.url, replica)
+    body = {"model": MODEL, "prompt": "p", "max_tokens": 1, "max_completion_tokens": 1}
+    body.update(with_cache=True, preserve_cache=True, session_id=sid)
+    answer = await post(f"{prefill.url}/v1/completions", json=body)
+    answer.raise_for_status()
+    return sid, answer.json()
+
+
+async def hold_session_for(pd: PDState, prefill: SimNode, decode: SimNode) -> None:
+    """A session prefilled on ``prefill`` and handed to ``decode``, its cache still held."""
+    sid, _answer = await prefill_session(pd, prefill, "some-replica")
+    assert await pd.shelve(sid, decode.url) is True
+
+
+def assert_dropped(fleet: Fleet, prefill: SimNode, gone: SimNode) -> None:
+    """The session held on ``prefill`` was freed once; every prefill node dropped ``gone``."""
+    stats = fleet.pd(prefill)
+    assert stats["held"] == 0 and stats["freed_by_proxy"] == 1
+    for node in fleet.prefill:
+        stats = fleet.pd(node)
+        assert gone.url not in stats["connected"]  # type: ignore[operator]
+        assert stats["drops"] == 1
 
 
 def start_checker(procs: list[Process], fleet: Fleet) -> Process:
