@@ -2,6 +2,6 @@
 
 import sys
 
-from .server import main
+from gateway.replica.server import main
 
 sys.exit(main())

@@ -19,31 +19,31 @@ Run "fleetgate COMMAND --help" for the options of a command."""
 
 
 def _serve(argv: Sequence[str]) -> int:
-    from .server import main
+    from gateway.replica.server import main
 
     return main(argv)
 
 
 def _checker(argv: Sequence[str]) -> int:
-    from .checker import main
+    from gateway.checker.health_checker import main
 
     return main(argv)
 
 
 def _nodes(argv: Sequence[str]) -> int:
-    from shared_state.admin import main
+    from gateway.ops.admin import main
 
     return main("nodes", argv)
 
 
 def _keys(argv: Sequence[str]) -> int:
-    from shared_state.admin import main
+    from gateway.ops.admin import main
 
     return main("keys", argv)
 
 
 def _sim_node(argv: Sequence[str]) -> int:
-    from .simnode import main
+    from gateway.sim.node import main
 
     return main(list(argv))
 

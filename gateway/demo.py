@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from aiohttp import web
 from hypercorn.asyncio import serve as hypercorn_serve
 
+from gateway.checker.health_checker import CheckerSettings, HealthChecker
+from gateway.common.config import setup_logging
+from gateway.replica.app import create_app
+from gateway.replica.server import hypercorn_config
+from gateway.replica.settings import GatewaySettings
+from gateway.sim.node import SimConfig, build_app
 from shared_state import Store, StoreSettings, Strategy
-
-from .app import create_app
-from .checker import CheckerSettings, HealthChecker
-from .config import setup_logging
-from .server import hypercorn_config
-from .settings import GatewaySettings
-from .simnode import SimConfig, build_app
 
 MODEL = "demo-model"
 # (tokens per second per sequence, batch slots): one fast node, one medium, one slow.

@@ -1,7 +1,7 @@
 """Throughput and added latency of one gateway worker, against the node direct and a ceiling.
 
 In one run the script starts, on free loopback ports: one simulated node in instant mode
-(``gateway.simnode --tokens-per-s inf``), one throwaway redis-server (unless ``--store
+(``gateway.sim.node --tokens-per-s inf``), one throwaway redis-server (unless ``--store
 embedded``), one gateway worker (hypercorn) in front of the node, and a trivial hypercorn +
 Starlette app that answers ``POST /v1/chat/completions`` at once with a fixed small JSON (the
 ceiling of the gateway's server stack; it is defined in this file and started as
@@ -129,7 +129,7 @@ def serve_trivial(port: int) -> int:
         print(f"trivial app listening on http://127.0.0.1:{port}", flush=True)
         await serve(trivial_app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    from gateway.server import loop_factory
+    from gateway.replica.server import loop_factory
 
     # The same event loop as the gateway's, so the ceiling is that of the same server stack.
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory()) as r:
@@ -429,7 +429,7 @@ def start_all(args: argparse.Namespace, procs: Processes, redis_url: str | None)
     """Start node, gateway and trivial app; return each path's base URL once it answers."""
     py = sys.executable
     node_port, gateway_port, trivial_port = free_port(), free_port(), free_port()
-    node_argv = [py, "-m", "gateway.simnode", "--port", str(node_port), "--tokens-per-s", "inf"]
+    node_argv = [py, "-m", "gateway.sim.node", "--port", str(node_port), "--tokens-per-s", "inf"]
     # Enough batch slots that the instant node never queues: the baseline must not wait.
     node = procs.start("node", [*node_argv, "--model", MODEL, "--slots", "1024"])
     here = str(Path(__file__).resolve())
@@ -578,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             redis_url: str | None = None
             if args.store == "redis":
-                from shared_state.devserver import RedisServer
+                from scripts.bench.harness import RedisServer
 
                 redis = RedisServer()
                 redis.start()

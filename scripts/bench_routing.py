@@ -8,12 +8,12 @@ This script measures what that is worth, and what each strategy is worth, with n
 anyone can reproduce on one machine.
 
 Everything runs as subprocesses on free loopback ports: a throwaway ``redis-server``,
-simulated nodes (``python -m gateway.simnode``: continuous batching with a waiting queue) of
+simulated nodes (``python -m gateway.sim.node``: continuous batching with a waiting queue) of
 unequal capacity, gateway replicas (``python -m gateway``) and, where they share Redis, one
-health-checker (``python -m gateway.checker``). By default there are two fast nodes (1 slot
-x 320 tokens/s, 10 ms prefill) and two slow ones (1 slot x 160 tokens/s, 20 ms prefill);
-``--nodes`` changes them. Each node is registered with ``speed`` = slots x tokens/s through
-``POST /nodes/add`` (on every replica when stores are private).
+health-checker (``python -m gateway.checker.health_checker``). By default there are two fast
+nodes (1 slot x 320 tokens/s, 10 ms prefill) and two slow ones (1 slot x 160 tokens/s, 20 ms
+prefill); ``--nodes`` changes them. Each node is registered with ``speed`` = slots x tokens/s
+through ``POST /nodes/add`` (on every replica when stores are private).
 
 Load: open loop. Arrivals are a Poisson process at ``--load`` (default 0.7) of the fleet's
 capacity in requests/s, computed from the nodes' slots, tokens/s, prefill and the mean
@@ -99,8 +99,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared_state.devserver import RedisServer, free_port, script_stats
-from shared_state.keys import KeySchema
+from scripts.bench.harness import RedisServer, free_port, script_stats
+from shared_state.schema import KeySchema
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -433,7 +433,7 @@ class Harness:
 
     def start_node(self, spec: NodeSpec, port: int | None = None) -> Child:
         port = port or free_port()
-        argv = [self.py, "-m", "gateway.simnode", "--port", str(port), "--model", MODEL]
+        argv = [self.py, "-m", "gateway.sim.node", "--port", str(port), "--model", MODEL]
         argv += ["--slots", str(spec.slots), "--tokens-per-s", str(spec.tokens_per_s)]
         argv += ["--prefill-ms", str(spec.prefill_ms), "--name", spec.name]
         child = self.procs.start(f"node-{spec.name}", argv, port)
@@ -457,7 +457,7 @@ class Harness:
         return children
 
     def start_checker(self) -> Child:
-        argv = [self.py, "-m", "gateway.checker", "--redis-url", self.redis_url]
+        argv = [self.py, "-m", "gateway.checker.health_checker", "--redis-url", self.redis_url]
         argv += ["--interval", "0.5", "--fall", "2", "--rise", "2", "--timeout", "0.5"]
         argv += ["--deregister-after", "0", "--generate-every", "0", "--log-level", "warning"]
         return self.procs.start("checker", argv)
@@ -856,7 +856,7 @@ def serve_instant_nodes(count: int) -> int:
     """One instant simulated node listening on ``count`` loopback ports (distinct node URLs)."""
     from aiohttp import web
 
-    from gateway.simnode import NODE_KEY, SimConfig, build_app
+    from gateway.sim.node import NODE_KEY, SimConfig, build_app
 
     async def main() -> None:
         app = build_app(SimConfig(models=(MODEL,), slots=1 << 16, tokens_per_s=0.0))
@@ -1605,7 +1605,7 @@ def write_markdown(result: dict[str, Any], out: Path, charts: list[str]) -> None
         "",
         "## Scenario",
         "",
-        "Simulated nodes (`gateway.simnode`, continuous batching with a waiting queue), "
+        "Simulated nodes (`gateway.sim.node`, continuous batching with a waiting queue), "
         "registered with `speed` = slots x tokens/s:",
         "",
         _md_table(

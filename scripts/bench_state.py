@@ -19,8 +19,8 @@ import time
 
 import redis.asyncio as aioredis
 
+from scripts.bench.harness import RedisServer, script_stats
 from shared_state import Outcome, Store, Strategy
-from shared_state.devserver import RedisServer, script_stats
 
 SIZES = (4, 16, 64, 256)
 

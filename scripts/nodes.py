@@ -5,7 +5,7 @@ FLEETGATE_REDIS_URL=redis://127.0.0.1:6379/0 python scripts/nodes.py add http://
 
 import sys
 
-from shared_state.admin import main
+from gateway.ops.admin import main
 
 if __name__ == "__main__":
     sys.exit(main("nodes"))

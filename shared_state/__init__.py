@@ -10,7 +10,6 @@ from .errors import (
     UnknownStrategy,
 )
 from .health import HealthLedger
-from .keys import KeySchema
 from .model import (
     ApiKey,
     Lease,
@@ -27,6 +26,7 @@ from .model import (
 )
 from .pd import PDSession, PDState
 from .registry import RegistryView, normalize_url
+from .schema import KeySchema
 from .store import Store, StoreSettings, key_digest
 
 __all__ = [

@@ -25,7 +25,6 @@ import redis.exceptions as rexc
 from . import scripts
 from .connection import close_redis, is_embedded, open_redis
 from .errors import InvalidInput, StoreUnavailable, UnknownKey, UnknownNode, UnknownStrategy
-from .keys import KeySchema
 from .model import (
     ApiKey,
     Lease,
@@ -49,6 +48,7 @@ from .registry import (
     validate_positive,
     validate_role,
 )
+from .schema import KeySchema
 from .scripts import ScriptClient
 
 

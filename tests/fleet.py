@@ -67,7 +67,7 @@ class SimNode(Process):
     def __init__(self, *flags: str, name: str = "sim") -> None:
         self.port = free_port()
         super().__init__(
-            [sys.executable, "-m", "gateway.simnode", "--port", str(self.port), *flags],
+            [sys.executable, "-m", "gateway.sim.node", "--port", str(self.port), *flags],
             f"{name}-{self.port}",
         )
         wait_for_port(self.port)

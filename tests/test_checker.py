@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.checker import CheckerSettings, HealthChecker
+from gateway.checker.health_checker import CheckerSettings, HealthChecker
 from shared_state import Fenced, HealthLedger, NodeState, ProbeResult, Store, StoreSettings
 from tests.conftest import StoreFactory
 from tests.fleet import Gateway, Process, SimNode, eventually
@@ -355,7 +355,7 @@ def start_checker(redis_url: str, name: str) -> tuple[Process, int]:
         [
             sys.executable,
             "-m",
-            "gateway.checker",
+            "gateway.checker.health_checker",
             "--redis-url",
             redis_url,
             "--checker-id",
@@ -421,7 +421,7 @@ async def test_standby_takes_over_a_paused_leader_and_fences_it(
 
 
 def test_load_parsing_reads_vllm_sglang_and_lmdeploy_names() -> None:
-    from gateway.probes import parse_load
+    from gateway.checker.probes import parse_load
 
     vllm = (
         "# HELP vllm:kv_cache_usage_perc KV-cache usage.\n"

@@ -35,8 +35,10 @@ import openai
 import pytest
 import yaml
 
-from gateway import checker, settings, simnode
+from gateway.checker import health_checker as checker
 from gateway.cli import COMMANDS
+from gateway.replica import settings
+from gateway.sim import node as simnode
 from tests.fleet import ROOT, Process, SimNode
 from tests.support import free_port, wait_for_port
 
@@ -318,7 +320,8 @@ def test_dockerfile_runs_fleetgate_as_non_root_from_a_small_context() -> None:
     for word, rest in dockerfile():
         if word == "COPY" and not rest.startswith("--from"):
             copied += rest.split()[:-1]
-    packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
+    found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in found}
     needed = [*sorted(packages), pyproject["project"]["readme"]]
     assert {"pyproject.toml", "scripts", *needed} <= set(copied)
     for source in copied:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.bench.harness import RedisServer, free_port, wait_for_port
 from shared_state import InvalidInput, Outcome, Store, StoreUnavailable
-from shared_state.devserver import RedisServer, free_port, wait_for_port
 from tests.fleet import make_certificate
 
 NODE = "http://127.0.0.1:9401"

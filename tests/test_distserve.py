@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from scripts.bench.harness import RedisServer
 from shared_state import PDState, Store
-from shared_state.devserver import RedisServer
 from tests.fleet import Gateway, Process, SimNode, eventually, ops
 
 MODEL = "sim-model"

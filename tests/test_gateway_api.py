@@ -1,7 +1,7 @@
 """The gateway's HTTP contract with real processes: OpenAI-shaped errors for bad input, auth of
 clients and admins, LMDeploy's node API, health, readiness, metrics and start-up validation.
 
-Gateways run as ``python -m gateway`` (hypercorn) and nodes as ``python -m gateway.simnode``;
+Gateways run as ``python -m gateway`` (hypercorn) and nodes as ``python -m gateway.sim.node``;
 processes are shared per module where the tests do not disturb each other (each test that
 changes a registry uses its own models and nodes).
 """
@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from shared_state.devserver import RedisServer
+from scripts.bench.harness import RedisServer
 from tests.fleet import ROOT, Gateway, SimNode
 from tests.support import free_port
 

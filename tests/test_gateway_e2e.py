@@ -13,8 +13,8 @@ import openai
 import orjson
 import pytest
 
+from scripts.bench.harness import RedisServer
 from shared_state import Store
-from shared_state.devserver import RedisServer
 from tests.fleet import Gateway, SimNode, eventually
 
 MODEL = "sim-model"

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis.exceptions as rexc
 
-from shared_state.devserver import RedisServer
+from scripts.bench.harness import RedisServer
 from shared_state.pipeline import AutoPipeline
 
 # Keeps Redis busy for about 50 ms, as a slow script would.

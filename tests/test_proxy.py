@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.proxy import Timeouts, Upstream, UpstreamFailure
+from gateway.replica.upstream import Timeouts, Upstream, UpstreamFailure
 from shared_state import Node
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from gateway.metrics import GatewayMetrics
-from gateway.routing import RetryBudget, Router
+from gateway.replica.metrics import GatewayMetrics
+from gateway.replica.routing import RetryBudget, Router
 from shared_state import Node, Registry, RegistryView, Strategy
 
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.simnode import NODE_KEY, SimConfig, SimNode, build_app, main
+from gateway.sim.node import NODE_KEY, SimConfig, SimNode, build_app, main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sim-model"
@@ -412,7 +412,7 @@ def test_config_validation() -> None:
 async def test_cli_subprocess(http: aiohttp.ClientSession) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.simnode", "--port", "0", "--model", "cli-model",
+        sys.executable, "-m", "gateway.sim.node", "--port", "0", "--model", "cli-model",
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

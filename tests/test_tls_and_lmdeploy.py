@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.probes import Prober
+from gateway.checker.probes import Prober
 from shared_state import Node
 from tests.fleet import Gateway, Process, SimNode, make_certificate
 from tests.support import free_port, wait_for_port
@@ -31,7 +31,7 @@ class HttpsNode(Process):
             [
                 sys.executable,
                 "-m",
-                "gateway.simnode",
+                "gateway.sim.node",
                 "--port",
                 str(self.port),
                 "--tokens-per-s",

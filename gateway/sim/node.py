@@ -7,7 +7,7 @@ gauges, and faults that can be switched on at start-up (``--fault``) or at runti
 (or ``inf``) and no prefill it never sleeps, so it can serve as the "direct to backend"
 baseline in benchmarks.
 
-Run it with ``python -m gateway.simnode --port 0``; it prints one line
+Run it with ``python -m gateway.sim.node --port 0``; it prints one line
 ``fleetgate-sim listening on http://HOST:PORT name=NAME models=M1,M2 slots=N``.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .simpd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
+from .pd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
 
 FAULT_MODES: Final = frozenset(
     {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
@@ -683,7 +683,9 @@ async def serve(config: SimConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gateway.simnode", description="Simulated LLM node.")
+    p = argparse.ArgumentParser(
+        prog="python -m gateway.sim.node", description="Simulated LLM node."
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     p.add_argument(

@@ -20,10 +20,10 @@ from typing import Any, NoReturn, TextIO
 import httpx
 import orjson
 
-from .errors import InvalidInput, StateError, StoreUnavailable, UnknownKey, UnknownNode
-from .model import ApiKey, NodeState, NodeStatus, Role
-from .registry import model_ids, normalize_url
-from .store import Store
+from shared_state.errors import InvalidInput, StateError, StoreUnavailable, UnknownKey, UnknownNode
+from shared_state.model import ApiKey, NodeState, NodeStatus, Role
+from shared_state.registry import model_ids, normalize_url
+from shared_state.store import Store
 
 EXIT_FAILED, EXIT_USAGE, EXIT_STORE = 1, 2, 3
 ROLES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}

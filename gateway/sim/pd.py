@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .simnode import SimNode
+    from .node import SimNode
 
 ROLES: Final = ("Hybrid", "Prefill", "Decode")
 PROTOCOLS: Final = {1: "TCP", 2: "RDMA", 3: "NVLINK"}  # LMDeploy's MigrationProtocol values

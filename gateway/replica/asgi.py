@@ -1,7 +1,8 @@
 """The ASGI app built from the command line handed down by ``fleetgate serve --workers N``."""
 
+from gateway.common.config import argv_from_environment, setup_logging
+
 from .app import create_app
-from .config import argv_from_environment, setup_logging
 from .settings import load_settings
 
 settings = load_settings(argv_from_environment())

@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
+from gateway.common.config import ConfigError, argv_for_workers, setup_logging
+
 from .app import create_app
-from .config import ConfigError, argv_for_workers, setup_logging
 from .settings import GatewaySettings, load_settings
 
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.update(argv_for_workers(args))
         config = hypercorn_config(settings)
         config.workers = settings.workers
-        config.application_path = "gateway.asgi:app"
+        config.application_path = "gateway.replica.asgi:app"
         if loop_factory() is not None:
             config.worker_class = "uvloop"
         return run(config)

@@ -21,11 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shared_state import Fenced, Node, NodeState, PDState, StateError, Store, StoreUnavailable
-from shared_state.health import HealthLedger
-from shared_state.model import HealthReport, ProbeResult
-
-from .config import (
+from gateway.common.config import (
     ConfigError,
     Option,
     int_range,
@@ -36,8 +32,12 @@ from .config import (
     resolve,
     setup_logging,
 )
-from .distserve import DistServeMetrics, PDCleaner
-from .metrics import Counter, render_text
+from gateway.common.metrics import Counter, Gauge, render_text
+from gateway.common.pd_cleanup import DistServeMetrics, PDCleaner
+from shared_state import Fenced, Node, NodeState, PDState, StateError, Store, StoreUnavailable
+from shared_state.health import HealthLedger
+from shared_state.model import HealthReport, ProbeResult
+
 from .probes import Finding, Prober
 
 log = logging.getLogger("fleetgate.checker")
@@ -142,10 +142,10 @@ class CheckerMetrics:
             "Writes rejected: this checker had lost the lead.",
         )
         self.swept = Counter("fleetgate_checker_swept_leases_total", "Expired leases removed.")
-        self.leader = Counter("fleetgate_checker_leader", "1 while this checker leads.", "gauge")
-        self.nodes = Counter("fleetgate_checker_nodes", "Nodes by state, last round.", "gauge")
-        self.replicas = Counter(
-            "fleetgate_checker_live_replicas", "Gateway replicas renewing leases.", "gauge"
+        self.leader = Gauge("fleetgate_checker_leader", "1 while this checker leads.")
+        self.nodes = Gauge("fleetgate_checker_nodes", "Nodes by state, last round.")
+        self.replicas = Gauge(
+            "fleetgate_checker_live_replicas", "Gateway replicas renewing leases."
         )
         self.rounds = Counter("fleetgate_checker_rounds_total", "Probe rounds completed.")
         self.extra: list[Counter] = []

@@ -15,13 +15,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.common.pd_cleanup import PDCleaner
 from shared_state import InvalidInput, Node, NodeStatus, Role, Store, normalize_url
 from shared_state.registry import model_ids
 
 from .auth import Authenticator
-from .distserve import PDCleaner
 from .errors import BadRequest, InvalidJSON, UpstreamError
-from .proxy import Upstream, UpstreamFailure
+from .upstream import Upstream, UpstreamFailure
 
 ROLE_NAMES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
 UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::", "[::]"})

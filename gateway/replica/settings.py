@@ -7,11 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared_state import Strategy, normalize_url
-from shared_state.connection import is_embedded
-from shared_state.errors import InvalidInput
-
-from .config import (
+from gateway.common.config import (
     ConfigError,
     Option,
     boolean,
@@ -22,6 +18,9 @@ from .config import (
     process_id,
     resolve,
 )
+from shared_state import Strategy, normalize_url
+from shared_state.connection import is_embedded
+from shared_state.errors import InvalidInput
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

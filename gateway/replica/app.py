@@ -15,7 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
+from gateway.common.pd_cleanup import DistServeMetrics, PDCleaner
 from shared_state import (
     Node,
     NodeState,
@@ -30,14 +32,15 @@ from shared_state.registry import model_ids
 
 from .accesslog import AccessLog
 from .auth import Authenticator
-from .distserve import DistServe, DistServeMetrics, PDCleaner, control_call
+from .distserve import DistServe, control_call
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
-from .handler import PROXY_PATHS, ProxyHandler, Receive, Scope, Send, request_id_of
+from .exchange import Forwarder
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response
-from .proxy import Timeouts, Upstream, UpstreamFailure
+from .proxy import PROXY_PATHS, ProxyHandler, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
+from .upstream import Timeouts, Upstream, UpstreamFailure
 
 log = logging.getLogger("fleetgate.gateway")
 
@@ -72,19 +75,9 @@ class Gateway:
         self.auth = Authenticator(
             settings.api_key, settings.admin_key, settings.register_allow, self.store
         )
-        self.proxy = ProxyHandler(
-            self.router,
-            self.upstream,
-            self.auth,
-            self.metrics,
-            max_body_bytes=settings.max_body_bytes,
-            max_attempts=settings.max_attempts,
-            access_log=self.access_log,
-        )
         self.distserve: DistServe | None = None
         if settings.serving_strategy == "DistServe":
             self.distserve = DistServe(settings, self.router, self.upstream)
-            self.proxy.distserve = self.distserve
             cleaner = self.distserve.cleaner
         else:  # Hybrid still cleans up after a PD node removed through this replica
             cleaner = PDCleaner(
@@ -92,6 +85,16 @@ class Gateway:
             )
         self.metrics.extra.extend(cleaner.metrics.counters())
         self.nodes = NodesAPI(self.store, self.upstream, self.auth, cleaner)
+        forwarder = Forwarder(
+            self.router, self.upstream, self.metrics, max_attempts=settings.max_attempts
+        )
+        self.proxy = ProxyHandler(
+            forwarder,
+            self.auth,
+            max_body_bytes=settings.max_body_bytes,
+            access_log=self.access_log,
+            distserve=self.distserve,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._register_metrics()
 
@@ -325,7 +328,7 @@ def with_request_id(scope: Scope, send: Send) -> Send:
     """Wrap ``send`` so the answer carries ``x-request-id``, like every proxied answer."""
     header = (b"x-request-id", request_id_of(scope["headers"]).encode())
 
-    async def send_with_id(message: dict[str, Any]) -> None:
+    async def send_with_id(message: Message) -> None:
         if message["type"] == "http.response.start":
             message["headers"] = [*message.get("headers", ()), header]
         await send(message)

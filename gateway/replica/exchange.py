@@ -1,0 +1,347 @@
+"""One client request's exchange with the nodes: what has reached the client, one attempt on one
+node, and the retry loop. Shared by the Hybrid path (:meth:`Exchange.forward`) and DistServe.
+
+A failed attempt is retried on another node only while nothing has reached the client; after
+that a failure ends the stream with an OpenAI-shaped SSE error event. Every lease taken by an
+attempt is released in a ``finally``, shielded from cancellation unless the exchange is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from starlette.types import Message, Scope, Send
+
+from shared_state import Outcome
+
+from .errors import (
+    GatewayError,
+    ModelNotFound,
+    NoHealthyNode,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+    sse_error_event,
+)
+from .metrics import GatewayMetrics
+from .routing import RetryBudget, Route, Router
+from .upstream import Upstream, UpstreamFailure, UpstreamResponse
+
+log = logging.getLogger("fleetgate.request")
+
+Headers = list[tuple[bytes, bytes]]
+# Told when a node answered (its status), or failed (None) after the request went out or not.
+Settle = Callable[[int | None, bool], Awaitable[None]]
+# One attempt of a request: None when the client got an answer, else why it failed.
+Attempt = Callable[[int], Awaitable[GatewayError | None]]
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+JSON = b"application/json"
+
+
+def outcome_of(status: int) -> Outcome:
+    """How a final status counts for the node: 4xx is the client's doing, 5xx the node's."""
+    if status >= 500:
+        return Outcome.FAIL
+    if status >= 400:
+        return Outcome.NEUTRAL
+    return Outcome.OK
+
+
+class NoNode(Exception):
+    """No node (of ``role``, when one is named) can take this attempt now."""
+
+    def __init__(self, role: str = "") -> None:
+        super().__init__(role or "node")
+        self.role = role
+
+
+class Forwarder:
+    """What every exchange of one replica shares: routing, the upstream client, metrics, the
+    retry budget and the attempt limit."""
+
+    def __init__(
+        self, router: Router, upstream: Upstream, metrics: GatewayMetrics, *, max_attempts: int
+    ) -> None:
+        self.router = router
+        self.upstream = upstream
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.budget = RetryBudget()
+
+    def may_retry(self) -> bool:
+        """Whether the retry budget allows one more attempt (counted when it does)."""
+        if not self.budget.try_spend():
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        self.metrics.retries.inc()
+        return True
+
+    def no_node(self, model: str, role: str = "") -> GatewayError:
+        """Why no node was picked: the model is unknown, or none of its nodes can serve now."""
+        view = self.router.view()
+        if view is None or not view.serves(model):
+            return ModelNotFound(f"The model `{model}` does not exist.")
+        kind = f"{role} node" if role else "node"
+        return NoHealthyNode(f"no healthy {kind} can serve model `{model}` now")
+
+
+class Exchange:
+    """The state of one request: its identity, and what has been sent to the client."""
+
+    __slots__ = (
+        "attempts",
+        "complete",
+        "forwarder",
+        "model",
+        "node_id",
+        "request_id",
+        "route",
+        "scope",
+        "send",
+        "session_key",
+        "started",
+        "status",
+    )
+
+    def __init__(self, forwarder: Forwarder, scope: Scope, send: Send, request_id: str) -> None:
+        self.forwarder = forwarder
+        self.scope = scope
+        self.send = send
+        self.request_id = request_id
+        self.model = ""
+        self.session_key: str | None = None
+        self.started = False
+        self.complete = False
+        self.attempts = 0
+        self.route: Route | None = None
+        self.status = 0
+        self.node_id = ""  # the node whose answer the client got
+
+    # -- towards the client ---------------------------------------------------------------
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        self.status = status
+        message: Message = {"type": "http.response.start", "status": status, "headers": headers}
+        await self.send(message)
+
+    async def body(self, data: bytes, more: bool = False) -> None:
+        if not more:
+            self.complete = True
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    def route_headers(self, route: Route) -> Headers:
+        """The request id, the node that answered and the route receipt."""
+        return [
+            (b"x-request-id", self.request_id.encode()),
+            (b"x-fleetgate-node", route.node.id.encode()),
+            (b"x-fleetgate-route", route.receipt(self.attempts).encode()),
+        ]
+
+    async def send_buffered(self, response: UpstreamResponse, data: bytes, route: Route) -> None:
+        """Relay a whole upstream answer, its errors made OpenAI-shaped."""
+        self.node_id = route.node.id
+        status = response.status
+        headers = response.relay_headers(keep_length=False)
+        if status in (401, 403):
+            # The client's key never reaches a node: a refusal is about the gateway's
+            # credentials for that node, an upstream fault rather than the client's.
+            data = error_body(
+                f"node {route.node.id} refused the gateway's credentials ({status})",
+                "upstream_error",
+                "upstream_auth_error",
+            )
+            headers = [(b"content-type", JSON)]
+            status = 502
+        elif status >= 400 and not _is_json(headers):
+            # A node's plain-text error becomes an OpenAI-shaped one; never text/plain.
+            text = data.decode("utf-8", "replace").strip()[:500]
+            data = error_body(f"node answered {status}: {text}", "upstream_error", "upstream_error")
+            headers = [
+                (k, v) for k, v in headers if k not in (b"content-type", b"content-encoding")
+            ]
+            headers.append((b"content-type", JSON))
+            if status < 500:
+                status = 502
+        headers.append((b"content-length", str(len(data)).encode()))
+        headers.extend(self.route_headers(route))
+        await self.start(status, headers)
+        await self.body(data)
+
+    async def _relay_stream(
+        self, response: UpstreamResponse, route: Route, settle: Settle | None
+    ) -> tuple[Outcome, int]:
+        headers = response.relay_headers(keep_length=False)
+        headers.extend(self.route_headers(route))
+        await self.start(response.status, headers)
+        events = 0
+        try:
+            async for chunk in response.chunks():
+                if chunk:
+                    if settle is not None:
+                        await settle(502 if _is_error_event(chunk) else 200, True)
+                        settle = None
+                    events += chunk.count(b"data:")
+                    await self.body(chunk, more=True)
+            if settle is not None:
+                await settle(None, True)  # ended without a single event
+        except UpstreamFailure as exc:
+            if settle is not None:
+                await settle(None, True)
+            self.forwarder.metrics.stream_errors.inc((("node", route.node.id),))
+            log.warning("stream %s from %s broke: %s", self.request_id, route.node.id, exc)
+            await self.body(
+                sse_error_event(f"the node failed mid-stream: {exc}", "upstream_stream_error"),
+                more=True,
+            )
+            await self.body(b"")
+            return Outcome.FAIL, 0
+        await self.body(b"")
+        # One event per token, then one that finishes the choice and "[DONE]": roughly.
+        return outcome_of(response.status), max(0, events - 2)
+
+    # -- towards the nodes ----------------------------------------------------------------
+
+    async def retry(self, one: Attempt) -> None:
+        """Run ``one(attempt)`` for attempts 1, 2, ... until it answers the client, the attempts
+        or the retry budget run out (raising the last error), or no node is left to try."""
+        forwarder = self.forwarder
+        last_error: GatewayError | None = None
+        for attempt in range(1, forwarder.max_attempts + 1):
+            if attempt > 1 and not forwarder.may_retry():
+                break
+            try:
+                error = await one(attempt)
+            except NoNode as none:
+                if attempt == 1:
+                    raise forwarder.no_node(self.model, none.role) from None
+                break
+            if error is None:
+                return
+            last_error = error
+        raise last_error or forwarder.no_node(self.model)
+
+    async def forward(self, body: bytes) -> None:
+        """The Hybrid path: each attempt on another node picked by the replica's strategy."""
+        tried: list[str] = []
+        router = self.forwarder.router
+
+        async def one(attempt: int) -> GatewayError | None:
+            route = await router.pick(
+                self.model, f"{self.request_id}.{attempt}", tried, session_key=self.session_key
+            )
+            if route is None:
+                raise NoNode
+            tried.append(route.node.id)
+            return await self.attempt(route, attempt, body)
+
+        await self.retry(one)
+
+    async def attempt(
+        self, route: Route, attempt: int, body: bytes, settle: Settle | None = None
+    ) -> GatewayError | None:
+        """Attempt ``attempt`` on ``route``'s node, releasing its lease after: ``None`` when the
+        client got an answer, else the error. ``settle`` hears first how the node answered
+        (DistServe decides there who frees the prefill session)."""
+        forwarder = self.forwarder
+        metrics = forwarder.metrics
+        self.attempts, self.route = attempt, route
+        final = attempt == forwarder.max_attempts
+        scope = self.scope
+        node = route.node
+        started_at = time.perf_counter()
+        outcome = Outcome.NEUTRAL
+        tokens = 0
+        response: UpstreamResponse | None = None
+        try:
+            try:
+                response = await forwarder.upstream.send(
+                    node,
+                    "POST",
+                    scope["path"],
+                    scope["headers"],
+                    body,
+                    self.request_id,
+                    query=scope.get("query_string", b""),
+                )
+            except UpstreamFailure as exc:
+                outcome = Outcome.FAIL
+                metrics.attempts.inc((("node", node.id), ("result", "error")))
+                if settle is not None:
+                    await settle(None, exc.sent)
+                if exc.timeout:
+                    return UpstreamTimeout(f"node {node.id} timed out")
+                return UpstreamError(f"node {node.id} failed: {exc}")
+            status = response.status
+            # An engine may answer a stream's 200 before it starts the work: a stream is settled
+            # by its first event instead.
+            deferred = settle if status == 200 and response.is_event_stream else None
+            if settle is not None and deferred is None:
+                await settle(status, True)
+            metrics.ttfb.observe((("model", self.model),), time.perf_counter() - started_at)
+            if status in RETRY_STATUSES and not final:
+                outcome = Outcome.NEUTRAL if status == 429 else Outcome.FAIL
+                metrics.attempts.inc((("node", node.id), ("result", str(status))))
+                return UpstreamError(f"node {node.id} answered {status}")
+            self.node_id = node.id
+            if response.is_event_stream:
+                outcome, tokens = await self._relay_stream(response, route, deferred)
+            else:
+                try:
+                    data = await response.read()
+                except UpstreamFailure as exc:
+                    outcome = Outcome.FAIL
+                    metrics.attempts.inc((("node", node.id), ("result", "error")))
+                    return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
+                outcome = outcome_of(status)
+                generated = status == 200 and scope["path"] != "/v1/embeddings"
+                tokens = _completion_tokens(data) if generated else 0
+                await self.send_buffered(response, data, route)
+            metrics.attempts.inc((("node", node.id), ("result", str(status))))
+            return None
+        finally:
+            if response is not None:
+                response.close()
+            elapsed = time.perf_counter() - started_at
+            release = forwarder.router.release(route, outcome, elapsed, tokens)
+            if self.complete:
+                await release  # nothing can cancel a finished exchange: no shield task needed
+            else:
+                await asyncio.shield(release)
+
+
+def _is_error_event(chunk: bytes) -> bool:
+    """Whether a stream's first event is an error object rather than a completion chunk."""
+    first = chunk.split(b"\n\n", 1)[0]
+    return b'"error"' in first and b'"choices"' not in first
+
+
+def _is_json(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def _completion_tokens(data: bytes) -> int:
+    """The tokens a buffered answer reports having generated (0 when it says nothing)."""
+    try:
+        usage = _decode_answer(data).usage
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return 0
+    return usage.completion_tokens if usage is not None else 0

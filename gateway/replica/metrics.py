@@ -1,0 +1,82 @@
+"""Every metric a gateway replica exports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from gateway.common.metrics import (
+    LATENCY_BUCKETS_S,
+    Counter,
+    Histogram,
+    Labels,
+    format_labels,
+    render_text,
+)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports; gauges read live values through callbacks."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "fleetgate_requests_total", "Requests answered, by node, model and status code."
+        )
+        self.attempts = Counter(
+            "fleetgate_upstream_attempts_total", "Upstream attempts by node and result."
+        )
+        self.retries = Counter("fleetgate_retries_total", "Requests retried on another node.")
+        self.retry_budget_exhausted = Counter(
+            "fleetgate_retry_budget_exhausted_total", "Retries refused by the retry budget."
+        )
+        self.ejections = Counter(
+            "fleetgate_ejections_total", "Passive ejections this replica triggered, by node."
+        )
+        self.store_errors = Counter(
+            "fleetgate_store_errors_total", "Store calls that failed, by operation."
+        )
+        self.disconnects = Counter(
+            "fleetgate_client_disconnects_total", "Requests cancelled by a client disconnect."
+        )
+        self.stream_errors = Counter(
+            "fleetgate_stream_errors_total", "Streams ended by an upstream failure midway."
+        )
+        self.latency = Histogram(
+            "fleetgate_request_duration_seconds",
+            "Whole request time through the gateway, by model.",
+            LATENCY_BUCKETS_S,
+        )
+        self.ttfb = Histogram(
+            "fleetgate_time_to_first_byte_seconds",
+            "Time until the upstream answered with headers, by model.",
+            LATENCY_BUCKETS_S,
+        )
+        self._gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.extra: list[Counter] = []  # counters of optional parts (DistServe)
+
+    def gauge(
+        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
+    ) -> None:
+        self._gauges.append((name, help_text, read))
+
+    def render(self) -> bytes:
+        lines = render_text(
+            (
+                self.requests,
+                self.attempts,
+                self.retries,
+                self.retry_budget_exhausted,
+                self.ejections,
+                self.store_errors,
+                self.disconnects,
+                self.stream_errors,
+                self.latency,
+                self.ttfb,
+                *self.extra,
+            )
+        )
+        for name, help_text, read in self._gauges:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            for labels, value in read():
+                lines.append(f"{name}{format_labels(labels)} {value:g}")
+        return ("\n".join(lines) + "\n").encode()

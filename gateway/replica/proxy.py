@@ -1,0 +1,327 @@
+"""The OpenAI request path, as raw ASGI: check the client, read the body once, hand the request
+to its :class:`~.exchange.Exchange`, and account for it whatever happens.
+
+Only ``model``, ``stream`` and ``user`` are decoded; the original bytes go upstream untouched.
+A client disconnect cancels the upstream work (the exchange releases every lease in a
+``finally`` shielded from that cancellation); errors before the first byte are rendered once,
+OpenAI-shaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import msgspec
+from starlette.types import Message, Receive, Scope, Send
+
+from shared_state import StateError, Store
+from shared_state import limits as key_limits
+
+from .accesslog import AccessLog
+from .auth import Authenticator
+from .distserve import DistServe
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+    InvalidJSON,
+    MethodNotAllowed,
+    MissingModel,
+    RateLimited,
+    UnsupportedMediaType,
+    render,
+)
+from .exchange import JSON, Exchange, Forwarder, Headers
+
+log = logging.getLogger("fleetgate.request")
+
+PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+DISTSERVE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+WATCH_AFTER_S = 0.05  # when to start watching for a client disconnect
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+class RequestView(msgspec.Struct):
+    """The only fields the gateway reads from a request body."""
+
+    model: str | None = None
+    stream: bool | None = None
+    user: str | None = None  # the session key of session_affinity, after X-Session-ID
+
+
+_decode_view = msgspec.json.Decoder(RequestView).decode
+
+
+class _KeySlot:
+    """A client key's concurrency slot, freed once: just before the answer's last message goes
+    out (so the client's next request finds it free), or when the request ends anyhow."""
+
+    __slots__ = ("decision", "digest", "freed", "store")
+
+    def __init__(self, store: Store, digest: str, decision: key_limits.LimitDecision) -> None:
+        self.store = store
+        self.digest = digest
+        self.decision = decision
+        self.freed = False
+
+    async def free(self) -> None:
+        if not self.freed:
+            self.freed = True
+            # Shielded: a request cancelled meanwhile still frees its slot.
+            await asyncio.shield(key_limits.dismiss(self.store, self.digest, self.decision))
+
+    def freeing(self, send: Send) -> Send:
+        async def send_freeing(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await self.free()
+            await send(message)
+
+        return send_freeing
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was read."""
+
+
+class ProxyHandler:
+    """Serves POST /v1/chat/completions, /v1/completions and /v1/embeddings; DistServe, when
+    given, serves the generating paths."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        auth: Authenticator,
+        *,
+        max_body_bytes: int,
+        access_log: AccessLog | None = None,
+        distserve: DistServe | None = None,
+    ) -> None:
+        self.forwarder = forwarder
+        self.router = forwarder.router
+        self.metrics = forwarder.metrics
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
+        self.distserve = distserve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_at = time.perf_counter()
+        request_id = request_id_of(scope["headers"])
+        exchange = Exchange(self.forwarder, scope, send, request_id)
+        slot: _KeySlot | None = None  # a client key's concurrency slot
+        try:
+            if scope["method"] != "POST":
+                error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
+                error.headers = ((b"allow", b"POST"),)
+                raise error
+            headers = scope["headers"]
+            key = await self.auth.check_client(headers)
+            if key is not None:  # a stored key: its limits, if it has any
+                slot = await self._check_key_limits(key, request_id)
+                if slot is not None:
+                    exchange.send = slot.freeing(send)
+            _check_content_type(headers)
+            body = await self._read_body(headers, receive)
+            view = _decode(body)
+            exchange.model = view.model or ""
+            exchange.session_key = _session_key(headers) or view.user
+            self.forwarder.budget.on_request()
+            await self._serve_watching(receive, exchange, body)
+        except ClientGone:
+            self.metrics.disconnects.inc()
+        except (GatewayError, StateError) as exc:
+            await self._send_error(exchange, exc)
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            await self._send_error(exchange, exc)
+        finally:
+            # Only models a node answered for become labels: clients cannot grow the metrics.
+            model = exchange.model if exchange.node_id else ""
+            labels = (
+                ("node", exchange.node_id),
+                ("model", model),
+                ("status", str(exchange.status)),
+            )
+            self.metrics.requests.inc(labels)
+            elapsed = time.perf_counter() - started_at
+            if exchange.status:
+                self.metrics.latency.observe((("model", model),), elapsed)
+            if self.access_log is not None:
+                self._log_access(exchange, model, elapsed)
+            if slot is not None:
+                await slot.free()
+
+    async def _check_key_limits(self, digest: str, request_id: str) -> _KeySlot | None:
+        """Admit a request under its key's limits (:class:`RateLimited` when over one);
+        returns the concurrency slot to free when the request ends, if it took one."""
+        store = self.router.store
+        decision = await key_limits.admit(store, digest, self.router.replica, request_id)
+        if decision is None:
+            return None
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return _KeySlot(store, digest, decision) if decision.leased else None
+
+    async def _send_error(self, exchange: Exchange, exc: Exception) -> None:
+        if exchange.started:
+            return
+        status, body, extra = render(exc)
+        headers = [
+            (b"content-type", JSON),
+            (b"content-length", str(len(body)).encode()),
+            *extra,
+        ]
+        if exchange.route is not None:  # the last node tried, and why it was chosen
+            headers.extend(exchange.route_headers(exchange.route))
+        else:
+            headers.append((b"x-request-id", exchange.request_id.encode()))
+        with contextlib.suppress(OSError):
+            await exchange.start(status, headers)
+            await exchange.body(body)
+
+    async def _read_body(self, headers: Headers, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in headers:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BadRequest("invalid Content-Length header") from None
+                if declared > limit:
+                    raise BodyTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _serve_watching(self, receive: Receive, exchange: Exchange, body: bytes) -> None:
+        """Route the request; if the client goes away first, cancel the work.
+
+        A watcher task cancels this task on ``http.disconnect``, but only while the answer is
+        incomplete, so a finished exchange is never interrupted. It starts after
+        ``WATCH_AFTER_S``: most answers are done sooner, and a task per request costs.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        gone = False
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            nonlocal gone
+            await _wait_disconnect(receive)
+            if not exchange.complete:
+                gone = True
+                task.cancel()
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if not exchange.complete:
+                watcher = loop.create_task(watch())
+
+        timer = loop.call_later(WATCH_AFTER_S, start_watching)
+        try:
+            if self.distserve is not None and exchange.scope["path"] in DISTSERVE_PATHS:
+                await self.distserve.serve(exchange, body)
+            else:
+                await exchange.forward(body)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            self.metrics.disconnects.inc()
+        finally:
+            exchange.complete = True
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+    def _log_access(self, exchange: Exchange, model: str, elapsed_s: float) -> None:
+        """One JSON line per request: where it went and why (the route receipt)."""
+        route = exchange.route
+        scope = exchange.scope
+        client = scope.get("client")
+        record: dict[str, Any] = {
+            "t": round(time.time(), 3),
+            "request_id": exchange.request_id,
+            "client": client[0] if client else None,
+            "path": scope["path"],
+            "model": model or None,
+            "status": exchange.status,
+            "ms": round(elapsed_s * 1000, 2),
+            "attempts": exchange.attempts,
+        }
+        if route is not None:
+            record.update(
+                node=route.node.id,
+                strategy=route.strategy,
+                candidates=route.eligible,
+                score=route.score,
+                epoch=route.epoch,
+                state="local" if route.local else "shared",
+            )
+        assert self.access_log is not None
+        self.access_log.write(record)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def request_id_of(headers: Headers) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.match(text):
+                return text
+            break
+    return os.urandom(12).hex()
+
+
+def _session_key(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == b"x-session-id" and value:
+            return value.decode("latin-1")[:256]
+    return None
+
+
+def _check_content_type(headers: Headers) -> None:
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media != JSON and not media.endswith(b"+json"):
+                raise UnsupportedMediaType(
+                    f"Content-Type {media.decode('latin-1')!r} is not supported; "
+                    "send application/json"
+                )
+            return
+
+
+def _decode(body: bytes) -> RequestView:
+    try:
+        view = _decode_view(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError:
+        raise InvalidJSON("request body is not valid JSON") from None
+    if not view.model:
+        raise MissingModel("you must provide a model parameter")
+    return view
