@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import hmac
 import itertools
 import math
@@ -34,6 +32,15 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from .answers import (
+    ApiError,
+    completion_body,
+    embeddings_body,
+    error_response,
+    max_tokens,
+    sse,
+    usage,
+)
 from .pd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
 
 FAULT_MODES: Final = frozenset(
@@ -55,7 +62,6 @@ _POLL_S: Final = 0.05
 # Shorter waits are folded into the next one: a timer wake-up per token would dominate the CPU
 # cost at high token rates, and clients cannot tell a few milliseconds apart anyway.
 _MIN_SLEEP_S: Final = 0.005
-_MAX_TOKENS_LIMIT: Final = 1_000_000
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE: Final = b"data: [DONE]\n\n"
 
@@ -100,64 +106,8 @@ class _Fault:
     after_tokens: int = 3  # die_mid_stream: tokens sent before the cut
 
 
-class _ApiError(Exception):
-    """Raised anywhere in a handler to answer with an OpenAI-shaped error."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
 class _ClientGone(Exception):
     """The peer disconnected (or the server is shutting down): stop working on the request."""
-
-
-def _error(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> web.Response:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
-
-
-def _sse(obj: object) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _count_words(value: object) -> int:
-    """Deterministic stand-in for a tokenizer: words in strings, one per token id."""
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, int):
-        return 1
-    if isinstance(value, list):
-        return sum(_count_words(v) for v in value)
-    if isinstance(value, dict):
-        return _count_words(value.get("content")) + _count_words(value.get("text"))
-    return 0
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    n = body.get("max_completion_tokens")
-    if n is None:
-        n = body.get("max_tokens")
-    if n is None:
-        return 16
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= _MAX_TOKENS_LIMIT:
-        msg = "max_tokens must be a non-negative integer"
-        raise _ApiError(_error(400, msg, param="max_tokens"))
-    return n
-
-
-def _embedding(item: object) -> list[float]:
-    digest = hashlib.blake2b(orjson.dumps(item), digest_size=8).digest()
-    return [round((b - 127.5) / 127.5, 6) for b in digest]
 
 
 def _abort(request: web.Request, rst: bool) -> None:
@@ -197,9 +147,7 @@ class SimNode:
         self._ids = itertools.count()
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self.pd = (
-            PDEngine(self, config.role, config.tp, config.block_size)
-            if config.role != "Hybrid"
-            else None
+            PDEngine(config.role, config.tp, config.block_size) if config.role != "Hybrid" else None
         )
 
     # --- state -------------------------------------------------------------------------
@@ -267,7 +215,7 @@ class SimNode:
             self._free -= 1
             return
         if self._n_waiting >= self.config.max_queue:
-            raise _ApiError(_error(503, "queue is full", "server_error", None, "queue_full"))
+            raise ApiError(error_response(503, "queue is full", "server_error", None, "queue_full"))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(fut)
         self.waiting[model] += 1
@@ -317,28 +265,32 @@ class SimNode:
         if self._auth is not None:
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, self._auth):
-                raise _ApiError(_error(401, "Incorrect API key provided.", code="invalid_api_key"))
+                raise ApiError(
+                    error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+                )
 
     async def _read(self, request: web.Request) -> tuple[dict[str, Any], str]:
         self._check_auth(request)
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            raise _ApiError(_error(400, f"Invalid JSON body: {exc}")) from None
+            raise ApiError(error_response(400, f"Invalid JSON body: {exc}")) from None
         if not isinstance(body, dict):
-            raise _ApiError(_error(400, "The request body must be a JSON object."))
+            raise ApiError(error_response(400, "The request body must be a JSON object."))
         model = body.get("model")
         if not isinstance(model, str):
-            raise _ApiError(_error(400, "You must provide a model parameter.", param="model"))
+            raise ApiError(
+                error_response(400, "You must provide a model parameter.", param="model")
+            )
         if model not in self.running:
             msg = f"The model `{model}` does not exist."
-            raise _ApiError(_error(404, msg, param="model", code="model_not_found"))
+            raise ApiError(error_response(404, msg, param="model", code="model_not_found"))
         return body, model
 
     async def models(self, request: web.Request) -> web.Response:
         try:
             self._check_auth(request)
-        except _ApiError as exc:
+        except ApiError as exc:
             return exc.response
         data = [
             {"id": m, "object": "model", "created": self._created, "owned_by": "fleetgate-sim"}
@@ -359,7 +311,7 @@ class SimNode:
         self.requests_total += 1
         try:
             body, model = await self._read(request)
-            n = 0 if kind == "embed" else _max_tokens(body)
+            n = 0 if kind == "embed" else max_tokens(body)
             fault = self.fault
             if fault.mode in ("none", "unhealthy"):
                 fault = _Fault()
@@ -367,7 +319,7 @@ class SimNode:
                 self._consume(fault)
             mode = fault.mode
             if (spec := _STATUS_FAULTS.get(mode)) is not None:
-                return _error(spec[0], f"simulated fault: {mode}", spec[1], None, spec[2])
+                return error_response(spec[0], f"simulated fault: {mode}", spec[1], None, spec[2])
             if mode == "reset":
                 _abort(request, rst=True)
                 raise _ClientGone
@@ -383,13 +335,13 @@ class SimNode:
                 self.running[model] -= 1
                 self._n_running -= 1
                 self._release()
-        except _ApiError as exc:
+        except ApiError as exc:
             return exc.response
         except PDError as exc:
             return refusal(exc)
         except _ClientGone:
             # Usually unwritable; a client still there only sees it when the server shuts down.
-            return _error(503, "the node is shutting down", "server_error")
+            return error_response(503, "the node is shutting down", "server_error")
 
     async def _produce(
         self,
@@ -418,13 +370,13 @@ class SimNode:
             await self._sleep(request, prefill)
         cut = fault.after_tokens if fault.mode == "die_mid_stream" else None
         if kind == "embed":
-            result = self._embed(body, model)
+            result = embeddings_body(body, model)
         elif body.get("stream") is True:
             return await self._stream(request, kind, body, model, n, dt, cut)
         else:
             if n and dt:
                 await self._sleep(request, n * dt)
-            result = self._complete(kind, body, model, n)
+            result = completion_body(kind, body, model, n, next(self._ids))
         if cut is not None:
             _abort(request, rst=False)
             raise _ClientGone
@@ -446,57 +398,11 @@ class SimNode:
             seconds = self._prefill + n * self._dt
             if seconds > 0:
                 await self._sleep(request, seconds)
-            return self._complete(kind, body, model, n)
+            return completion_body(kind, body, model, n, next(self._ids))
 
         answer = await pd.prefill(body, n, work)
         self.served += 1
         return json_answer(answer)
-
-    def _usage(self, kind: str, body: dict[str, Any], n: int) -> dict[str, int]:
-        prompt = _count_words(body.get("messages") if kind == "chat" else body.get("prompt"))
-        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
-
-    def _complete(self, kind: str, body: dict[str, Any], model: str, n: int) -> dict[str, Any]:
-        text = "".join([f"tok{i} " for i in range(n)])
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-            rid, obj = f"chatcmpl-sim{next(self._ids)}", "chat.completion"
-        else:
-            choice["text"] = text
-            rid, obj = f"cmpl-sim{next(self._ids)}", "text_completion"
-        return {
-            "id": rid,
-            "object": obj,
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": self._usage(kind, body, n),
-        }
-
-    def _embed(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        inp = body.get("input")
-        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
-            items: list[Any] = [inp]
-        elif isinstance(inp, list) and inp and all(isinstance(x, str | list) for x in inp):
-            items = inp
-        else:
-            raise _ApiError(
-                _error(400, "input must be a string or a list of strings", param="input")
-            )
-        b64 = body.get("encoding_format") == "base64"  # the openai SDK asks for this by default
-        data = []
-        for i, item in enumerate(items):
-            vec = _embedding(item)
-            emb: object = base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        prompt = _count_words(items)
-        return {
-            "object": "list",
-            "data": data,
-            "model": model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-        }
 
     async def _stream(
         self,
@@ -528,7 +434,7 @@ class SimNode:
                     await self.pd.migrate(body)
                 except PDError as exc:
                     error = {"message": str(exc), "type": "server_error", "code": exc.code}
-                    await resp.write(_sse({"error": error}) + _DONE)
+                    await resp.write(sse({"error": error}) + _DONE)
                     return resp
             t0 = loop.time()
             for i in range(n if cut is None else min(n, cut)):
@@ -542,16 +448,16 @@ class SimNode:
                     choice = {"index": 0, "text": tok}
                 choice["logprobs"] = choice["finish_reason"] = None
                 # One write per token, as model servers flush each token as it is decoded.
-                await resp.write(_sse({**head, "choices": [choice]}))
+                await resp.write(sse({**head, "choices": [choice]}))
             if cut is not None:
                 _abort(request, rst=False)
                 return resp
             end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
             end["logprobs"], end["finish_reason"] = None, "length"
-            buf.append(_sse({**head, "choices": [end]}))
+            buf.append(sse({**head, "choices": [end]}))
             options = body.get("stream_options")
             if isinstance(options, dict) and options.get("include_usage") is True:
-                buf.append(_sse({**head, "choices": [], "usage": self._usage(kind, body, n)}))
+                buf.append(sse({**head, "choices": [], "usage": usage(kind, body, n)}))
             buf.append(_DONE)
             await resp.write(b"".join(buf))
         except (ConnectionError, _ClientGone):
@@ -604,7 +510,7 @@ class SimNode:
                 None if after is None else int(after),
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            return _error(400, f"bad fault request: {exc!r}")
+            return error_response(400, f"bad fault request: {exc!r}")
         return json_answer(self.stats())
 
     async def sim_stats(self, request: web.Request) -> web.Response:
@@ -618,7 +524,7 @@ class SimNode:
         """LMDeploy api_server's /terminate: answer, then stop the process."""
         try:
             self._check_auth(request)
-        except _ApiError as exc:
+        except ApiError as exc:
             return exc.response
         asyncio.get_running_loop().call_later(0.05, self.stop.set)
         return json_answer({"status": "terminating", "name": self.name})

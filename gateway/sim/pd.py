@@ -22,14 +22,11 @@ import functools
 import itertools
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 import orjson
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from .node import SimNode
 
 ROLES: Final = ("Hybrid", "Prefill", "Decode")
 PROTOCOLS: Final = {1: "TCP", 2: "RDMA", 3: "NVLINK"}  # LMDeploy's MigrationProtocol values
@@ -95,8 +92,7 @@ def _answers(handler: Handler) -> Handler:
 class PDEngine:
     """The DistServe state of one simulated Prefill or Decode engine."""
 
-    def __init__(self, node: SimNode, role: str, tp: int, block_size: int) -> None:
-        self.node = node
+    def __init__(self, role: str, tp: int, block_size: int) -> None:
         self.role = role
         self.tp = tp
         self.block_size = block_size
