@@ -89,8 +89,7 @@ class HealthLedger:
 
     async def events(self, limit: int = 100) -> list[Event]:
         """The latest recorded transitions, newest first."""
-        async with self.store.guard():
-            raw = await self.store.client.lrange(self.keys.events, 0, limit - 1)
+        raw = await self.store.read_list(self.keys.events, limit)
         return [_decode_event(item) for item in raw]
 
     async def sweep(self, token: int, node_ids: Iterable[str], alive_ms: int) -> Sweep:

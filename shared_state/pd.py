@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from typing import cast
 
 import msgspec
 
@@ -118,8 +117,7 @@ class PDState:
         return _sessions(list(flat))
 
     async def sessions(self) -> list[PDSession]:
-        async with self.store.guard():
-            raw = cast(dict[str, str], await self.store.client.hgetall(self.keys.pd_sessions))
+        raw = await self.store.read_hash(self.keys.pd_sessions)
         flat: list[str] = []
         for sid, record in raw.items():
             flat += [sid, record]
@@ -129,18 +127,14 @@ class PDState:
 
     async def pairs(self) -> dict[tuple[str, str], int]:
         """Connected pairs, with the ms time each was connected."""
-        async with self.store.guard():
-            raw = cast(dict[str, str], await self.store.client.hgetall(self.keys.pd_pairs))
+        raw = await self.store.read_hash(self.keys.pd_pairs)
         out: dict[tuple[str, str], int] = {}
         for field, value in raw.items():
             out[_split_pair(field)] = int(value)
         return out
 
     async def is_connected(self, prefill: str, decode: str) -> bool:
-        async with self.store.guard():
-            return bool(
-                await self.store.client.hexists(self.keys.pd_pairs, pair_key(prefill, decode))
-            )
+        return await self.store.hash_has(self.keys.pd_pairs, pair_key(prefill, decode))
 
     async def try_lock(self, prefill: str, decode: str, ttl_ms: int) -> str | None:
         """Take the pair's connect lock: its token; "" when the pair is connected already;

@@ -1,8 +1,10 @@
 """The typed async API over the shared state: registry, pick-and-reserve, release, renew.
 
-This is the only module that issues Redis commands. Replies become msgspec Structs or ints
-before they leave it; Redis failures become :class:`StoreUnavailable` within the short
-socket timeout, and a breaker then fails fast until the store answers again.
+This is the only module that issues Redis commands: the other modules of ``shared_state``
+(health, pd, limits) build keys and arguments and go through :meth:`Store.run_script` and the
+plain reads below. Replies become msgspec Structs, ints or strings before they leave it;
+Redis failures become :class:`StoreUnavailable` within the short socket timeout, and a breaker
+then fails fast until the store answers again.
 """
 
 from __future__ import annotations
@@ -174,6 +176,20 @@ class Store:
         """Run one Lua script, on the pipelined connection when there is one."""
         async with self.guard():
             return await script(self.scripts, keys, args)
+
+    async def read_hash(self, key: str) -> dict[str, str]:
+        """Every field of one hash (a read outside any script: not atomic with a pick)."""
+        async with self.guard():
+            return cast(dict[str, str], await self.client.hgetall(key))
+
+    async def hash_has(self, key: str, field: str) -> bool:
+        async with self.guard():
+            return bool(await self.client.hexists(key, field))
+
+    async def read_list(self, key: str, limit: int) -> list[str]:
+        """The first ``limit`` items of one list."""
+        async with self.guard():
+            return cast(list[str], await self.client.lrange(key, 0, limit - 1))
 
     async def _server_ms(self) -> int:
         """The Redis server's clock, the one every lease deadline is written in."""
@@ -418,8 +434,7 @@ class Store:
             raise UnknownKey(f"no API key named {name!r}")
 
     async def list_keys(self) -> list[ApiKey]:
-        async with self.guard():
-            entries = cast(dict[str, str], await self.client.hgetall(self.keys.api_keys))
+        entries = await self.read_hash(self.keys.api_keys)
         out = [_api_key(digest, orjson.loads(raw)) for digest, raw in entries.items()]
         return sorted(out, key=lambda k: (k.created_ms, k.name))
 
