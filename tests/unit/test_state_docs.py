@@ -4,6 +4,7 @@ schema builds and every Lua script, each exactly once, and nothing else."""
 from __future__ import annotations
 
 import inspect
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def table_rows(heading: str) -> list[str]:
             if rows:
                 break
             continue
-        first = line.split("|")[1].strip()
+        first = re.split(r"(?<!\\)\|", line)[1].strip()  # a cell may hold an escaped pipe
         if first and not set(first) <= {"-"}:
             rows.append(first)
     return rows
