@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 from shared_state import Node
 from shared_state.pd import PDSession, PDState
@@ -22,7 +21,8 @@ from .metrics import Counter
 log = logging.getLogger("fleetgate.distserve")
 
 # (node, path, JSON body or None for GET) -> (status, body); raises on transport failure.
-Call = Callable[[Node, str, Any], Awaitable[tuple[int, bytes]]]
+ControlBody = Mapping[str, object] | None
+Call = Callable[[Node, str, ControlBody], Awaitable[tuple[int, bytes]]]
 
 
 class DistServeMetrics:

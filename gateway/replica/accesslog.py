@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, BinaryIO
+from collections.abc import Mapping
+from typing import BinaryIO
 
 import orjson
 
@@ -24,7 +25,7 @@ class AccessLog:
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: Mapping[str, object]) -> None:
         line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         self._lines.append(line)
         self._size += len(line)

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from gateway.common.pd_cleanup import Call, DistServeMetrics, PDCleaner
+from gateway.common.pd_cleanup import Call, ControlBody, DistServeMetrics, PDCleaner
 from shared_state import Node, Outcome, Role, StateError, StoreUnavailable
 from shared_state.pd import PDState
 
@@ -50,7 +50,7 @@ DUMMY_ENGINE = "dummy:dummy"
 def control_call(upstream: Upstream) -> Call:
     """The gateway's way to reach a node's /distserve endpoints."""
 
-    async def call(node: Node, path: str, body: Any) -> tuple[int, bytes]:
+    async def call(node: Node, path: str, body: ControlBody) -> tuple[int, bytes]:
         if body is None:
             return await upstream.control(node, "GET", path, timeout_s=CONTROL_TIMEOUT_S)
         payload = orjson.dumps(body)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway.common.pd_cleanup import Call, DistServeMetrics
+from gateway.common.pd_cleanup import Call, ControlBody, DistServeMetrics
 from shared_state import Node, NodeState, Role, StateError, StoreUnavailable
 from shared_state.pd import PDState
 
@@ -103,7 +103,7 @@ class PairConnector:
         self.metrics.connects.inc((("result", "failed"),))
         raise PairError(f"cannot connect {prefill.id} -> {decode.id}: {error}")
 
-    async def _request(self, node: Node, path: str, body: Any = None) -> Any:
+    async def _request(self, node: Node, path: str, body: ControlBody = None) -> Any:
         try:
             status, data = await self.call(node, path, body)
         except Exception as exc:

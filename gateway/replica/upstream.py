@@ -14,7 +14,6 @@ import collections
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -409,7 +408,7 @@ class Upstream:
         except TimeoutError:
             raise UpstreamFailure(f"{method} {path} timed out", timeout=True) from None
 
-    async def get_json(self, node: Node, path: str, timeout_s: float = 5.0) -> Any:
+    async def get_json(self, node: Node, path: str, timeout_s: float = 5.0) -> object:
         """A small control-plane GET (a node's model list); raises :class:`UpstreamFailure`."""
         status, body = await self.control(node, "GET", path, timeout_s=timeout_s)
         if status != 200:
