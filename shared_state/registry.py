@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
@@ -10,6 +11,11 @@ from .errors import InvalidInput
 from .model import Node, NodeState, Registry, Role
 
 MODELS_SEPARATOR = "\n"
+MAX_MODELS = 4096
+MAX_MODEL_CHARS = 512
+MAX_API_KEY_CHARS = 4096
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]*")
+_HOST = re.compile(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
 
 
 def normalize_url(url: object) -> str:
@@ -26,9 +32,14 @@ def normalize_url(url: object) -> str:
         raise InvalidInput(f"node url {text!r} is malformed: {exc}") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise InvalidInput(f"node url {text!r} must be http(s)://host[:port]")
+    if not _HEADER_VALUE.fullmatch(parts.path):
+        raise InvalidInput(f"node url {text!r} has control characters in its path")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise InvalidInput(f"node url {text!r} must not carry credentials, query or fragment")
     host = parts.hostname.lower()
+    if not _HOST.fullmatch(host):
+        # Every HTTP client of every process must reach it: ASCII names (punycode) and IPs.
+        raise InvalidInput(f"node url {text!r} must name its host in ASCII (punycode) or by IP")
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
@@ -45,15 +56,33 @@ def model_ids(listing: object) -> list[str]:
 
 
 def validate_models(models: Iterable[object]) -> tuple[str, ...]:
-    out: list[str] = []
+    """The node's model names, deduplicated in order; at most ``MAX_MODELS`` of at most
+    ``MAX_MODEL_CHARS`` characters each (a registry is read whole by every replica)."""
+    out: dict[str, None] = {}  # a dict, not a list: deduplicating stays linear
     for m in models:
         if not isinstance(m, str) or not m.strip() or MODELS_SEPARATOR in m:
-            raise InvalidInput(f"model name {m!r} must be a non-empty single-line string")
-        if m not in out:
-            out.append(m)
+            raise InvalidInput(f"model name {m!r:.80} must be a non-empty single-line string")
+        if len(m) > MAX_MODEL_CHARS:
+            raise InvalidInput(f"model name {m[:40]!r}... is over {MAX_MODEL_CHARS} characters")
+        out[m] = None
+        if len(out) > MAX_MODELS:
+            raise InvalidInput(f"a node may serve at most {MAX_MODELS} models")
     if not out:
         raise InvalidInput("a node needs at least one model")
     return tuple(out)
+
+
+def validate_api_key(key: object) -> str:
+    """A node's API key as the gateway may send it in a header: visible ASCII only, so that
+    no CR, LF or other control character can reach an upstream request ("" means none)."""
+    if not isinstance(key, str):
+        raise InvalidInput("api_key must be a string")
+    if len(key) > MAX_API_KEY_CHARS or not _HEADER_VALUE.fullmatch(key):
+        raise InvalidInput(
+            f"api_key must be at most {MAX_API_KEY_CHARS} visible ASCII characters "
+            "(no spaces, control characters or line breaks)"
+        )
+    return key
 
 
 def validate_positive(name: str, value: object) -> float:

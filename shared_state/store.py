@@ -46,6 +46,7 @@ from .registry import (
     decode_node,
     encode_models,
     normalize_url,
+    validate_api_key,
     validate_models,
     validate_positive,
     validate_role,
@@ -229,7 +230,7 @@ class Store:
             "role": str(int(validate_role(role))),
             "speed": "" if speed is None else repr(validate_positive("speed", speed)),
             "weight": repr(validate_positive("weight", weight)),
-            "api_key": api_key or "",
+            "api_key": validate_api_key(api_key or ""),
             "insecure": "1" if insecure else "",
             "state": NodeState(state).value,
             "state_reason": reason,
@@ -260,7 +261,7 @@ class Store:
         if weight is not None:
             fields["weight"] = repr(validate_positive("weight", weight))
         if api_key is not None:
-            fields["api_key"] = api_key
+            fields["api_key"] = validate_api_key(api_key)
         if insecure is not None:
             fields["insecure"] = "1" if insecure else ""
         await self._upsert(node_id, fields, create=False)

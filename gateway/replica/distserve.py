@@ -197,7 +197,8 @@ class DistServe:
         self, exchange: Exchange, request: dict[str, Any], attempt: int, tried: list[str]
     ) -> _Prefilled | None:
         request_id, model = exchange.request_id, exchange.model
-        route = await self.router.pick(model, f"{request_id}.{attempt}.p", tried, role=Role.PREFILL)
+        name = f"{exchange.lease_name}.{attempt}.p"
+        route = await self.router.pick(model, name, tried, role=Role.PREFILL)
         if route is None:
             raise NoNode("Prefill")
         node = route.node
@@ -275,8 +276,8 @@ class DistServe:
         prefilled: _Prefilled | None,
         tried: list[str],
     ) -> GatewayError | None:
-        request_id, model = exchange.request_id, exchange.model
-        route = await self.router.pick(model, f"{request_id}.{attempt}.d", tried, role=Role.DECODE)
+        name = f"{exchange.lease_name}.{attempt}.d"
+        route = await self.router.pick(exchange.model, name, tried, role=Role.DECODE)
         if route is None:
             raise NoNode("Decode")  # serve() frees the session
         node = route.node

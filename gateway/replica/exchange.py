@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -96,6 +97,7 @@ class Exchange:
         "attempts",
         "complete",
         "forwarder",
+        "lease_name",
         "model",
         "node_id",
         "request_id",
@@ -112,6 +114,9 @@ class Exchange:
         self.scope = scope
         self.send = send
         self.request_id = request_id
+        # Leases are named by the gateway, never by the client's X-Request-ID: requests that
+        # share one must still hold a lease each on their node and their key.
+        self.lease_name = os.urandom(9).hex()
         self.model = ""
         self.session_key: str | None = None
         self.started = False
@@ -232,7 +237,7 @@ class Exchange:
 
         async def one(attempt: int) -> GatewayError | None:
             route = await router.pick(
-                self.model, f"{self.request_id}.{attempt}", tried, session_key=self.session_key
+                self.model, f"{self.lease_name}.{attempt}", tried, session_key=self.session_key
             )
             if route is None:
                 raise NoNode

@@ -123,7 +123,7 @@ class ProxyHandler:
             headers = scope["headers"]
             key = await self.auth.check_client(headers)
             if key is not None:  # a stored key: its limits, if it has any
-                slot = await self._check_key_limits(key, request_id)
+                slot = await self._check_key_limits(key, exchange.lease_name)
                 if slot is not None:
                     exchange.send = slot.freeing(send)
             _check_content_type(headers)
@@ -157,11 +157,11 @@ class ProxyHandler:
             if slot is not None:
                 await slot.free()
 
-    async def _check_key_limits(self, digest: str, request_id: str) -> _KeySlot | None:
+    async def _check_key_limits(self, digest: str, lease_name: str) -> _KeySlot | None:
         """Admit a request under its key's limits (:class:`RateLimited` when over one);
         returns the concurrency slot to free when the request ends, if it took one."""
         store = self.router.store
-        decision = await key_limits.admit(store, digest, self.router.replica, request_id)
+        decision = await key_limits.admit(store, digest, self.router.replica, lease_name)
         if decision is None:
             return None
         if not decision.allowed:

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from shared_state import Node
+from shared_state import InvalidInput, Node
+from shared_state.registry import validate_api_key
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those this client writes itself.
 HOP_BY_HOP = frozenset(
@@ -70,17 +71,27 @@ class Origin:
     prefix: bytes  # the node URL's own path, put before each request path
     host_header: bytes
     insecure: bool = False  # https without certificate checks (a self-signed fleet)
+    authorization: bytes = b""  # the header line that carries the node's API key, if any
+    refusal: str = ""  # why no request may go to this origin (a key no header can carry)
 
 
-def origin_of(url: str, insecure: bool = False) -> Origin:
+def origin_of(url: str, insecure: bool = False, api_key: str | None = None) -> Origin:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if default else f"{shown}:{port}"
+    authorization, refusal = b"", ""
+    if api_key:
+        try:
+            # Registration validates keys; this guards keys written into the store directly.
+            authorization = b"\r\nauthorization: Bearer " + validate_api_key(api_key).encode()
+        except InvalidInput as exc:
+            refusal = f"the node's api_key cannot be sent: {exc}"
+    prefix = parts.path.rstrip("/").encode()
     return Origin(
-        parts.scheme, host, port, parts.path.rstrip("/").encode(), host_header.encode(), insecure
+        parts.scheme, host, port, prefix, host_header.encode(), insecure, authorization, refusal
     )
 
 
@@ -272,13 +283,13 @@ class Upstream:
         self._verified: ssl.SSLContext | None = None
         self._unverified: ssl.SSLContext | None = None
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._origins: dict[tuple[str, bool], Origin] = {}
+        self._origins: dict[tuple[str, bool, str | None], Origin] = {}
 
     def _origin(self, node: Node) -> Origin:
-        key = (node.url, node.insecure)
+        key = (node.url, node.insecure, node.api_key)
         origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[key] = origin_of(node.url, node.insecure)
+            origin = self._origins[key] = origin_of(node.url, node.insecure, node.api_key)
         return origin
 
     def _tls(self, origin: Origin) -> ssl.SSLContext:
@@ -353,14 +364,16 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send one request to ``node`` and return once its headers arrived."""
         origin = self._origin(node)
+        if origin.refusal:
+            raise UpstreamFailure(origin.refusal, sent=False)
         target = origin.prefix + path.encode() + (b"?" + query if query else b"")
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header]
         for name, value in headers:
             if name not in DROP_REQUEST:
                 head += (b"\r\n", name, b": ", value)
         head += (b"\r\nx-request-id: ", request_id.encode())
-        if node.api_key:
-            head += (b"\r\nauthorization: Bearer ", node.api_key.encode())
+        if origin.authorization:
+            head.append(origin.authorization)
         if body or method != "GET":
             head += (b"\r\ncontent-length: ", str(len(body)).encode())
         head.append(b"\r\n\r\n")
