@@ -96,6 +96,7 @@ class Child:
             return ""
 
     def tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines it logged."""
         return "\n".join(self.text().splitlines()[-lines:])
 
     def findings(self, expected: Iterable[str] = ()) -> list[str]:
@@ -248,6 +249,7 @@ class RedisServer:
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT: it serves again after :meth:`pause`."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 

@@ -1,29 +1,14 @@
-"""Pure logic of scripts/bench_routing.py: how targets are judged and how arrivals are drawn.
-(The benchmark itself runs for minutes; its figures are in docs/benchmarks.)"""
+"""Pure logic of the routing benchmark (scripts/bench): how targets are judged and how
+arrivals are drawn. (The benchmark itself runs for minutes; its figures are in docs/benchmarks.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_routing", ROOT / "scripts" / "bench_routing.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_routing"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from scripts.bench.scenario import CHATS, Lengths, make_schedule
+from scripts.bench.targets import evaluate, verdict
 
 
 def row(strategy: str, mode: str, means: list[float], seeds: list[int]) -> dict[str, Any]:
@@ -44,14 +29,14 @@ def comparison(shared: list[float], one: list[float], private: list[float]) -> d
     return comp
 
 
-def test_targets_compare_runs_on_the_same_arrivals(bench: ModuleType) -> None:
+def test_targets_compare_runs_on_the_same_arrivals() -> None:
     # Figures of a real run. Seed 2's arrivals are light for every set-up, so seed 3 gives
     # both set-ups their median run, and the one run where they differ by 5.7% would decide
     # alone (241 vs 228 ms); compared run by run, the median is 2.1%.
     shared = [253.0, 198.0, 241.0]
     one = [252.0, 194.0, 228.0]
     private = [300.0, 230.0, 290.0]
-    targets = bench.evaluate({"comparison": comparison(shared, one, private)})
+    targets = evaluate({"comparison": comparison(shared, one, private)})
     close = targets["min_observed_latency: 4 shared vs 1 replica"]
     assert close["holds"]
     assert close["figure"] == pytest.approx(198 / 194 - 1)
@@ -64,37 +49,37 @@ def test_targets_compare_runs_on_the_same_arrivals(bench: ModuleType) -> None:
     assert targets["min_expected_latency vs round_robin (4 shared)"]["holds"]
 
 
-def test_targets_missed_are_reported_missed(bench: ModuleType) -> None:
+def test_targets_missed_are_reported_missed() -> None:
     shared = [250.0, 195.0, 240.0]
     one = [230.0, 185.0, 220.0]  # shared 8.7%, 5.4%, 9.1% slower
     private = [265.0, 205.0, 250.0]  # shared only 4-6% better
-    targets = bench.evaluate({"comparison": comparison(shared, one, private)})
+    targets = evaluate({"comparison": comparison(shared, one, private)})
     assert not targets["min_expected_latency: 4 shared vs 1 replica"]["holds"]
     assert not targets["min_observed_latency: 4 shared vs 4 private"]["holds"]
-    assert "MISSED" in bench._verdict(False)
+    assert "MISSED" in verdict(False)
 
 
-def test_a_set_up_without_runs_of_the_same_seeds_is_not_judged(bench: ModuleType) -> None:
+def test_a_set_up_without_runs_of_the_same_seeds_is_not_judged() -> None:
     comp = comparison([253.0, 198.0, 241.0], [252.0, 194.0, 228.0], [300.0, 230.0, 290.0])
     comp["min_observed_latency/1-replica"] = row(
         "min_observed_latency", "1 replica", [1.0, 2.0, 3.0], [7, 8, 9]
     )
-    targets = bench.evaluate({"comparison": comp})
+    targets = evaluate({"comparison": comp})
     assert "min_observed_latency: 4 shared vs 1 replica" not in targets
     assert "min_expected_latency: 4 shared vs 1 replica" in targets
 
 
-def test_schedule_is_reproducible_and_conditioned_on_its_count(bench: ModuleType) -> None:
-    lengths = bench.Lengths()
-    a = bench.make_schedule(5, 20.0, 9.0, lengths, 0.5)
-    b = bench.make_schedule(5, 20.0, 9.0, lengths, 0.5)
-    c = bench.make_schedule(6, 20.0, 9.0, lengths, 0.5)
+def test_schedule_is_reproducible_and_conditioned_on_its_count() -> None:
+    lengths = Lengths()
+    a = make_schedule(5, 20.0, 9.0, lengths, 0.5)
+    b = make_schedule(5, 20.0, 9.0, lengths, 0.5)
+    c = make_schedule(6, 20.0, 9.0, lengths, 0.5)
     assert a == b and a != c
     assert len(a) == len(c) == 180
     assert all(0 <= x.at < 9.0 for x in a) and [x.at for x in a] == sorted(x.at for x in a)
     assert all(1 <= x.tokens <= lengths.cap for x in a)
     chats = {x.chat for x in a}
-    assert chats <= set(range(bench.CHATS)) and len(chats) > bench.CHATS // 2
+    assert chats <= set(range(CHATS)) and len(chats) > CHATS // 2
     # Conversations come from their own stream: the other draws do not depend on them.
     assert [x.chat for x in a] != [x.chat for x in c]
     streams = sum(x.stream for x in a)
