@@ -4,8 +4,8 @@ In one run the script starts, on free loopback ports: one simulated node in inst
 (``gateway.sim.node --tokens-per-s inf``), one throwaway redis-server (unless ``--store
 embedded``), one gateway worker (hypercorn) in front of the node, and a trivial hypercorn +
 Starlette app that answers ``POST /v1/chat/completions`` at once with a fixed small JSON (the
-ceiling of the gateway's server stack; it is defined in this file and started as
-``python scripts/bench_gateway.py --serve-trivial PORT``). It then measures, for each path:
+ceiling of the gateway's server stack; it is defined in scripts/bench/ceiling.py and started
+as ``python scripts/bench_gateway.py --serve-trivial PORT``). It then measures, for each path:
 
 * non-streaming requests/s at concurrency ``--concurrency`` (closed loop, ``max_tokens`` 16);
 * SSE events/s relayed with 64-token streams at the same concurrency (``data:`` events
