@@ -1,89 +1,34 @@
-"""Fixtures: a real redis-server for the session, and a store on it or on the embedded store."""
+"""What every test shares: the layout rule. A test module lives in tests/unit (in-process only,
+which tests/unit/conftest.py enforces) or in tests/e2e (real Redis, processes and loopback
+servers); the end-to-end tests carry the ``e2e`` marker, so ``-m "not e2e"`` leaves them out."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
-from shared_state import Store, StoreSettings
-from tests.fleet import Process
-from tests.support import RedisServer
+TESTS = Path(__file__).parent
+FOLDERS = ("unit", "e2e")
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    """Processes a test starts; all stopped when it ends, last started first."""
-    started: list[Process] = []
-    yield started
-    for proc in reversed(started):
-        proc.close()
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: an end-to-end test (tests/e2e): real Redis, processes or loopback servers"
+    )
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
-    """The session's Redis, flushed before the test."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
-    await client.aclose()
-    yield redis_server.url
-
-
-@pytest.fixture(params=["redis", "embedded"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Runs a test once against a real redis-server and once against the embedded store."""
-    return str(request.param)
-
-
-@pytest.fixture
-async def store_factory(backend: str, redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
-    factory = StoreFactory(backend, redis_server)
-    await factory.flush()
-    yield factory
-    await factory.close()
-
-
-class StoreFactory:
-    """Makes independent Store clients (one per simulated replica) on one backend."""
-
-    def __init__(self, backend: str, server: RedisServer) -> None:
-        self.backend = backend
-        self.server = server
-        self.stores: list[Store] = []
-
-    async def flush(self) -> None:
-        if self.backend == "redis":
-            client = aioredis.Redis.from_url(self.server.url)
-            await client.flushall()
-            await client.aclose()
-
-    def __call__(self, settings: StoreSettings | None = None, seed: int = 1) -> Store:
-        if self.backend == "redis":
-            # A generous timeout: 400 concurrent calls on a busy CI machine are not an outage.
-            store = Store.open(
-                self.server.url, settings=settings, rng=random.Random(seed), timeout_s=5.0
-            )
-        elif self.stores:
-            # Embedded: the replicas of one test share the first store's in-process server.
-            first = self.stores[0]
-            store = Store(first.client, settings=settings, rng=random.Random(seed), embedded=True)
-        else:
-            store = Store.open(None, settings=settings, rng=random.Random(seed))
-        self.stores.append(store)
-        return store
-
-    async def close(self) -> None:
-        closed: set[int] = set()
-        for store in self.stores:
-            if id(store.client) not in closed:
-                closed.add(id(store.client))
-                await store.close()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    misplaced: set[str] = set()
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        folder = item.path.relative_to(TESTS).parts[0]
+        if folder == "e2e":
+            item.add_marker(pytest.mark.e2e)
+        elif folder not in FOLDERS:
+            misplaced.add(item.path.relative_to(TESTS.parent).as_posix())
+    if misplaced:
+        raise pytest.UsageError(
+            f"test modules belong in tests/unit or tests/e2e: {', '.join(sorted(misplaced))}"
+        )

@@ -1,4 +1,5 @@
-"""Connecting the store: unix socket, TLS (rediss) and Sentinel, each to a real server."""
+"""Connecting the store: unix socket, TLS (rediss) and Sentinel, each to a real server (URLs
+that name no store: tests/unit/test_connection.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench.harness import RedisServer, free_port, wait_for_port
-from shared_state import InvalidInput, Outcome, Store, StoreUnavailable
-from tests.fleet import make_certificate
+from shared_state import Outcome, Store, StoreUnavailable
+from tests.support.harness import RedisServer, free_port, wait_for_port
+from tests.support.processes import make_certificate
 
 NODE = "http://127.0.0.1:9401"
 
@@ -30,13 +31,8 @@ async def exercise(url: str) -> None:
         await store.close()
 
 
-@pytest.fixture
-def tmp(tmp_path: Path) -> Path:
-    return tmp_path
-
-
-async def test_unix_socket(tmp: Path) -> None:
-    sock = tmp / "redis.sock"
+async def test_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
     server = RedisServer("--unixsocket", str(sock), "--unixsocketperm", "700").start()
     try:
         for _ in range(100):
@@ -49,8 +45,8 @@ async def test_unix_socket(tmp: Path) -> None:
 
 
 @pytest.fixture
-def certificate(tmp: Path) -> tuple[Path, Path]:
-    return make_certificate(tmp)
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    return make_certificate(tmp_path)
 
 
 async def test_tls_verifies_the_server_certificate(certificate: tuple[Path, Path]) -> None:
@@ -80,12 +76,12 @@ async def test_tls_verifies_the_server_certificate(certificate: tuple[Path, Path
         server.close()
 
 
-async def test_sentinel_finds_the_master(tmp: Path) -> None:
+async def test_sentinel_finds_the_master(tmp_path: Path) -> None:
     master = RedisServer().start()
     sentinel_port = free_port()
-    conf = tmp / "sentinel.conf"
+    conf = tmp_path / "sentinel.conf"
     conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\nprotected-mode no\ndir {tmp}\n"
+        f"port {sentinel_port}\nbind 127.0.0.1\nprotected-mode no\ndir {tmp_path}\n"
         f"sentinel monitor fleet 127.0.0.1 {master.port} 1\n"
     )
     sentinel = subprocess.Popen(  # noqa: ASYNC220 - a server process, started once
@@ -106,12 +102,3 @@ async def test_sentinel_finds_the_master(tmp: Path) -> None:
         sentinel.kill()
         sentinel.wait()
         master.close()
-
-
-@pytest.mark.parametrize(
-    "url",
-    ["http://127.0.0.1:6379", "redis+sentinel://127.0.0.1:26379", "redis+sentinel://nohost/x"],
-)
-def test_bad_store_urls_are_typed_errors(url: str) -> None:
-    with pytest.raises(InvalidInput):
-        Store.open(url)

@@ -12,8 +12,8 @@ import time
 import httpx
 import openai
 
-from tests.fleet import Process
-from tests.support import free_port, wait_for_port
+from tests.support.harness import free_port, wait_for_port
+from tests.support.processes import Process
 
 
 def test_demo_serves_the_printed_examples_and_stops_on_ctrl_c() -> None:

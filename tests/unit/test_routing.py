@@ -6,7 +6,7 @@ import random
 
 from gateway.replica.metrics import GatewayMetrics
 from gateway.replica.routing import RetryBudget, Router
-from shared_state import Node, Registry, RegistryView, Strategy
+from shared_state import Node, Registry, RegistryView, Store, Strategy
 
 
 def test_retry_budget_has_a_floor_then_follows_the_request_ratio() -> None:
@@ -20,11 +20,16 @@ def test_retry_budget_has_a_floor_then_follows_the_request_ratio() -> None:
     assert sum(budget.try_spend() for _ in range(50)) == 10  # capped
 
 
-class _FakeStore:
-    """Only what the local picker reads: the cached view (no Redis involved)."""
+class _CachedOnly(Store):
+    """Only what the local picker reads: the cached view (no Redis involved, so the store's own
+    set-up is skipped)."""
 
     def __init__(self, view: RegistryView) -> None:
-        self.cached_view = view
+        self._cached = view
+
+    @property
+    def cached_view(self) -> RegistryView | None:
+        return self._cached
 
 
 def test_local_fallback_balances_on_own_counts_weighted_by_speed() -> None:
@@ -35,7 +40,7 @@ def test_local_fallback_balances_on_own_counts_weighted_by_speed() -> None:
     )
     view = RegistryView(Registry(1, nodes))
     router = Router(
-        _FakeStore(view),  # type: ignore[arg-type]
+        _CachedOnly(view),
         "r1",
         Strategy.MIN_EXPECTED_LATENCY,
         GatewayMetrics(),

@@ -1,11 +1,8 @@
-"""compose.yaml, the Dockerfile and deploy/haproxy.cfg, checked without a Docker engine.
+"""compose.yaml and deploy/haproxy.cfg run without a Docker engine (the static checks of
+compose.yaml and the Dockerfile: tests/unit/test_compose.py).
 
 - a real compose parser (Debian's ``docker-compose``, installed by ``.ci/run``) validates the
   file, with every profile;
-- every fleetgate service's command and ``FLEETGATE_*`` environment is parsed by the very code
-  the container runs, and every ``<service>:<port>`` reference names a service on its port;
-- the Dockerfile's entry point is the ``fleetgate`` command and its build context (after
-  ``.dockerignore``) holds what it copies;
 - the mirror: every service of compose.yaml runs as a local process on loopback with its own
   command and environment (host names and ports mapped), in ``depends_on`` order, waiting on
   its healthcheck; the openai SDK goes through every gateway replica, both health-checkers
@@ -15,8 +12,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import re
 import shutil
@@ -24,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,126 +27,32 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.checker import health_checker as checker
-from gateway.cli import COMMANDS
-from gateway.replica import settings
-from gateway.sim import node as simnode
-from tests.fleet import ROOT, Process, SimNode
-from tests.support import free_port, wait_for_port
+from tests.support import MODEL, ROOT
+from tests.support.clients import sdk
+from tests.support.compose import (
+    COMPOSE,
+    HAPROXY_CFG,
+    LISTEN,
+    REFERENCE,
+    command_of,
+    depends_on,
+    environment,
+    flag_value,
+    is_fleetgate,
+    kind_of,
+    listen_port,
+    load_compose,
+)
+from tests.support.harness import free_port, wait_for_port
+from tests.support.polling import wait_until
+from tests.support.processes import Process, SimNode
 
-COMPOSE = ROOT / "compose.yaml"
-HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
-IMAGE = "fleetgate"
-MODEL = "sim-model"
-CHAT = [{"role": "user", "content": "hello"}]
-
-# The variables each fleetgate command reads (FLEETGATE_CONFIG: a TOML file of options).
-ENV_OF_COMMAND: dict[str, set[str]] = {
-    "serve": {o.env for o in settings.OPTIONS} | {"FLEETGATE_CONFIG"},
-    "health-checker": {o.env for o in checker.OPTIONS} | {"FLEETGATE_CONFIG"},
-    "sim-node": set(),
-    "nodes": {"FLEETGATE_REDIS_URL", "FLEETGATE_PREFIX"},
-    "keys": {"FLEETGATE_REDIS_URL", "FLEETGATE_PREFIX"},
-}
-# Where each long-running command takes its listening port: flag, variable, default.
-LISTEN: dict[str, tuple[str, str | None, int]] = {
-    "serve": ("--port", "FLEETGATE_PORT", 8000),
-    "health-checker": ("--metrics-port", "FLEETGATE_METRICS_PORT", 0),
-    "sim-node": ("--port", None, 8001),
-    "redis": ("--port", None, 6379),
-}
-REFERENCE = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w.-]*):(\d+)(?!\d)")
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
-# -- reading the files ----------------------------------------------------------------------
-
-
-def load_compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    return data
-
-
-def is_fleetgate(service: dict[str, Any]) -> bool:
-    return str(service.get("image", "")).split(":")[0] == IMAGE
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
-
-
-def depends_on(service: dict[str, Any]) -> set[str]:
-    return set(service.get("depends_on") or ())
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    steps = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            steps.append((word.upper(), rest.strip()))
-    return steps
-
-
-def final_stage(instruction: str) -> str:
-    """The arguments of the last ``instruction`` in the Dockerfile's final stage."""
-    steps = dockerfile()
-    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
-    found = [rest for word, rest in steps[last_from:] if word == instruction]
-    assert found, f"no {instruction} in the Dockerfile's final stage"
-    return found[-1]
-
-
-def exec_form(instruction: str) -> list[str]:
-    value: list[str] = json.loads(final_stage(instruction))
-    return value
-
-
-def command_of(service: dict[str, Any]) -> list[str]:
-    """The fleetgate sub-command line a fleetgate service runs (after ENTRYPOINT)."""
-    assert "entrypoint" not in service, "the mirror runs the image's entry point"
-    return [str(a) for a in service.get("command") or exec_form("CMD")]
-
-
-def kind_of(service: dict[str, Any]) -> str:
-    if str(service.get("image", "")).startswith("redis"):
-        return "redis"
-    if str(service.get("image", "")).startswith("haproxy"):
-        return "haproxy"
-    return command_of(service)[0]
-
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def listen_port(service: dict[str, Any]) -> int | None:
-    """The port the service listens on inside its container; None if it serves nothing."""
-    kind = kind_of(service)
-    if kind not in LISTEN:
-        return None
-    flag, variable, default = LISTEN[kind]
-    args = [str(a) for a in service.get("command") or ()]
-    text = flag_value(args, flag)
-    if text is None and variable:
-        text = environment(service).get(variable)
-    port = int(text) if text is not None else default
-    return port or None
-
-
-# -- static checks --------------------------------------------------------------------------
+# -- validated by a compose parser -------------------------------------------------------
 
 
 def test_compose_file_is_valid() -> None:
@@ -182,159 +82,6 @@ def test_compose_file_is_valid() -> None:
         check=True,
     )
     assert set(listed.stdout.split()) == set(services)
-
-
-def test_compose_services_are_configured_as_their_commands_expect(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each fleetgate service's command line and FLEETGATE_* variables are parsed by the code
-    the container runs; references to other services use their ports."""
-    compose = load_compose()
-    services: dict[str, dict[str, Any]] = compose["services"]
-    for key in [k for k in os.environ if k.startswith("FLEETGATE_")]:
-        monkeypatch.delenv(key)
-    kinds = [kind_of(s) for s in services.values()]
-    assert kinds.count("redis") == 1
-    assert kinds.count("sim-node") == 3 and kinds.count("serve") == 3
-    assert kinds.count("health-checker") == 2
-    for name, service in services.items():
-        env = environment(service)
-        if not is_fleetgate(service):
-            assert not [k for k in env if k.startswith("FLEETGATE_")], name
-            continue
-        args = command_of(service)
-        assert args[0] in COMMANDS, f"{name}: unknown fleetgate command {args[0]!r}"
-        unknown = sorted(k for k in env if k not in ENV_OF_COMMAND[args[0]])
-        assert not unknown, f"{name} ({args[0]}): variables it does not read: {unknown}"
-        if args[0] == "serve":
-            loaded = settings.load_settings(args[1:], environ=env)
-            assert loaded.redis_url and loaded.node and loaded.replica_id == name
-            assert loaded.host == "0.0.0.0"
-        elif args[0] == "health-checker":
-            for key, value in env.items():
-                monkeypatch.setenv(key, value)
-            loaded_checker = checker.load_settings(args[1:])
-            assert loaded_checker.checker_id == name and loaded_checker.metrics_port
-            assert loaded_checker.metrics_host == "0.0.0.0"
-        elif args[0] == "sim-node":
-            assert simulated_config(monkeypatch, args[1:]).host == "0.0.0.0"
-    # <service>:<port> anywhere in commands and environments names a service on its port.
-    ports = {name: listen_port(s) for name, s in services.items()}
-    for name, service in services.items():
-        texts = [*(str(a) for a in service.get("command") or ()), *environment(service).values()]
-        for text in texts:
-            for host, port in REFERENCE.findall(text):
-                if host in services:
-                    assert int(port) == ports[host], f"{name}: {host}:{port} is not its port"
-    # Published ports lead to the port each service listens on, and do not clash.
-    published: list[str] = []
-    for name, service in services.items():
-        for mapping in service.get("ports") or ():
-            host_port, _, container_port = str(mapping).rpartition(":")
-            published.append(host_port)
-            if kind_of(service) != "haproxy":
-                assert int(container_port) == ports[name], f"{name}: publishes {mapping}"
-    assert len(published) == len(set(published)), published
-    # Self-registration is allowed from the compose network.
-    subnets = [
-        ipaddress.ip_network(c["subnet"]) for c in compose["networks"]["default"]["ipam"]["config"]
-    ]
-    for name, service in services.items():
-        for cidr in environment(service).get("FLEETGATE_REGISTER_ALLOW", "").split(","):
-            if cidr:
-                network = ipaddress.ip_network(cidr)
-                assert any(network.overlaps(s) for s in subnets), f"{name}: {cidr}"
-    # HAProxy's backend is exactly the gateway replicas, on their ports.
-    servers = set(re.findall(r"^\s*server\s+\S+\s+(\S+:\d+)", HAPROXY_CFG.read_text(), re.M))
-    gateways = {f"{n}:{ports[n]}" for n, s in services.items() if kind_of(s) == "serve"}
-    assert servers == gateways
-
-
-def simulated_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> simnode.SimConfig:
-    """Run the sim node's own argument handling, stopping where it would start serving."""
-    seen: list[simnode.SimConfig] = []
-
-    async def fake_serve(config: simnode.SimConfig) -> None:
-        seen.append(config)
-
-    monkeypatch.setattr(simnode, "serve", fake_serve)
-    assert simnode.main(argv) == 0
-    return seen[0]
-
-
-def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
-    """Docker's rule, simplified: the last pattern matching the path or a parent wins."""
-
-    def regex(pattern: str) -> re.Pattern[str]:
-        out = ""
-        i = 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out += "(?:.*/)?"
-                i += 3
-            elif pattern.startswith("**", i):
-                out += ".*"
-                i += 2
-            elif pattern[i] == "*":
-                out += "[^/]*"
-                i += 1
-            elif pattern[i] == "?":
-                out += "[^/]"
-                i += 1
-            elif pattern[i] == "[":
-                end = pattern.index("]", i)
-                out += pattern[i : end + 1]
-                i = end + 1
-            else:
-                out += re.escape(pattern[i])
-                i += 1
-        return re.compile(out)
-
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    excluded = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        compiled = regex(pattern.lstrip("!").strip("/"))
-        if any(compiled.fullmatch(p) for p in prefixes):
-            excluded = not negate
-    return excluded
-
-
-def test_dockerfile_runs_fleetgate_as_non_root_from_a_small_context() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert exec_form("ENTRYPOINT") == ["fleetgate"]
-    assert pyproject["project"]["scripts"]["fleetgate"] == "gateway.cli:main"
-    cmd = exec_form("CMD")
-    assert cmd[0] in COMMANDS and flag_value(cmd, "--host") == "0.0.0.0"
-    default_port = next(o for o in settings.OPTIONS if o.name == "port").default
-    assert final_stage("EXPOSE") == str(default_port)
-    user = final_stage("USER").split(":")[0]
-    assert user not in {"root", "0"}
-    patterns = [
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    copied: list[str] = []
-    for word, rest in dockerfile():
-        if word == "COPY" and not rest.startswith("--from"):
-            copied += rest.split()[:-1]
-    found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.rstrip("*") for p in found}
-    needed = [*sorted(packages), pyproject["project"]["readme"]]
-    assert {"pyproject.toml", "scripts", *needed} <= set(copied)
-    for source in copied:
-        path = ROOT / source
-        assert path.exists(), source
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        for file in files:
-            relative = file.relative_to(ROOT).as_posix()
-            if "__pycache__" not in relative:
-                assert not dockerignore_excludes(relative, patterns), relative
-    for kept_out in (".git/HEAD", "tests/test_compose.py", ".venv/bin/python", "compose.yaml"):
-        assert dockerignore_excludes(kept_out, patterns), kept_out
-    assert dockerignore_excludes("gateway/__pycache__/app.cpython-311.pyc", patterns)
 
 
 # -- the mirror: compose.yaml as local processes --------------------------------------------
@@ -518,15 +265,9 @@ def fleet() -> Iterator[Fleet]:
 
 
 def until(check: Callable[[], bool], timeout_s: float, what: str, fleet: Fleet) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{fleet.logs()}")
-        time.sleep(0.05)
-
-
-def sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=20)
+    """Wait for ``check``; if it never holds, fail with every service's log."""
+    if not wait_until(check, timeout_s, interval_s=0.05):
+        raise AssertionError(f"timed out waiting for {what}\n{fleet.logs()}")
 
 
 def test_compose_fleet_runs_as_local_processes(fleet: Fleet) -> None:
@@ -542,15 +283,19 @@ def test_compose_fleet_runs_as_local_processes(fleet: Fleet) -> None:
 
     for gateway in gateways:
         url = fleet.url(gateway.name)
-        until(lambda url=url: registered(url), 15, f"{gateway.name} to register nodes", fleet)
+
+        def registered_here(url: str = url) -> bool:
+            return registered(url)
+
+        until(registered_here, 15, f"{gateway.name} to register nodes", fleet)
         assert httpx.get(f"{url}/health", timeout=5).json()["replica"] == gateway.name
 
     # The openai SDK, plain and streaming, through every replica.
     for gateway in gateways:
-        client = sdk(fleet.url(gateway.name))
+        client = sdk(fleet.url(gateway.name), timeout=20)
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=3,
         )
         content = raw.parse().choices[0].message.content
@@ -558,7 +303,7 @@ def test_compose_fleet_runs_as_local_processes(fleet: Fleet) -> None:
         assert raw.headers["x-fleetgate-node"] in nodes
         stream = client.chat.completions.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=4,
             stream=True,
         )
@@ -591,7 +336,7 @@ def test_compose_fleet_runs_as_local_processes(fleet: Fleet) -> None:
     )
     assert added.returncode == 0, f"scripts/nodes.py add: {added.stdout}{added.stderr}"
     for gateway in gateways:
-        client = sdk(fleet.url(gateway.name))
+        client = sdk(fleet.url(gateway.name), timeout=20)
 
         def listed(client: openai.OpenAI = client) -> bool:
             return "extra-model" in {m.id for m in client.models.list().data}
@@ -599,7 +344,7 @@ def test_compose_fleet_runs_as_local_processes(fleet: Fleet) -> None:
         until(listed, 10, f"{gateway.name} to list extra-model", fleet)
         raw = client.chat.completions.with_raw_response.create(
             model="extra-model",
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=2,
         )
         assert raw.parse().choices[0].message.content
@@ -664,10 +409,10 @@ def test_haproxy_example_fronts_the_replicas(fleet: Fleet, tmp_path: Path) -> No
         # A new connection each time: round-robin reaches every replica.
         seen = {httpx.get(f"{front}/health", timeout=5).json()["replica"] for _ in range(6)}
         assert seen == {s.name for s in fleet.of_kind("serve")}
-        client = sdk(front)
+        client = sdk(front, timeout=20)
         chat = client.chat.completions.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=2,
         )
         assert chat.choices[0].message.content

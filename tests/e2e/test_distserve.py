@@ -1,6 +1,7 @@
 """DistServe end to end: 2 Prefill + 2 Decode simulated nodes, 2 gateway replicas, one Redis,
 the official openai SDK. The simulated engines count every session they allocate and free,
-every connect and double connect, so a leak or a double free shows in their figures."""
+every connect and double connect, so a leak or a double free shows in their figures (the PD
+state alone: tests/unit/test_pd_state.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,20 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai import NOT_GIVEN, NotGiven
+from openai.types import Completion
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from scripts.bench.harness import RedisServer
 from shared_state import PDState, Store
-from tests.fleet import Gateway, Process, SimNode, eventually, ops
+from tests.support import MODEL
+from tests.support.clients import async_sdk
+from tests.support.harness import RedisServer
+from tests.support.polling import eventually
+from tests.support.processes import Gateway, Process, SimNode, ops
 
-MODEL = "sim-model"
-CHAT = [{"role": "user", "content": "tell me a story about a very long prompt indeed"}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "tell me a story about a very long prompt indeed"}
+]
 SIM = ("--tokens-per-s", "400", "--prefill-ms", "5", "--slots", "16")
 
 
@@ -32,18 +40,16 @@ class Fleet:
     decode: list[SimNode]
     gateways: list[Gateway]
 
-    def pd(self, node: SimNode) -> dict[str, object]:
+    def pd(self, node: SimNode) -> dict[str, Any]:
         stats = node.stats()["pd"]
         assert isinstance(stats, dict)
         return stats
 
     def total(self, nodes: list[SimNode], name: str) -> int:
-        return sum(int(self.pd(n)[name]) for n in nodes if n.alive())  # type: ignore[call-overload]
+        return sum(int(self.pd(n)[name]) for n in nodes if n.alive())
 
-    def client(self, i: int = 0, **kw: object) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=f"{self.gateways[i].url}/v1", api_key="none", max_retries=0, **kw
-        )
+    def client(self, i: int = 0, timeout: float | NotGiven = NOT_GIVEN) -> openai.AsyncOpenAI:
+        return async_sdk(self.gateways[i].url, timeout=timeout)
 
 
 def register(gateway: Gateway, node: SimNode, role: int) -> None:
@@ -52,9 +58,11 @@ def register(gateway: Gateway, node: SimNode, role: int) -> None:
     httpx.post(f"{gateway.url}/nodes/add", json=body, timeout=10).raise_for_status()
 
 
-async def post(url: str, **kw: object) -> httpx.Response:
+async def post(
+    url: str, json: object = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
     async with httpx.AsyncClient(timeout=30) as http:
-        return await http.post(url, **kw)  # type: ignore[arg-type]
+        return await http.post(url, json=json, headers=headers)
 
 
 def metric(gateway: Gateway, name: str) -> float:
@@ -106,13 +114,13 @@ class TestRequests:
     async def test_chat_and_completions_plain_and_streaming(self, fleet: Fleet) -> None:
         for i in range(2):
             client = fleet.client(i)
-            chat = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+            chat = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
             assert chat.choices[0].message.content == "tok0 tok1 tok2 tok3 "
             text = await client.completions.create(model=MODEL, prompt="a b c", max_tokens=3)
             assert text.choices[0].text == "tok0 tok1 tok2 "
             stream = await client.chat.completions.create(
                 model=MODEL,
-                messages=CHAT,  # type: ignore[arg-type]
+                messages=CHAT,
                 max_tokens=5,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -184,7 +192,7 @@ class TestRequests:
         assert text.choices[0].text.split() == [f"tok{i}" for i in range(40)]
         chat = await client.chat.completions.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_completion_tokens=30,
         )
         assert len((chat.choices[0].message.content or "").split()) == 30
@@ -196,9 +204,10 @@ class TestRequests:
     async def test_n_above_one_is_refused(self, fleet: Fleet) -> None:
         client = fleet.client()
         with pytest.raises(openai.BadRequestError) as caught:
-            await client.chat.completions.create(model=MODEL, messages=CHAT, n=2)  # type: ignore[arg-type]
+            await client.chat.completions.create(model=MODEL, messages=CHAT, n=2)
         assert "n > 1" in caught.value.message
-        assert caught.value.body["param"] == "n"  # type: ignore[index]
+        body = caught.value.body
+        assert isinstance(body, dict) and body["param"] == "n"
         assert fleet.total(fleet.prefill, "allocated") == 0
         await client.close()
 
@@ -219,7 +228,7 @@ class TestRequests:
         for _ in range(8):
             answer = await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
             assert answer.choices[0].text == "tok0 tok1 "
-        refused = int(fleet.decode[0].stats()["requests_total"])  # type: ignore[call-overload]
+        refused = int(fleet.decode[0].stats()["requests_total"])
         assert refused >= 1  # the first request at least tried it
         assert fleet.total(fleet.prefill, "freed_by_proxy") == refused
         assert fleet.total(fleet.prefill, "freed_by_decode") == 8
@@ -238,7 +247,8 @@ class TestRequests:
             await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
         await client.close()
         assert caught.value.status_code == 502
-        assert caught.value.body["type"] == "upstream_error"  # type: ignore[index]
+        body = caught.value.body
+        assert isinstance(body, dict) and body["type"] == "upstream_error"
         await no_sessions_left(fleet)
         attempts = fleet.total(fleet.prefill, "allocated")
         assert attempts == 3  # --max-attempts: a new prefill for each decode attempt
@@ -280,7 +290,7 @@ class TestRequests:
         client = fleet.client()
         stream = await client.chat.completions.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=3,
             stream=True,
         )
@@ -325,28 +335,30 @@ async def _mixed_request(
     tokens = rng.randint(4, 40)
     kind = f"{'chat' if chat else 'text'}{'-stream' if stream else ''}"
     try:
-        if chat:
-            call = client.chat.completions.create(
-                model=MODEL,
-                messages=CHAT,  # type: ignore[arg-type]
-                max_tokens=tokens,
-                stream=stream,  # type: ignore[call-overload]
-            )
-        else:
-            call = client.completions.create(
-                model=MODEL,
-                prompt="one two three",
-                max_tokens=tokens,
-                stream=stream,  # type: ignore[call-overload]
-            )
-        answer = await call
         if stream:
+            events: openai.AsyncStream[ChatCompletionChunk] | openai.AsyncStream[Completion]
+            if chat:
+                events = await client.chat.completions.create(
+                    model=MODEL, messages=CHAT, max_tokens=tokens, stream=True
+                )
+            else:
+                events = await client.completions.create(
+                    model=MODEL, prompt="one two three", max_tokens=tokens, stream=True
+                )
             seen = 0
-            async for _ in answer:
+            async for _ in events:
                 seen += 1
                 if leave and seen == 2:
-                    await answer.close()
+                    await events.close()
                     return kind, None
+        elif chat:
+            await client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=tokens, stream=False
+            )
+        else:
+            await client.completions.create(
+                model=MODEL, prompt="one two three", max_tokens=tokens, stream=False
+            )
         return kind, 200
     except openai.APIStatusError as exc:
         assert isinstance(exc.body, dict) and "message" in exc.body, exc
@@ -375,7 +387,7 @@ class TestNoLeaks:
             """SIGKILL the node once it has requests in flight; returns how many it had."""
             while True:
                 stats = await asyncio.to_thread(node.stats)
-                running = int(stats["running"])  # type: ignore[call-overload]
+                running = int(stats["running"])
                 if running >= 2:
                     node.kill()
                     return running
@@ -545,7 +557,7 @@ class TestOperations:
         assert removed.json()["distserve"]["pairs_dropped"] == 2
         for node in fleet.prefill:
             stats = fleet.pd(node)
-            assert gone.url not in stats["connected"]  # type: ignore[operator]
+            assert gone.url not in stats["connected"]
             assert stats["drops"] == 1
         assert fleet.pd(gone)["connected"] == []
         pd, store = await pd_state(fleet.redis_url)
@@ -633,7 +645,7 @@ def assert_dropped(fleet: Fleet, prefill: SimNode, gone: SimNode) -> None:
     assert stats["held"] == 0 and stats["freed_by_proxy"] == 1
     for node in fleet.prefill:
         stats = fleet.pd(node)
-        assert gone.url not in stats["connected"]  # type: ignore[operator]
+        assert gone.url not in stats["connected"]
         assert stats["drops"] == 1
 
 
@@ -650,19 +662,19 @@ async def test_dummy_prefill(procs: list[Process], redis_url: str) -> None:
     fleet = start_fleet(procs, redis_url, "--dummy-prefill", replicas=1)
     client = fleet.client()
     for stream in (False, True):
-        answer = await client.completions.create(
-            model=MODEL,
-            prompt="p",
-            max_tokens=3,
-            stream=stream,  # type: ignore[call-overload]
-        )
         if stream:
-            text = "".join([c.choices[0].text async for c in answer])
+            events = await client.completions.create(
+                model=MODEL, prompt="p", max_tokens=3, stream=True
+            )
+            text = "".join([c.choices[0].text async for c in events])
         else:
+            answer = await client.completions.create(
+                model=MODEL, prompt="p", max_tokens=3, stream=False
+            )
             text = answer.choices[0].text
         assert text == "tok0 tok1 tok2 "
     await client.close()
-    assert all(int(n.stats()["requests_total"]) == 0 for n in fleet.prefill)  # type: ignore[call-overload]
+    assert all(int(n.stats()["requests_total"]) == 0 for n in fleet.prefill)
     assert fleet.total(fleet.decode, "dummy_prefill") == 2
     assert fleet.total(fleet.decode, "connects") == 0
     pd, store = await pd_state(redis_url)
@@ -696,5 +708,5 @@ def test_flags_are_lmdeploys(procs: list[Process], redis_url: str) -> None:
     for node in (prefill, decode):
         stats = node.stats()["pd"]
         # LMDeploy's enum values: MigrationProtocol.NVLINK = 3, RDMALinkType.IB = 1.
-        assert stats["last_init"] == {"protocol": 3, "link_type": 1}  # type: ignore[index]
-    assert decode.stats()["pd"]["migrations"] == 1  # type: ignore[index]
+        assert stats["last_init"] == {"protocol": 3, "link_type": 1}
+    assert decode.stats()["pd"]["migrations"] == 1

@@ -1,6 +1,7 @@
-"""The DistServe shared state on both backends: unique session ids across replicas, records freed
-by exactly one taker under real concurrency, expiry of a dead owner's sessions, the per-pair
-connect lock, and dropping a node's pairs and sessions."""
+"""The DistServe shared state on the embedded store: unique session ids across replicas, records
+freed by exactly one taker under real concurrency, expiry of a dead owner's sessions, the
+per-pair connect lock, and dropping a node's pairs and sessions. The same tests run against a
+real redis-server in tests/e2e/test_state_on_redis.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 
 from shared_state import StoreSettings
 from shared_state.pd import PDState
-from tests.conftest import StoreFactory
+from tests.support.store import StoreFactory
 
 P1, P2 = "http://127.0.0.1:9101", "http://127.0.0.1:9102"
 D1, D2 = "http://127.0.0.1:9201", "http://127.0.0.1:9202"
@@ -31,12 +32,13 @@ class TestSessions:
         ids = [await states[0].open_session(P1, "r0") for _ in range(100)]
         for sid in ids[:50]:
             assert await states[0].shelve(sid, D1) is False  # not connected yet
-        taken = await asyncio.gather(
-            *[states[i % 3].close(sid) for i in range(3) for sid in ids],
+        # All the closes and the drop race at once: one gather inside another keeps the types.
+        batches, (_, dropped_sessions) = await asyncio.gather(
+            asyncio.gather(*[states[i % 3].close(sid) for i in range(3) for sid in ids]),
             states[1].drop_node(D1),
         )
-        closed = [s.session_id for batch in taken[:-1] for s in batch]  # type: ignore[union-attr]
-        dropped = [s.session_id for s in taken[-1][1]]  # type: ignore[index]
+        closed = [s.session_id for batch in batches for s in batch]
+        dropped = [s.session_id for s in dropped_sessions]
         assert sorted(closed + dropped) == sorted(ids)
         assert await states[0].sessions() == []
 

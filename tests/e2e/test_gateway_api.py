@@ -13,8 +13,7 @@ import re
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,11 +21,12 @@ import httpx
 import pytest
 import redis
 
-from scripts.bench.harness import RedisServer
-from tests.fleet import ROOT, Gateway, SimNode
-from tests.support import free_port
+from tests.support import MODEL, ROOT
+from tests.support.harness import RedisServer, free_port
+from tests.support.openai_errors import assert_openai_error
+from tests.support.polling import wait_until
+from tests.support.processes import Gateway, SimNode
 
-MODEL = "sim-model"
 MAX_BODY = 4096
 CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 JSON = {"content-type": "application/json"}
@@ -53,33 +53,13 @@ SIM_FLAGS: dict[str, tuple[str, ...]] = {
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def assert_openai_error(
-    response: httpx.Response, status: int, code: str | None = None
-) -> dict[str, Any]:
-    """The response is ``status`` with an OpenAI-shaped JSON error body and no traceback."""
-    assert response.status_code == status, response.text
-    content_type = response.headers.get("content-type", "")
-    assert content_type.startswith("application/json"), content_type
-    assert "Traceback" not in response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["param"] is None or isinstance(error["param"], str)
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
 def models_of(sim: str) -> list[str]:
     flags = SIM_FLAGS[sim]
     return [flags[i + 1] for i, flag in enumerate(flags) if flag == "--model"]
 
 
 def requests_total(node: SimNode) -> int:
-    return int(node.stats()["requests_total"])  # type: ignore[call-overload]
+    return int(node.stats()["requests_total"])
 
 
 def metric_value(text: str, line_prefix: str) -> float:
@@ -95,15 +75,6 @@ def chat_once(http: httpx.Client, gateway: Gateway, **headers: str) -> httpx.Res
     return http.post(
         f"{gateway.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1}, headers=headers
     )
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def raw_http(port: int, request: bytes, host: str = "127.0.0.1") -> bytes:

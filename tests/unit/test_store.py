@@ -1,4 +1,6 @@
-"""The shared state, run against a real redis-server and against the embedded store."""
+"""The shared state's Store on the embedded store: registering nodes, every routing strategy,
+leases, ejection, weights and session affinity, and the API key store. The same tests run
+against a real redis-server in tests/e2e/test_state_on_redis.py."""
 
 from __future__ import annotations
 
@@ -8,22 +10,26 @@ import itertools
 import math
 import random
 import statistics
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 
 from shared_state import (
     InvalidInput,
     Lease,
+    Node,
     NodeState,
     Outcome,
     Role,
     Store,
     StoreSettings,
     Strategy,
+    UnknownKey,
     UnknownNode,
     UnknownStrategy,
+    key_digest,
 )
-from tests.conftest import StoreFactory
+from tests.support.store import StoreFactory
 
 A, B, C, D = (f"http://127.0.0.1:{p}" for p in (9001, 9002, 9003, 9004))
 
@@ -40,12 +46,20 @@ async def hold(store: Store, node: str, count: int, tag: str = "held") -> None:
 
 
 async def picks(
-    store: Store, n: int, strategy: Strategy, model: str = "m", **kw: object
+    store: Store,
+    n: int,
+    strategy: Strategy,
+    model: str = "m",
+    *,
+    role: int = 0,
+    exclude: Iterable[str] = (),
 ) -> list[str]:
     """``n`` sequential pick+release pairs; returns the winners."""
     out = []
     for i in range(n):
-        p = await store.pick(model, strategy=strategy, replica="r", request_id=f"q{i}", **kw)  # type: ignore[arg-type]
+        p = await store.pick(
+            model, strategy=strategy, replica="r", request_id=f"q{i}", role=role, exclude=exclude
+        )
         assert p is not None
         out.append(p.node.id)
         await store.release(p.lease, Outcome.NEUTRAL, 0.0)
@@ -133,8 +147,10 @@ class TestRegistry:
         store = store_factory()
         await store.add_node(B, ["m"])
         before = await store.registry()
+        # Untyped on purpose: the values are of the wrong types the store must refuse.
+        add_node: Callable[..., Awaitable[tuple[Node, bool]]] = store.add_node
         with pytest.raises(InvalidInput):
-            await store.add_node(url, models, **kwargs)  # type: ignore[arg-type]
+            await add_node(url, models, **kwargs)
         assert await store.registry() == before
 
     async def test_unknown_node_and_strategy(self, store_factory: StoreFactory) -> None:
@@ -681,3 +697,31 @@ class TestWeightedAndAffinity:
         assert moved["heavy"] != home
         # Without a session key the strategy balances like min_expected_latency.
         assert home not in set(await picks(store, 10, Strategy.SESSION_AFFINITY))
+
+
+KEY_A = "key-a-0123456789abcdef"
+
+
+class TestKeyStore:
+    async def test_add_list_revoke(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        epoch = await store.epoch()
+        key, created = await store.add_key("team-a", KEY_A)
+        assert created and key.name == "team-a" and key.fingerprint == key_digest(KEY_A)[:12]
+        assert await store.epoch() == epoch + 1
+        again, created = await store.add_key("team-a", KEY_A)  # idempotent
+        assert not created and again == key
+        with pytest.raises(InvalidInput, match="already named"):
+            await store.add_key("team-a", "another-key-0123456789")
+        with pytest.raises(InvalidInput):
+            await store.add_key("has space", "another-key-0123456789")
+        with pytest.raises(InvalidInput):
+            await store.add_key("short", "tooshort")
+        assert [k.name for k in await store.list_keys()] == ["team-a"]
+        assert (await store.registry()).key_digests == {key_digest(KEY_A)}
+        assert await store.key_exists(key_digest(KEY_A))
+        await store.revoke_key("team-a")
+        assert not await store.key_exists(key_digest(KEY_A))
+        with pytest.raises(UnknownKey):
+            await store.revoke_key("team-a")
+        assert await store.list_keys() == []

@@ -1,4 +1,5 @@
-"""Tests of the simulated LLM node, served for real on a loopback port."""
+"""The simulated LLM node served for real on a loopback port: the OpenAI API, its faults, its
+slots and queue, and its command line (its settings' validation: tests/unit/test_sim_node.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,10 +18,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.sim.node import NODE_KEY, SimConfig, SimNode, build_app, main
+from gateway.sim.node import NODE_KEY, SimConfig, SimNode, build_app
+from tests.support import MODEL, ROOT
+from tests.support.openai_errors import assert_openai_error_body
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "sim-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "say hello"}]}
 
 Start = Callable[..., Awaitable[tuple[str, SimNode]]]
@@ -78,11 +78,6 @@ def sse_events(text: str) -> list[str]:
     events = text.split("\n\n")[:-1]
     assert all(e.startswith("data: ") for e in events)
     return [e.removeprefix("data: ") for e in events]
-
-
-def assert_openai_error(body: dict[str, Any]) -> None:
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert isinstance(body["error"]["message"], str)
 
 
 async def test_models_list(start_node: Start, http: aiohttp.ClientSession) -> None:
@@ -192,14 +187,14 @@ async def test_unknown_model_and_bad_json(start_node: Start, http: aiohttp.Clien
             assert resp.status == 404
             assert "x-sim-node" in resp.headers
             body = await resp.json()
-        assert_openai_error(body)
+        assert_openai_error_body(body)
         assert body["error"]["type"] == "invalid_request_error"
         assert body["error"]["param"] == "model"
         assert body["error"]["code"] == "model_not_found"
     headers = {"Content-Type": "application/json"}
     async with http.post(f"{base}/v1/chat/completions", data=b"{nope", headers=headers) as resp:
         assert resp.status == 400
-        assert_openai_error(await resp.json())
+        assert_openai_error_body(await resp.json())
     async with http.post(f"{base}/v1/chat/completions", json={**CHAT, "max_tokens": -1}) as resp:
         assert resp.status == 400
 
@@ -210,7 +205,7 @@ async def test_api_key(start_node: Start, http: aiohttp.ClientSession) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         async with http.post(url, json=CHAT, headers=headers) as resp:
             assert resp.status == 401
-            assert_openai_error(await resp.json())
+            assert_openai_error_body(await resp.json())
     async with http.get(f"{base}/v1/models") as resp:
         assert resp.status == 401
     async with http.post(url, json=CHAT, headers={"Authorization": "Bearer sekret"}) as resp:
@@ -245,7 +240,7 @@ async def test_status_faults(
     for req in (CHAT, {**CHAT, "stream": True}):
         async with http.post(f"{base}/v1/chat/completions", json=req) as resp:
             assert resp.status == status
-            assert_openai_error(await resp.json())
+            assert_openai_error_body(await resp.json())
     async with http.get(f"{base}/health") as resp:
         assert resp.status == 200  # only "unhealthy" touches the health check
     current = await stats(http, base)
@@ -398,15 +393,6 @@ async def test_shutdown_releases_hung_requests(http: aiohttp.ClientSession) -> N
     resp = await task
     assert resp.status == 503
     resp.release()
-
-
-def test_config_validation() -> None:
-    with pytest.raises(ValueError):
-        SimConfig(slots=0)
-    with pytest.raises(ValueError):
-        SimConfig(fault="bogus")
-    with pytest.raises(SystemExit):
-        main(["--slots", "0"])
 
 
 async def test_cli_subprocess(http: aiohttp.ClientSession) -> None:

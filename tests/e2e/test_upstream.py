@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
@@ -61,7 +61,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 
 async def post(
-    upstream: Upstream, node: Node, headers: tuple[tuple[bytes, bytes], ...] = ()
+    upstream: Upstream, node: Node, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> tuple[int, bytes]:
     response = await upstream.send(node, "POST", "/v1/chat/completions", headers, b'{"a":1}', "rid")
     try:

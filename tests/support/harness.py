@@ -1,4 +1,4 @@
-"""Helpers shared by the tests."""
+"""The benchmark harness's throwaway redis-server and loopback port helpers, used by tests."""
 
 from scripts.bench.harness import RedisServer, free_port, wait_for_port
 

@@ -1,42 +1,38 @@
-"""End to end with real processes: the openai SDK through hypercorn-served gateways to
-simulated nodes, sharing a real Redis; failures injected into nodes and into Redis."""
+"""The request path end to end: the openai SDK through hypercorn-served gateway replicas to
+simulated nodes, sharing a real Redis; retries, timeouts, disconnects, lease upkeep and route
+receipts, with failures injected into nodes and into Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import orjson
 import pytest
+from openai import NOT_GIVEN, NotGiven
+from openai.types.chat import ChatCompletionMessageParam
 
-from scripts.bench.harness import RedisServer
 from shared_state import Store
-from tests.fleet import Gateway, SimNode, eventually
+from tests.support import MODEL
+from tests.support.clients import async_sdk
+from tests.support.harness import RedisServer, free_port
+from tests.support.polling import eventually
+from tests.support.processes import Gateway, Process, SimNode
 
-MODEL = "sim-model"
-CHAT = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[SimNode | Gateway]]:
-    procs: list[SimNode | Gateway] = []
-    yield procs
-    for proc in reversed(procs):
-        proc.close()
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
-def start_node(cleanup: list[SimNode | Gateway], *flags: str) -> SimNode:
+def start_node(procs: list[Process], *flags: str) -> SimNode:
     node = SimNode(*flags)
-    cleanup.append(node)
+    procs.append(node)
     return node
 
 
 def start_gateway(
-    cleanup: list[SimNode | Gateway],
+    procs: list[Process],
     redis_url: str | None,
     *nodes: SimNode,
     flags: tuple[str, ...] = (),
@@ -47,14 +43,14 @@ def start_gateway(
     for node in nodes:
         args += ["--node", node.url]
     gateway = Gateway(*args)
-    cleanup.append(gateway)
+    procs.append(gateway)
     if nodes:
         gateway.wait_models(MODEL)
     return gateway
 
 
-def client(gateway: Gateway, **kw: object) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0, **kw)  # type: ignore[arg-type]
+def client(gateway: Gateway, timeout: float | NotGiven = NOT_GIVEN) -> openai.AsyncOpenAI:
+    return async_sdk(gateway.url, timeout=timeout)
 
 
 async def unfinished(gateway: Gateway) -> int:
@@ -63,20 +59,20 @@ async def unfinished(gateway: Gateway) -> int:
     return sum(int(entry["unfinished"]) for entry in status.values())
 
 
-async def test_openai_sdk_plain_and_streaming(redis_url: str, cleanup: list) -> None:
-    a = start_node(cleanup, "--tokens-per-s", "inf")
-    b = start_node(cleanup, "--tokens-per-s", "inf")
-    gateway = start_gateway(cleanup, redis_url, a, b)
+async def test_openai_sdk_plain_and_streaming(redis_url: str, procs: list[Process]) -> None:
+    a = start_node(procs, "--tokens-per-s", "inf")
+    b = start_node(procs, "--tokens-per-s", "inf")
+    gateway = start_gateway(procs, redis_url, a, b)
     sdk = client(gateway)
     models = await sdk.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5)  # type: ignore[arg-type]
+    chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5)
     assert chat.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 "
     completion = await sdk.completions.create(model=MODEL, prompt="x", max_tokens=3)
     assert completion.choices[0].text.split() == ["tok0", "tok1", "tok2"]
     stream = await sdk.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=7, stream=True
-    )  # type: ignore[arg-type]
+    )
     pieces = [
         c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content
     ]
@@ -85,17 +81,17 @@ async def test_openai_sdk_plain_and_streaming(redis_url: str, cleanup: list) -> 
     assert len(embedding.data) == 2
     raw = await sdk.chat.completions.with_raw_response.create(
         model=MODEL, messages=CHAT, max_tokens=1
-    )  # type: ignore[arg-type]
+    )
     assert raw.parse().choices
     assert raw.headers["x-request-id"] and raw.headers["x-fleetgate-node"] in {a.url, b.url}
     await sdk.close()
     assert await unfinished(gateway) == 0
 
 
-async def test_two_replicas_share_in_flight_state(redis_url: str, cleanup: list) -> None:
-    nodes = [start_node(cleanup, "--tokens-per-s", "50") for _ in range(3)]
-    one = start_gateway(cleanup, redis_url, *nodes)
-    two = start_gateway(cleanup, redis_url)
+async def test_two_replicas_share_in_flight_state(redis_url: str, procs: list[Process]) -> None:
+    nodes = [start_node(procs, "--tokens-per-s", "50") for _ in range(3)]
+    one = start_gateway(procs, redis_url, *nodes)
+    two = start_gateway(procs, redis_url)
     two.wait_models(MODEL)
     async with httpx.AsyncClient(timeout=30) as http:
         # A long request held through replica one...
@@ -118,11 +114,11 @@ async def test_two_replicas_share_in_flight_state(redis_url: str, cleanup: list)
 
 
 async def test_concurrent_requests_through_two_replicas_leave_no_lease(
-    redis_url: str, cleanup: list
+    redis_url: str, procs: list[Process]
 ) -> None:
-    nodes = [start_node(cleanup, "--tokens-per-s", "2000") for _ in range(3)]
-    one = start_gateway(cleanup, redis_url, *nodes)
-    two = start_gateway(cleanup, redis_url)
+    nodes = [start_node(procs, "--tokens-per-s", "2000") for _ in range(3)]
+    one = start_gateway(procs, redis_url, *nodes)
+    two = start_gateway(procs, redis_url)
     two.wait_models(MODEL)
     sdks = [client(one), client(two)]
 
@@ -132,7 +128,7 @@ async def test_concurrent_requests_through_two_replicas_leave_no_lease(
             model=MODEL,
             messages=CHAT,
             max_tokens=20,
-            stream=False,  # type: ignore[arg-type]
+            stream=False,
         )
         assert raw.parse().choices
         return raw.headers["x-fleetgate-node"]
@@ -150,16 +146,14 @@ async def test_concurrent_requests_through_two_replicas_leave_no_lease(
     "fault", ["refuse", "reset", "status_502", "status_503", "status_504", "status_429"]
 )
 async def test_retry_before_first_byte_goes_elsewhere(
-    redis_url: str, cleanup: list, fault: str
+    redis_url: str, procs: list[Process], fault: str
 ) -> None:
-    good = start_node(cleanup, "--tokens-per-s", "inf")
-    gateway = start_gateway(cleanup, redis_url, good, flags=("--strategy", "round_robin"))
+    good = start_node(procs, "--tokens-per-s", "inf")
+    gateway = start_gateway(procs, redis_url, good, flags=("--strategy", "round_robin"))
     if fault == "refuse":
-        from tests.support import free_port
-
         bad_url = f"http://127.0.0.1:{free_port()}"  # registered, but nothing listens there
     else:
-        bad_url = start_node(cleanup, "--fault", fault).url
+        bad_url = start_node(procs, "--fault", fault).url
     async with httpx.AsyncClient() as http:
         r = await http.post(
             f"{gateway.url}/nodes/add", json={"url": bad_url, "status": {"models": [MODEL]}}
@@ -170,7 +164,7 @@ async def test_retry_before_first_byte_goes_elsewhere(
         raw = await sdk.chat.completions.with_raw_response.create(
             model=MODEL,
             messages=CHAT,
-            max_tokens=2,  # type: ignore[arg-type]
+            max_tokens=2,
         )
         assert raw.parse().choices
         assert raw.headers["x-fleetgate-node"] == good.url
@@ -182,11 +176,13 @@ async def test_retry_before_first_byte_goes_elsewhere(
     assert await unfinished(gateway) == 0
 
 
-async def test_hanging_node_times_out_and_request_moves_on(redis_url: str, cleanup: list) -> None:
-    hanging = start_node(cleanup, "--fault", "hang")
-    good = start_node(cleanup, "--tokens-per-s", "inf")
+async def test_hanging_node_times_out_and_request_moves_on(
+    redis_url: str, procs: list[Process]
+) -> None:
+    hanging = start_node(procs, "--fault", "hang")
+    good = start_node(procs, "--tokens-per-s", "inf")
     gateway = start_gateway(
-        cleanup,
+        procs,
         redis_url,
         hanging,
         good,
@@ -197,20 +193,22 @@ async def test_hanging_node_times_out_and_request_moves_on(redis_url: str, clean
         t0 = time.monotonic()
         raw = await sdk.chat.completions.with_raw_response.create(
             model=MODEL, messages=CHAT, max_tokens=2
-        )  # type: ignore[arg-type]
+        )
         assert raw.parse().choices
         assert raw.headers["x-fleetgate-node"] == good.url
         assert time.monotonic() - t0 < 5
     await sdk.close()
 
 
-async def test_node_dying_mid_stream_ends_with_sse_error(redis_url: str, cleanup: list) -> None:
-    dying = start_node(cleanup, "--fault", "die_mid_stream", "--tokens-per-s", "200")
-    gateway = start_gateway(cleanup, redis_url, dying)
+async def test_node_dying_mid_stream_ends_with_sse_error(
+    redis_url: str, procs: list[Process]
+) -> None:
+    dying = start_node(procs, "--fault", "die_mid_stream", "--tokens-per-s", "200")
+    gateway = start_gateway(procs, redis_url, dying)
     sdk = client(gateway, timeout=10)
     stream = await sdk.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=50, stream=True
-    )  # type: ignore[arg-type]
+    )
     got = []
     with pytest.raises(openai.APIError, match="mid-stream"):
         async for chunk in stream:
@@ -228,10 +226,10 @@ async def test_node_dying_mid_stream_ends_with_sse_error(redis_url: str, cleanup
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_releases_lease_and_cancels_upstream(
-    redis_url: str, cleanup: list, stream: bool
+    redis_url: str, procs: list[Process], stream: bool
 ) -> None:
-    slow = start_node(cleanup, "--tokens-per-s", "5")
-    gateway = start_gateway(cleanup, redis_url, slow)
+    slow = start_node(procs, "--tokens-per-s", "5")
+    gateway = start_gateway(procs, redis_url, slow)
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "stream": stream}
     async with httpx.AsyncClient(timeout=30) as http:
         if stream:
@@ -246,16 +244,16 @@ async def test_client_disconnect_releases_lease_and_cancels_upstream(
         return await unfinished(gateway) == 0
 
     async def node_idle() -> bool:
-        return slow.stats()["running"] == 0
+        return int(slow.stats()["running"]) == 0
 
     assert await eventually(no_lease, 1.0)
     # The node stops generating too: the upstream request was cancelled.
     assert await eventually(node_idle, 2.0)
 
 
-async def test_leases_are_renewed_while_requests_run(redis_url: str, cleanup: list) -> None:
-    slow = start_node(cleanup, "--tokens-per-s", "10")
-    gateway = start_gateway(cleanup, redis_url, slow, flags=("--lease-seconds", "0.6"))
+async def test_leases_are_renewed_while_requests_run(redis_url: str, procs: list[Process]) -> None:
+    slow = start_node(procs, "--tokens-per-s", "10")
+    gateway = start_gateway(procs, redis_url, slow, flags=("--lease-seconds", "0.6"))
     async with httpx.AsyncClient(timeout=30) as http:
         body = {"model": MODEL, "messages": CHAT, "max_tokens": 20}
         task = asyncio.ensure_future(http.post(f"{gateway.url}/v1/chat/completions", json=body))
@@ -265,22 +263,22 @@ async def test_leases_are_renewed_while_requests_run(redis_url: str, cleanup: li
     assert await unfinished(gateway) == 0
 
 
-async def test_redis_killed_mid_run_requests_keep_succeeding(cleanup: list) -> None:
+async def test_redis_killed_mid_run_requests_keep_succeeding(procs: list[Process]) -> None:
     server = RedisServer().start()
     try:
-        a = start_node(cleanup, "--tokens-per-s", "inf")
-        b = start_node(cleanup, "--tokens-per-s", "inf")
-        gateway = start_gateway(cleanup, server.url, a, b)
+        a = start_node(procs, "--tokens-per-s", "inf")
+        b = start_node(procs, "--tokens-per-s", "inf")
+        gateway = start_gateway(procs, server.url, a, b)
         sdk = client(gateway, timeout=10)
         for _ in range(5):
-            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         server.stop()
         seen = set()
         for _ in range(20):
             t0 = time.monotonic()
             raw = await sdk.chat.completions.with_raw_response.create(
                 model=MODEL, messages=CHAT, max_tokens=1
-            )  # type: ignore[arg-type]
+            )
             assert raw.parse().choices
             assert raw.http_request is not None and time.monotonic() - t0 < 2.0
             seen.add(raw.headers["x-fleetgate-node"])
@@ -299,17 +297,17 @@ async def test_redis_killed_mid_run_requests_keep_succeeding(cleanup: list) -> N
         server.close()
 
 
-async def test_frozen_redis_does_not_stall_requests(cleanup: list) -> None:
+async def test_frozen_redis_does_not_stall_requests(procs: list[Process]) -> None:
     server = RedisServer().start()
     try:
-        a = start_node(cleanup, "--tokens-per-s", "inf")
-        gateway = start_gateway(cleanup, server.url, a)
+        a = start_node(procs, "--tokens-per-s", "inf")
+        gateway = start_gateway(procs, server.url, a)
         sdk = client(gateway, timeout=10)
-        await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         server.pause()
         t0 = time.monotonic()
         for _ in range(10):
-            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+            await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         # Short store timeouts and the breaker: no 5-second stalls per call.
         assert time.monotonic() - t0 < 5.0
         server.resume()
@@ -319,10 +317,12 @@ async def test_frozen_redis_does_not_stall_requests(cleanup: list) -> None:
         server.close()
 
 
-async def test_shutdown_releases_the_leases_of_cut_requests(redis_url: str, cleanup: list) -> None:
-    slow = start_node(cleanup, "--tokens-per-s", "5")
+async def test_shutdown_releases_the_leases_of_cut_requests(
+    redis_url: str, procs: list[Process]
+) -> None:
+    slow = start_node(procs, "--tokens-per-s", "5")
     gateway = start_gateway(
-        cleanup, redis_url, slow, flags=("--lease-seconds", "60", "--shutdown-timeout", "0.5")
+        procs, redis_url, slow, flags=("--lease-seconds", "60", "--shutdown-timeout", "0.5")
     )
     store = Store.open(redis_url)
     try:
@@ -341,9 +341,11 @@ async def test_shutdown_releases_the_leases_of_cut_requests(redis_url: str, clea
         await store.close()
 
 
-async def test_route_receipts_in_headers_and_access_log(redis_url: str, cleanup: list) -> None:
-    nodes = [start_node(cleanup, "--tokens-per-s", "inf") for _ in range(3)]
-    gateway = start_gateway(cleanup, redis_url, *nodes, flags=("--strategy", "session_affinity"))
+async def test_route_receipts_in_headers_and_access_log(
+    redis_url: str, procs: list[Process]
+) -> None:
+    nodes = [start_node(procs, "--tokens-per-s", "inf") for _ in range(3)]
+    gateway = start_gateway(procs, redis_url, *nodes, flags=("--strategy", "session_affinity"))
     seen: dict[str, set[str]] = {}
     request_ids = {}
     async with httpx.AsyncClient(timeout=10) as http:
@@ -389,12 +391,12 @@ async def test_route_receipts_in_headers_and_access_log(redis_url: str, cleanup:
         assert record["strategy"] == "session_affinity" and record["candidates"] == 3
 
 
-async def test_workers_are_replicas_sharing_redis(redis_url: str, cleanup: list) -> None:
-    node = start_node(cleanup, "--tokens-per-s", "inf")
-    gateway = start_gateway(cleanup, redis_url, node, flags=("--workers", "2"))
+async def test_workers_are_replicas_sharing_redis(redis_url: str, procs: list[Process]) -> None:
+    node = start_node(procs, "--tokens-per-s", "inf")
+    gateway = start_gateway(procs, redis_url, node, flags=("--workers", "2"))
     sdk = client(gateway)
     for _ in range(10):
-        chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         assert chat.choices[0].message.content == "tok0 "
     await sdk.close()
 
@@ -405,16 +407,16 @@ async def test_workers_are_replicas_sharing_redis(redis_url: str, cleanup: list)
     assert await eventually(two_replicas, 5)
 
 
-async def test_latency_samples_are_per_output_token(redis_url: str, cleanup: list) -> None:
+async def test_latency_samples_are_per_output_token(redis_url: str, procs: list[Process]) -> None:
     """40 tokens at 100 tokens/s take about 400 ms; the sample recorded is about 10 ms (per
     token), for a buffered answer (its usage) and for a stream (its events) alike."""
-    node = start_node(cleanup, "--tokens-per-s", "100")
-    gateway = start_gateway(cleanup, redis_url, node)
+    node = start_node(procs, "--tokens-per-s", "100")
+    gateway = start_gateway(procs, redis_url, node)
     sdk = client(gateway)
     await sdk.completions.create(model=MODEL, prompt="x", max_tokens=40)
     stream = await sdk.chat.completions.create(
         model=MODEL,
-        messages=CHAT,  # type: ignore[arg-type]
+        messages=CHAT,
         max_tokens=40,
         stream=True,
     )

@@ -1,30 +1,29 @@
-"""Real processes for end-to-end tests: simulated nodes and gateway replicas on loopback."""
+"""Real processes for end-to-end tests: simulated nodes and gateway replicas on loopback, the
+ops commands as an operator runs them, and a self-signed certificate made with openssl."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.support import free_port, wait_for_port
-
-ROOT = Path(__file__).resolve().parent.parent
-SIM_LINE = re.compile(rb"fleetgate-sim listening on http://[^:]+:(\d+)")
+from tests.support import MODEL, ROOT
+from tests.support.harness import free_port, wait_for_port
 
 
 class Process:
     """A child process with its output kept in a file for post-mortems."""
 
-    def __init__(self, args: Sequence[str], log_name: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: Sequence[str], log_name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.args = list(args)
         self.log_path = (
             Path(os.environ.get("TMPDIR", "/tmp")) / f"fleetgate-test-{log_name}-{os.getpid()}.log"
@@ -64,6 +63,8 @@ class Process:
 
 
 class SimNode(Process):
+    """``python -m gateway.sim.node`` on a free loopback port, started and listening."""
+
     def __init__(self, *flags: str, name: str = "sim") -> None:
         self.port = free_port()
         super().__init__(
@@ -78,14 +79,17 @@ class SimNode(Process):
             f"{self.url}/sim/fault", json={"mode": mode, **extra}, timeout=5
         ).raise_for_status()
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
+        """The node's ``/sim/stats``: counters, its fault, and ``pd`` (its PD engine's figures)."""
         response = httpx.get(f"{self.url}/sim/stats", timeout=5)
         response.raise_for_status()
-        data: dict[str, object] = response.json()
+        data: dict[str, Any] = response.json()
         return data
 
 
 class Gateway(Process):
+    """``python -m gateway`` on a free loopback port, started and listening."""
+
     def __init__(self, *flags: str, name: str = "gw", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         super().__init__(
@@ -117,20 +121,8 @@ def replicas_of(
     replicas = [Gateway("--redis-url", redis_url, "--node", node.url) for _ in range(count)]
     procs += replicas
     for gateway in replicas:
-        gateway.wait_models("sim-model")
+        gateway.wait_models(MODEL)
     return replicas
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
-    """Poll ``check`` until it holds or ``timeout_s`` passes; returns whether it held."""
-    deadline = time.monotonic() + timeout_s
-    for _ in itertools.count():
-        if await check():
-            return True
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    return False
 
 
 def ops(redis_url: str, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:

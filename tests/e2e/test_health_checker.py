@@ -1,9 +1,11 @@
-"""The health-checker: its shared state on both stores, its rounds against real simulated
-nodes and a real gateway, and leader fail-over between two checker processes."""
+"""The health-checker's rounds against real simulated nodes and a real gateway sharing Redis,
+and leader fail-over between two checker processes (its shared state alone, the ledger:
+tests/unit/test_health.py; its reading of metrics pages: tests/unit/test_probes.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 import time
@@ -14,136 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.checker.health_checker import CheckerSettings, HealthChecker
-from shared_state import Fenced, HealthLedger, NodeState, ProbeResult, Store, StoreSettings
-from tests.conftest import StoreFactory
-from tests.fleet import Gateway, Process, SimNode, eventually
-from tests.support import free_port, wait_for_port
-
-MODEL = "sim-model"
-A, B = "http://127.0.0.1:9301", "http://127.0.0.1:9302"
-OK, FAIL, NONE = ProbeResult.OK, ProbeResult.FAIL, ProbeResult.NONE
-
-
-async def report(ledger: HealthLedger, token: int, node: str, result: ProbeResult, **kw: object):
-    options: dict[str, object] = {"fall": 3, "rise": 2, "deregister_after_ms": 0}
-    options.update(kw)
-    return await ledger.report(token, node, result, **options)  # type: ignore[arg-type]
-
-
-class TestLedger:
-    async def test_one_leader_and_takeover_fences_the_old_one(
-        self, store_factory: StoreFactory
-    ) -> None:
-        store = store_factory()
-        await store.add_node(A, ["m"])
-        one, two = HealthLedger(store, "one"), HealthLedger(store, "two")
-        token1, holder = await one.lead(300)
-        assert token1 > 0 and holder == "one"
-        assert await two.lead(300) == (0, "one")
-        assert (await one.lead(300))[0] == token1  # keeping the lease keeps the token
-        await asyncio.sleep(0.45)  # "one" paused past its lease
-        token2, holder = await two.lead(300)
-        assert token2 > token1 and holder == "two"
-        before = await store.get_node(A)
-        for _ in range(5):
-            with pytest.raises(Fenced):
-                await report(one, token1, A, FAIL, fall=1)
-        with pytest.raises(Fenced):
-            await one.sweep(token1, [A], 1000)
-        assert await store.get_node(A) == before
-        assert (await report(two, token2, A, OK)).status == "ok"
-        await two.resign()
-        token3, _ = await one.lead(300)
-        assert token3 > token2
-
-    async def test_fall_and_rise_with_reasons_and_events(self, store_factory: StoreFactory) -> None:
-        store = store_factory()
-        await store.add_node(A, ["m"])
-        ledger = HealthLedger(store, "c")
-        token, _ = await ledger.lead(10_000)
-        epoch = await store.epoch()
-        for result in (FAIL, FAIL, OK, FAIL, FAIL):  # never 3 failures in a row
-            assert not (await report(ledger, token, A, result, reason="GET /health 503")).changed
-        assert (await store.get_node(A)).state is NodeState.ACTIVE
-        assert await store.epoch() == epoch
-        moved = await report(ledger, token, A, FAIL, reason="GET /health 503")
-        assert moved.changed and moved.state == "unhealthy"
-        node = await store.get_node(A)
-        assert node.state is NodeState.UNHEALTHY and node.state_reason == "GET /health 503"
-        assert await store.epoch() == epoch + 1
-        for result in (OK, FAIL, OK):  # rise needs 2 in a row
-            assert (await report(ledger, token, A, result)).state == "unhealthy"
-        assert (await report(ledger, token, A, OK)).state == "active"
-        events = await ledger.events()
-        assert [(e.from_state, e.to_state) for e in events] == [
-            ("unhealthy", "active"),
-            ("active", "unhealthy"),
-        ]
-        assert events[1].reason == "GET /health 503" and events[0].by == "c"
-
-    async def test_draining_is_left_to_operators(self, store_factory: StoreFactory) -> None:
-        store = store_factory()
-        await store.add_node(A, ["m"])
-        await store.drain(A)
-        ledger = HealthLedger(store, "c")
-        token, _ = await ledger.lead(10_000)
-        for _ in range(5):
-            await report(ledger, token, A, FAIL, fall=1)
-        assert (await store.get_node(A)).state is NodeState.DRAINING
-
-    async def test_deregistered_after_deadline_with_leases_and_history(
-        self, store_factory: StoreFactory
-    ) -> None:
-        store = store_factory()
-        await store.add_node(A, ["m"])
-        await store.add_node(B, ["m"])
-        p = await store.pick("m", strategy="random", replica="r", request_id="1", exclude=[B])
-        assert p is not None
-        ledger = HealthLedger(store, "c")
-        token, _ = await ledger.lead(10_000)
-        assert (await report(ledger, token, A, FAIL, fall=1, deregister_after_ms=300)).changed
-        assert (await report(ledger, token, A, FAIL, deregister_after_ms=300)).status == "ok"
-        await asyncio.sleep(0.35)
-        gone = await report(ledger, token, A, FAIL, deregister_after_ms=300)
-        assert gone.status == "removed"
-        assert [n.id for n in (await store.registry()).nodes] == [B]
-        assert await store.in_flight(A) == 0
-        assert await store.client.exists(store.keys.latencies(A), store.keys.node(A)) == 0
-        assert (await report(ledger, token, A, OK)).status == "gone"
-        # A node that comes back can simply register again.
-        _, created = await store.add_node(A, ["m"])
-        assert created
-
-    async def test_models_and_load_are_recorded(self, store_factory: StoreFactory) -> None:
-        store = store_factory()
-        await store.add_node(A, ["m"])
-        ledger = HealthLedger(store, "c")
-        token, _ = await ledger.lead(10_000)
-        epoch = await store.epoch()
-        await report(ledger, token, A, OK, models=["m", "m2"], kv_usage=0.4, running=3, waiting=1)
-        node = await store.get_node(A)
-        assert node.models == ("m", "m2") and await store.epoch() == epoch + 1
-        assert node.kv_usage == 0.4 and node.kv_running == 3 and node.kv_waiting == 1
-        assert node.kv_ts_ms and node.last_probe_ms
-
-    async def test_sweep_prunes_expired_leases_and_lists_live_replicas(
-        self, store_factory: StoreFactory
-    ) -> None:
-        store = store_factory(StoreSettings(lease_ms=200))
-        await store.add_node(A, ["m"])
-        held = []
-        for i in range(3):
-            p = await store.pick("m", strategy="random", replica="gw1", request_id=str(i))
-            assert p is not None
-            held.append(p.lease)
-        assert await store.renew("gw1", held) == 3
-        await asyncio.sleep(0.3)
-        ledger = HealthLedger(store, "c")
-        token, _ = await ledger.lead(10_000)
-        sweep = await ledger.sweep(token, [A], 60_000)
-        assert sweep.pruned_leases == 3 and list(sweep.live_replicas) == ["gw1"]
-        assert await store.client.zcard(store.keys.leases(A)) == 0
-        assert (await ledger.sweep(token, [A], 100)).live_replicas == {}
+from shared_state import NodeState, Store
+from tests.support import MODEL
+from tests.support.harness import free_port, wait_for_port
+from tests.support.polling import eventually
+from tests.support.processes import Gateway, Process, SimNode
 
 
 @pytest.fixture
@@ -153,18 +30,39 @@ async def real_store(redis_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
-def checker_for(store: Store, **kw: object) -> HealthChecker:
-    options: dict[str, object] = {
-        "redis_url": "x",
-        "interval": 0.2,
-        "timeout": 1.0,
-        "fall": 2,
-        "rise": 2,
-        "deregister_after": 0.0,
-        "checker_id": "t",
-    }
-    options.update(kw)
-    return HealthChecker(CheckerSettings(**options), store)  # type: ignore[arg-type]
+# The checker these tests run in-process: fast rounds, two strikes either way, at once gone.
+SETTINGS = CheckerSettings(
+    redis_url="x",
+    interval=0.2,
+    timeout=1.0,
+    fall=2,
+    rise=2,
+    deregister_after=0.0,
+    checker_id="t",
+)
+
+
+def checker_for(
+    store: Store,
+    *,
+    timeout: float = SETTINGS.timeout,
+    fall: int = SETTINGS.fall,
+    rise: int = SETTINGS.rise,
+    deregister_after: float = SETTINGS.deregister_after,
+    probes: frozenset[str] = SETTINGS.probes,
+    generate_every: float = SETTINGS.generate_every,
+) -> HealthChecker:
+    """A checker on ``store`` with :data:`SETTINGS`, changed where the test says."""
+    settings = dataclasses.replace(
+        SETTINGS,
+        timeout=timeout,
+        fall=fall,
+        rise=rise,
+        deregister_after=deregister_after,
+        probes=probes,
+        generate_every=generate_every,
+    )
+    return HealthChecker(settings, store)
 
 
 async def lead(checker: HealthChecker) -> None:
@@ -332,7 +230,7 @@ async def test_min_cache_usage_follows_scrapes_and_falls_back_when_stale(
         ]
 
         async def busy_is_busy() -> bool:
-            return busy.stats()["running"] == 3
+            return int(busy.stats()["running"]) == 3
 
         assert await eventually(busy_is_busy, 5)
         await checker.probe_round()
@@ -418,33 +316,6 @@ async def test_standby_takes_over_a_paused_leader_and_fences_it(
     await asyncio.sleep(0.5)
     assert await leader_holder() == "second" and await leader_of(second_port)
     assert takeover_s < 5
-
-
-def test_load_parsing_reads_vllm_sglang_and_lmdeploy_names() -> None:
-    from gateway.checker.probes import parse_load
-
-    vllm = (
-        "# HELP vllm:kv_cache_usage_perc KV-cache usage.\n"
-        'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
-        'vllm:kv_cache_usage_perc{model_name="b"} 0.5\n'
-        'vllm:num_requests_running{model_name="a"} 3.0\n'
-        'vllm:num_requests_running{model_name="b"} 1.0\n'
-        'vllm:num_requests_waiting{model_name="a"} 2.0\n'
-    )
-    load = parse_load(vllm)
-    assert load is not None and (load.kv_usage, load.running, load.waiting) == (0.5, 4, 2)
-    sglang = (
-        'sglang:token_usage{model_name="x"} 0.7\n'
-        "sglang:num_running_reqs 5\n"
-        "sglang:num_queue_reqs 9\n"
-    )
-    load = parse_load(sglang)
-    assert load is not None and (load.kv_usage, load.running, load.waiting) == (0.7, 5, 9)
-    percent = "lmdeploy:gpu_cache_usage_perc 42\n"  # published as a percentage
-    load = parse_load(percent)
-    assert load is not None and load.kv_usage == pytest.approx(0.42)
-    assert parse_load("process_cpu_seconds_total 3\n# nothing else\n") is None
-    assert parse_load("vllm:kv_cache_usage_perc NaN\n") is None
 
 
 async def test_probes_send_the_nodes_own_key(real_store: Store, procs: list[Process]) -> None:

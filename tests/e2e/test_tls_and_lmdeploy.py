@@ -13,10 +13,9 @@ import pytest
 
 from gateway.checker.probes import Prober
 from shared_state import Node
-from tests.fleet import Gateway, Process, SimNode, make_certificate
-from tests.support import free_port, wait_for_port
-
-MODEL = "sim-model"
+from tests.support import MODEL
+from tests.support.harness import free_port, wait_for_port
+from tests.support.processes import Gateway, Process, SimNode, make_certificate
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,11 @@ def test_lmdeploy_command_line_serves_https_end_to_end(
         )
         assert wrong.status_code == 401
         with openai.OpenAI(  # closes the http client when done
-            base_url=f"{base}/v1", api_key="key-two-0123456789", max_retries=0, http_client=http
+            base_url=f"{base}/v1",
+            api_key="key-two-0123456789",
+            max_retries=0,
+            # openai takes an httpx.Client at run time; its annotation names httpx2's only.
+            http_client=http,  # type: ignore[arg-type]
         ) as sdk:
             raw = sdk.chat.completions.with_raw_response.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2

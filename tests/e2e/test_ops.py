@@ -1,5 +1,5 @@
 """Ops through Redis: ``fleetgate nodes`` / ``fleetgate keys`` (and scripts/) against a real
-Redis and real gateway replicas, and the key store on both backends."""
+Redis and real gateway replicas (the key store itself: tests/unit/test_store.py)."""
 
 from __future__ import annotations
 
@@ -7,40 +7,13 @@ import asyncio
 
 import httpx
 import orjson
-import pytest
 import redis.asyncio as aioredis
 
-from shared_state import InvalidInput, UnknownKey, key_digest
-from tests.conftest import StoreFactory
-from tests.fleet import Gateway, Process, SimNode, eventually, ops, replicas_of
+from tests.support import MODEL
+from tests.support.polling import eventually
+from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of
 
-MODEL = "sim-model"
 KEY_A = "key-a-0123456789abcdef"
-
-
-class TestKeyStore:
-    async def test_add_list_revoke(self, store_factory: StoreFactory) -> None:
-        store = store_factory()
-        epoch = await store.epoch()
-        key, created = await store.add_key("team-a", KEY_A)
-        assert created and key.name == "team-a" and key.fingerprint == key_digest(KEY_A)[:12]
-        assert await store.epoch() == epoch + 1
-        again, created = await store.add_key("team-a", KEY_A)  # idempotent
-        assert not created and again == key
-        with pytest.raises(InvalidInput, match="already named"):
-            await store.add_key("team-a", "another-key-0123456789")
-        with pytest.raises(InvalidInput):
-            await store.add_key("has space", "another-key-0123456789")
-        with pytest.raises(InvalidInput):
-            await store.add_key("short", "tooshort")
-        assert [k.name for k in await store.list_keys()] == ["team-a"]
-        assert (await store.registry()).key_digests == {key_digest(KEY_A)}
-        assert await store.key_exists(key_digest(KEY_A))
-        await store.revoke_key("team-a")
-        assert not await store.key_exists(key_digest(KEY_A))
-        with pytest.raises(UnknownKey):
-            await store.revoke_key("team-a")
-        assert await store.list_keys() == []
 
 
 async def status_of(gateway: Gateway, key: str | None) -> int:

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis.exceptions as rexc
 
-from scripts.bench.harness import RedisServer
 from shared_state.pipeline import AutoPipeline
+from tests.support.harness import RedisServer
 
 # Keeps Redis busy for about 50 ms, as a slow script would.
 BUSY_50MS = """

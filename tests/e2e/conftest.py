@@ -1,0 +1,47 @@
+"""Fixtures of the end-to-end tests: a real redis-server for the session, flushed before each
+test that asks for it, Store clients on it, and the child processes a test starts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.support.harness import RedisServer
+from tests.support.processes import Process
+from tests.support.store import StoreFactory
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Process]]:
+    """Processes a test starts; all stopped when it ends, last started first."""
+    started: list[Process] = []
+    yield started
+    for proc in reversed(started):
+        proc.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    """The session's Redis, flushed before the test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture(params=["redis"])
+async def store_factory(redis_url: str) -> AsyncIterator[StoreFactory]:
+    """Store clients on the session's Redis (the ``redis`` id: tests/unit runs the same tests
+    on the embedded store)."""
+    factory = StoreFactory(redis_url)
+    yield factory
+    await factory.close()

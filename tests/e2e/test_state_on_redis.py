@@ -1,0 +1,74 @@
+"""The shared state's unit tests run again against a real redis-server: the same test classes
+as in tests/unit (whose store is the embedded one), given Redis clients by this folder's
+``store_factory``, so the Lua scripts are checked in Redis itself and under real concurrency."""
+
+from __future__ import annotations
+
+from tests.unit import test_health, test_limits, test_pd_state, test_store
+
+# -- the store: tests/unit/test_store.py ----------------------------------------------------
+
+
+class TestRegistry(test_store.TestRegistry):
+    """Registering, updating, draining and removing nodes, on Redis."""
+
+
+class TestStrategies(test_store.TestStrategies):
+    """Every routing strategy, on Redis."""
+
+
+class TestFiltering(test_store.TestFiltering):
+    """Picks filtered by model, role and state, on Redis."""
+
+
+class TestLeases(test_store.TestLeases):
+    """Leases taken, renewed, expired and raced for, on Redis."""
+
+
+class TestEjection(test_store.TestEjection):
+    """Ejection of failing nodes, on Redis."""
+
+
+class TestWeightedAndAffinity(test_store.TestWeightedAndAffinity):
+    """Weighted strategies and session affinity, on Redis."""
+
+
+class TestKeyStore(test_store.TestKeyStore):
+    """The API key store, on Redis."""
+
+
+# -- the health ledger: tests/unit/test_health.py -------------------------------------------
+
+
+class TestLedger(test_health.TestLedger):
+    """The health-checker's ledger, on Redis."""
+
+
+# -- the DistServe state: tests/unit/test_pd_state.py ---------------------------------------
+
+
+class TestSessions(test_pd_state.TestSessions):
+    """PD sessions, on Redis."""
+
+
+class TestPairs(test_pd_state.TestPairs):
+    """PD pairs and their connect lock, on Redis."""
+
+
+# -- per-key limits: tests/unit/test_limits.py ----------------------------------------------
+
+
+class TestStoredLimits(test_limits.TestStoredLimits):
+    """Limits stored with the key, on Redis."""
+
+
+class TestRateLimit(test_limits.TestRateLimit):
+    """Requests per minute, on Redis."""
+
+
+class TestConcurrency(test_limits.TestConcurrency):
+    """Concurrency slots, on Redis."""
+
+
+class TestGatewayCheck(test_limits.TestGatewayCheck):
+    """A replica's check of a key's limits, on Redis."""
