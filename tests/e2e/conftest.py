@@ -1,15 +1,17 @@
 """Fixtures of the end-to-end tests: a real redis-server for the session, flushed before each
-test that asks for it, Store clients on it, and the child processes a test starts."""
+test that asks for it, Store clients on it, the child processes a test starts, and a
+self-signed certificate for TLS on loopback."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.support.harness import RedisServer
-from tests.support.processes import Process
+from tests.support.processes import Process, make_certificate
 from tests.support.store import StoreFactory
 
 
@@ -36,6 +38,12 @@ async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
     await client.flushall()
     await client.aclose()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, self-signed: the certificate is its own CA bundle."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(params=["redis"])

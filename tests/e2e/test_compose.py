@@ -52,7 +52,7 @@ from tests.support.processes import Process, SimNode
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
-# -- validated by a compose parser -------------------------------------------------------
+# -- validated by a compose parser ----------------------------------------------------------
 
 
 def test_compose_file_is_valid() -> None:

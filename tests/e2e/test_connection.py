@@ -12,7 +12,6 @@ import pytest
 
 from shared_state import Outcome, Store, StoreUnavailable
 from tests.support.harness import RedisServer, free_port, wait_for_port
-from tests.support.processes import make_certificate
 
 NODE = "http://127.0.0.1:9401"
 
@@ -42,11 +41,6 @@ async def test_unix_socket(tmp_path: Path) -> None:
         await exercise(f"unix://{sock}?db=2")
     finally:
         server.close()
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    return make_certificate(tmp_path)
 
 
 async def test_tls_verifies_the_server_certificate(certificate: tuple[Path, Path]) -> None:

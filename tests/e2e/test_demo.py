@@ -10,8 +10,8 @@ import sys
 import time
 
 import httpx
-import openai
 
+from tests.support.clients import sdk
 from tests.support.harness import free_port, wait_for_port
 from tests.support.processes import Process
 
@@ -32,8 +32,8 @@ def test_demo_serves_the_printed_examples_and_stops_on_ctrl_c() -> None:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 200, response.text
         model = response.json()["model"]
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        chat = sdk.chat.completions.create(
+        client = sdk(f"http://127.0.0.1:{port}")
+        chat = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Hi"}]
         )
         assert chat.choices[0].message.content

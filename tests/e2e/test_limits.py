@@ -9,24 +9,13 @@ import asyncio
 import httpx
 import orjson
 
-from tests.support import MODEL
+from tests.support.clients import chat
 from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of
+from tests.support.processes import Process, SimNode, ops, replicas_of
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
-
-
-async def call(
-    http: httpx.AsyncClient, gateway: Gateway, key: str | None, max_tokens: int = 1
-) -> httpx.Response:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return await http.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={"model": MODEL, "messages": [], "max_tokens": max_tokens},
-        headers=headers,
-    )
 
 
 def assert_rate_limited(response: httpx.Response, code: str) -> int:
@@ -62,35 +51,35 @@ async def test_key_over_its_limit_gets_429_from_either_replica(
     async with httpx.AsyncClient(timeout=30) as http:
 
         async def closed_everywhere() -> bool:
-            return all([(await call(http, g, None)).status_code == 401 for g in replicas])
+            return all([(await chat(http, g.url, None)).status_code == 401 for g in replicas])
 
         assert await eventually(closed_everywhere, 5)  # every replica knows the keys
 
         # rpm 3: three requests spread over both replicas pass, the fourth is refused by both.
         for i in range(3):
-            response = await call(http, replicas[i % 2], KEY_A)
+            response = await chat(http, replicas[i % 2].url, KEY_A)
             assert response.status_code == 200, response.text
         for gateway in replicas:
-            assert_rate_limited(await call(http, gateway, KEY_A), "rate_limit_exceeded")
-        assert (await call(http, replicas[0], KEY_B)).status_code == 200  # other keys pass
+            assert_rate_limited(await chat(http, gateway.url, KEY_A), "rate_limit_exceeded")
+        assert (await chat(http, replicas[0].url, KEY_B)).status_code == 200  # other keys pass
 
         # concurrency 1: a second request in flight is refused by the other replica ...
-        held = asyncio.ensure_future(call(http, replicas[0], KEY_B, max_tokens=30))
+        held = asyncio.ensure_future(chat(http, replicas[0].url, KEY_B, max_tokens=30))
         await asyncio.sleep(0.4)
         assert not held.done()
-        busy = await call(http, replicas[1], KEY_B)
+        busy = await chat(http, replicas[1].url, KEY_B)
         assert assert_rate_limited(busy, "concurrency_limit_exceeded") == 1
         assert (await held).status_code == 200
         # ... and passes as soon as the first answer is back: its slot is freed before that.
         for gateway in (replicas[1], replicas[0]):
-            assert (await call(http, gateway, KEY_B)).status_code == 200
+            assert (await chat(http, gateway.url, KEY_B)).status_code == 200
 
         # Limits change on every replica without a restart: rpm 0 is unlimited.
         changed = ops(redis_url, "keys", "set", "rated", "--rpm", "0")
         assert changed.returncode == 0 and "changed" in changed.stdout, changed.stderr
 
         async def unlimited_everywhere() -> bool:
-            return all([(await call(http, g, KEY_A)).status_code == 200 for g in replicas])
+            return all([(await chat(http, g.url, KEY_A)).status_code == 200 for g in replicas])
 
         assert await eventually(unlimited_everywhere, 5)
     again = ops(redis_url, "keys", "set", "rated", "--rpm", "0")

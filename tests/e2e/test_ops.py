@@ -10,6 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from tests.support import MODEL
+from tests.support.clients import chat
 from tests.support.polling import eventually
 from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of
 
@@ -17,14 +18,8 @@ KEY_A = "key-a-0123456789abcdef"
 
 
 async def status_of(gateway: Gateway, key: str | None) -> int:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(
-            f"{gateway.url}/v1/chat/completions",
-            json={"model": MODEL, "messages": [], "max_tokens": 1},
-            headers=headers,
-        )
-    return response.status_code
+        return (await chat(http, gateway.url, key)).status_code
 
 
 async def test_keys_in_redis_are_seen_by_every_replica(

@@ -12,7 +12,6 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import NOT_GIVEN, NotGiven
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared_state import Store
@@ -49,10 +48,6 @@ def start_gateway(
     return gateway
 
 
-def client(gateway: Gateway, timeout: float | NotGiven = NOT_GIVEN) -> openai.AsyncOpenAI:
-    return async_sdk(gateway.url, timeout=timeout)
-
-
 async def unfinished(gateway: Gateway) -> int:
     async with httpx.AsyncClient() as http:
         status = (await http.get(f"{gateway.url}/nodes/status")).json()
@@ -63,7 +58,7 @@ async def test_openai_sdk_plain_and_streaming(redis_url: str, procs: list[Proces
     a = start_node(procs, "--tokens-per-s", "inf")
     b = start_node(procs, "--tokens-per-s", "inf")
     gateway = start_gateway(procs, redis_url, a, b)
-    sdk = client(gateway)
+    sdk = async_sdk(gateway.url)
     models = await sdk.models.list()
     assert [m.id for m in models.data] == [MODEL]
     chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5)
@@ -120,7 +115,7 @@ async def test_concurrent_requests_through_two_replicas_leave_no_lease(
     one = start_gateway(procs, redis_url, *nodes)
     two = start_gateway(procs, redis_url)
     two.wait_models(MODEL)
-    sdks = [client(one), client(two)]
+    sdks = [async_sdk(one.url), async_sdk(two.url)]
 
     async def call(i: int) -> str:
         sdk = sdks[i % 2]
@@ -159,7 +154,7 @@ async def test_retry_before_first_byte_goes_elsewhere(
             f"{gateway.url}/nodes/add", json={"url": bad_url, "status": {"models": [MODEL]}}
         )
         assert r.status_code == 200
-    sdk = client(gateway)
+    sdk = async_sdk(gateway.url)
     for _ in range(8):
         raw = await sdk.chat.completions.with_raw_response.create(
             model=MODEL,
@@ -188,7 +183,7 @@ async def test_hanging_node_times_out_and_request_moves_on(
         good,
         flags=("--first-byte-timeout", "0.5", "--strategy", "round_robin"),
     )
-    sdk = client(gateway, timeout=10)
+    sdk = async_sdk(gateway.url, timeout=10)
     for _ in range(4):
         t0 = time.monotonic()
         raw = await sdk.chat.completions.with_raw_response.create(
@@ -205,7 +200,7 @@ async def test_node_dying_mid_stream_ends_with_sse_error(
 ) -> None:
     dying = start_node(procs, "--fault", "die_mid_stream", "--tokens-per-s", "200")
     gateway = start_gateway(procs, redis_url, dying)
-    sdk = client(gateway, timeout=10)
+    sdk = async_sdk(gateway.url, timeout=10)
     stream = await sdk.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=50, stream=True
     )
@@ -269,7 +264,7 @@ async def test_redis_killed_mid_run_requests_keep_succeeding(procs: list[Process
         a = start_node(procs, "--tokens-per-s", "inf")
         b = start_node(procs, "--tokens-per-s", "inf")
         gateway = start_gateway(procs, server.url, a, b)
-        sdk = client(gateway, timeout=10)
+        sdk = async_sdk(gateway.url, timeout=10)
         for _ in range(5):
             await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         server.stop()
@@ -302,7 +297,7 @@ async def test_frozen_redis_does_not_stall_requests(procs: list[Process]) -> Non
     try:
         a = start_node(procs, "--tokens-per-s", "inf")
         gateway = start_gateway(procs, server.url, a)
-        sdk = client(gateway, timeout=10)
+        sdk = async_sdk(gateway.url, timeout=10)
         await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         server.pause()
         t0 = time.monotonic()
@@ -394,7 +389,7 @@ async def test_route_receipts_in_headers_and_access_log(
 async def test_workers_are_replicas_sharing_redis(redis_url: str, procs: list[Process]) -> None:
     node = start_node(procs, "--tokens-per-s", "inf")
     gateway = start_gateway(procs, redis_url, node, flags=("--workers", "2"))
-    sdk = client(gateway)
+    sdk = async_sdk(gateway.url)
     for _ in range(10):
         chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
         assert chat.choices[0].message.content == "tok0 "
@@ -412,7 +407,7 @@ async def test_latency_samples_are_per_output_token(redis_url: str, procs: list[
     token), for a buffered answer (its usage) and for a stream (its events) alike."""
     node = start_node(procs, "--tokens-per-s", "100")
     gateway = start_gateway(procs, redis_url, node)
-    sdk = client(gateway)
+    sdk = async_sdk(gateway.url)
     await sdk.completions.create(model=MODEL, prompt="x", max_tokens=40)
     stream = await sdk.chat.completions.create(
         model=MODEL,

@@ -15,12 +15,7 @@ from gateway.checker.probes import Prober
 from shared_state import Node
 from tests.support import MODEL
 from tests.support.harness import free_port, wait_for_port
-from tests.support.processes import Gateway, Process, SimNode, make_certificate
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_certificate(tmp_path_factory.mktemp("tls"))
+from tests.support.processes import Gateway, Process, SimNode
 
 
 class HttpsNode(Process):
