@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "faults: a fault-injection test (tests/e2e/faults): a dependency broken on purpose",
+        "faults: a fault-injection test (tests/e2e/faults): a dependency broken",
     )
 
 
