@@ -89,6 +89,9 @@ class Registry(msgspec.Struct, frozen=True):
     # Only the keys that carry limits: hex digest -> (requests per minute, concurrent
     # requests), 0 meaning unlimited. A key absent here costs no limit check.
     key_limits: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    # Keys were stored once (the keys-required marker): the OpenAI API needs a key even when
+    # none is left, until an operator opens it on purpose.
+    keys_required: bool = False
 
 
 class ApiKey(msgspec.Struct, frozen=True):

@@ -51,6 +51,12 @@ class KeySchema:
         return f"{self.tag()}:keys"
 
     @property
+    def keys_required(self) -> str:
+        """Set once a client key was stored: the OpenAI API needs a key even when none is left,
+        until an operator opens it (``fleetgate keys open``)."""
+        return f"{self.tag()}:keys:required"
+
+    @property
     def events(self) -> str:
         return f"{self.tag()}:events"
 

@@ -320,17 +320,19 @@ class Store:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(self.keys.epoch)
                 pipe.hgetall(self.keys.api_keys)
+                pipe.exists(self.keys.keys_required)
                 for node_id in ids:
                     pipe.hgetall(self.keys.node(node_id))
                 replies = await pipe.execute()
-        nodes = tuple(decode_node(f) for f in replies[2:] if f)
+        nodes = tuple(decode_node(f) for f in replies[3:] if f)
         api_keys = cast(dict[str, str], replies[1])
         key_limits = {}
         for digest, raw in api_keys.items():
             limits = _key_limits(_json(raw))
             if limits != (0, 0):
                 key_limits[digest] = limits
-        return Registry(int(replies[0] or 0), nodes, frozenset(api_keys), key_limits)
+        required = bool(api_keys) or bool(replies[2])
+        return Registry(int(replies[0] or 0), nodes, frozenset(api_keys), key_limits, required)
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
@@ -407,7 +409,7 @@ class Store:
         digest = key_digest(key)
         limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
         status, _epoch, _digest, entry = await self.run_script(
-            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], [digest, name, *limits, "add"]
+            scripts.KEY_ADD, self._key_script_keys(), [digest, name, *limits, "add"]
         )
         if status == "name_taken":
             raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
@@ -420,7 +422,7 @@ class Store:
         returns it and whether anything changed. :class:`UnknownKey` if there is none."""
         limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
         status, _epoch, digest, entry = await self.run_script(
-            scripts.KEY_ADD, [self.keys.api_keys, self.keys.epoch], ["", name, *limits, "set"]
+            scripts.KEY_ADD, self._key_script_keys(), ["", name, *limits, "set"]
         )
         if status == "unknown":
             raise UnknownKey(f"no API key named {name!r}")
@@ -428,11 +430,21 @@ class Store:
 
     async def revoke_key(self, name: str) -> None:
         """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
-        removed = await self.run_script(
-            scripts.KEY_REVOKE, [self.keys.api_keys, self.keys.epoch], [name]
-        )
+        removed = await self.run_script(scripts.KEY_REVOKE, self._key_script_keys(), [name])
         if not int(removed):
             raise UnknownKey(f"no API key named {name!r}")
+
+    async def open_keys(self) -> bool:
+        """Let callers without a key use the OpenAI API again (none must be stored, else
+        :class:`InvalidInput`); returns whether it was closed."""
+        status, stored = await self.run_script(scripts.KEY_OPEN, self._key_script_keys(), [])
+        if status == "keys_stored":
+            raise InvalidInput(f"{int(stored)} API key(s) still stored: revoke them first")
+        return bool(status == "opened")
+
+    def _key_script_keys(self) -> list[str]:
+        """KEYS of the key_add, key_revoke and key_open scripts."""
+        return [self.keys.api_keys, self.keys.epoch, self.keys.keys_required]
 
     async def list_keys(self) -> list[ApiKey]:
         entries = await self.read_hash(self.keys.api_keys)

@@ -29,6 +29,12 @@ EXIT_FAILED, EXIT_USAGE, EXIT_STORE = 1, 2, 3
 ROLES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
 
 
+KEYS_EPILOG = (
+    "Once a key has been added, the gateways' OpenAI API needs a key even after the last one "
+    "is revoked: only 'keys open' lets callers without a key in again."
+)
+
+
 class UsageError(Exception):
     pass
 
@@ -130,9 +136,16 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
             sub.add_argument(
                 "--concurrency", type=_limit, help="requests in flight at once (0: unlimited)"
             )
-        revoke = command("revoke", "revoke the key with this name")
+        revoke = command(
+            "revoke", "revoke the key with this name (the API stays closed without keys)"
+        )
         revoke.add_argument("name")
         command("list", "key names and fingerprints (never the keys)")
+        command(
+            "open",
+            "let callers without a key use the OpenAI API again (refused while keys are stored)",
+        )
+        parser.epilog = KEYS_EPILOG
     return parser
 
 
@@ -323,6 +336,14 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             orjson.dumps({"name": args.name, "result": "revoked"}).decode() + "\n"
             if args.json
             else f"{args.name}: revoked\n"
+        )
+        return 0
+    if args.command == "open":
+        result = "opened" if await store.open_keys() else "already open"
+        out.write(
+            orjson.dumps({"result": result}).decode() + "\n"
+            if args.json
+            else f"OpenAI API {result}: callers without a key are accepted\n"
         )
         return 0
     if args.command == "set":

@@ -67,10 +67,16 @@ class Authenticator:
         view = self._store.cached_view if self._store is not None else None
         return view.key_digests if view is not None else frozenset()
 
+    def _keys_required(self) -> bool:
+        """Keys are, or once were, stored: revoking the last one must not open the API."""
+        view = self._store.cached_view if self._store is not None else None
+        return view is not None and (view.registry.keys_required or bool(view.key_digests))
+
     @property
     def open(self) -> bool:
-        """No key configured anywhere: the OpenAI API takes every caller."""
-        return not self._client and not self._stored_digests()
+        """No key configured anywhere, ever (or opened again by ``fleetgate keys open``): the
+        OpenAI API takes every caller."""
+        return not self._client and not self._keys_required()
 
     def _is_admin_key(self, token: str | None) -> bool:
         return (
@@ -86,9 +92,9 @@ class Authenticator:
         the call, whose per-key limits apply; ``None`` for an open API, a ``--api-key`` key or
         the admin key, which have no limits.
         """
-        stored = self._stored_digests()
-        if not self._client and not stored:
+        if self.open:
             return None
+        stored = self._stored_digests()
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")

@@ -4,6 +4,8 @@
 -- KEYS[1]  API key hash: hex digest -> JSON {"name", "created_ms", "rpm"?, "concurrency"?}
 --          (an absent limit means unlimited)
 -- KEYS[2]  registry epoch (replicas refresh their key cache when it moves)
+-- KEYS[3]  keys-required marker: set (ms) once any key is stored, so that revoking the last
+--          key never opens the OpenAI API; only key_open.lua removes it
 -- ARGV[1]  hex SHA-256 digest of the key ("set" mode: "" finds the key by its name)
 -- ARGV[2]  key name (unique)
 -- ARGV[3]  requests per minute: "" (or absent) leaves it as it is, "0" removes it, N sets it
@@ -14,7 +16,8 @@
 -- nothing is stored for this call): "added"; "exists" when this very key is already stored
 -- under this name with these limits (adding is idempotent); "updated" when its limits changed;
 -- "name_taken" when the name belongs to another key; "unknown" ("set" only) when no such key
--- is stored under this name. The epoch moves only when something changed.
+-- is stored under this name. The epoch moves only when something changed. Whenever a key is
+-- stored after the call, the keys-required marker is set.
 local digest, name = ARGV[1], ARGV[2]
 local limits = {rpm = ARGV[3] or '', concurrency = ARGV[4] or ''}
 local mode = ARGV[5] or 'add'
@@ -43,6 +46,7 @@ local current = digest ~= '' and redis.call('HGET', KEYS[1], digest)
 if current then
   local meta = cjson.decode(current)
   if meta.name == name then
+    redis.call('SET', KEYS[3], now_ms(), 'NX')
     if apply(meta) then
       local entry = cjson.encode(meta)
       redis.call('HSET', KEYS[1], digest, entry)
@@ -63,4 +67,5 @@ local meta = {name = name, created_ms = now}
 apply(meta)
 local entry = cjson.encode(meta)
 redis.call('HSET', KEYS[1], digest, entry)
+redis.call('SET', KEYS[3], now, 'NX')
 return {'added', redis.call('INCR', KEYS[2]), digest, entry}

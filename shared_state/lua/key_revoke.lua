@@ -2,13 +2,18 @@
 --
 -- KEYS[1]  API key hash: hex digest -> JSON {"name", "created_ms"}
 -- KEYS[2]  registry epoch
+-- KEYS[3]  keys-required marker (see key_add.lua)
 -- ARGV[1]  key name
 --
 -- Returns the number of keys removed (0 or 1); revoking an unknown name changes nothing.
-local digest = key_named(KEYS[1], ARGV[1])
+-- Invariant: a revocation leaves the marker set (also for keys stored before the marker
+-- existed), so the OpenAI API stays closed when the last key goes.
+local name = ARGV[1]
+local digest = key_named(KEYS[1], name)
 if not digest then
   return 0
 end
 redis.call('HDEL', KEYS[1], digest)
+redis.call('SET', KEYS[3], now_ms(), 'NX')
 redis.call('INCR', KEYS[2])
 return 1
