@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import msgspec
 
 from . import scripts
-from .errors import Fenced
+from .errors import Fenced, InvalidInput
 from .model import Event, HealthReport, ProbeResult, Sweep
 from .registry import encode_models, normalize_url, validate_models
 from .store import Store
@@ -56,7 +56,7 @@ class HealthLedger:
         waiting: int | None = None,
     ) -> HealthReport:
         """Record a node's probe findings; raises :class:`Fenced` if this checker lost the lead."""
-        node_id = normalize_url(node_id)
+        node_id = _stored_id(node_id)
         keys = [
             self.keys.leader,
             self.keys.node(node_id),
@@ -101,3 +101,14 @@ class HealthLedger:
             raise Fenced(f"checker {self.checker_id} with token {token} no longer leads")
         live = {str(reply[i]): int(float(reply[i + 1])) for i in range(1, len(reply), 2)}
         return Sweep(int(reply[0]), live)
+
+
+def _stored_id(node_id: str) -> str:
+    """The node's id as its keys are named: normalized, or as stored when a script wrote an
+    id that no longer normalizes, so that such a node can still be marked and removed."""
+    try:
+        return normalize_url(node_id)
+    except InvalidInput:
+        if not node_id:
+            raise
+        return node_id

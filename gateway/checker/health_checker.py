@@ -4,6 +4,10 @@ with fall/rise thresholds, deregisters nodes unhealthy for too long, scrapes KV-
 
 Several may run: one leads through a Redis lease with a fencing token; every write carries the
 token, so a leader that was paused and lost its lease cannot overwrite its successor.
+
+Nothing a node hash holds and no store error ends the process: a failure while probing or
+reporting one node is that node's (logged once per node and kind, counted), and a round the
+store fails is counted, logged once per streak and retried at the next round.
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ from gateway.common.config import (
 )
 from gateway.common.metrics import Counter, Gauge, render_text
 from gateway.common.pd_cleanup import DistServeMetrics, PDCleaner
-from shared_state import Fenced, Node, NodeState, PDState, StateError, Store, StoreUnavailable
+from shared_state import (
+    Fenced,
+    InvalidInput,
+    Node,
+    NodeState,
+    PDState,
+    Store,
+    StoreUnavailable,
+)
 from shared_state.health import HealthLedger
 from shared_state.model import HealthReport, ProbeResult
+from shared_state.registry import validate_models
 
-from .probes import Finding, Prober
+from .probes import Finding, Load, Prober
 
 log = logging.getLogger("fleetgate.checker")
 
@@ -148,6 +161,14 @@ class CheckerMetrics:
             "fleetgate_checker_live_replicas", "Gateway replicas renewing leases."
         )
         self.rounds = Counter("fleetgate_checker_rounds_total", "Probe rounds completed.")
+        self.node_errors = Counter(
+            "fleetgate_checker_node_errors_total",
+            "Failures while probing or reporting one node, by stage (probe, report).",
+        )
+        self.store_errors = Counter(
+            "fleetgate_checker_store_errors_total",
+            "Rounds or leader-lease calls the store failed (retried), by operation and error.",
+        )
         self.extra: list[Counter] = []
 
     def render(self) -> bytes:
@@ -162,6 +183,8 @@ class CheckerMetrics:
                 self.nodes,
                 self.replicas,
                 self.rounds,
+                self.node_errors,
+                self.store_errors,
                 *self.extra,
             )
         )
@@ -189,6 +212,10 @@ class HealthChecker:
         self._seen_failures: dict[str, int] = {}
         self._last_generate: dict[str, float] = {}
         self._generate_failed: set[str] = set()
+        # What was last logged of a node in trouble, and of the store per operation: each
+        # failure is logged when it starts or changes, not every round.
+        self._node_trouble: dict[str, tuple[str, int]] = {}  # node -> (trouble, round)
+        self._store_trouble: dict[str, str] = {}
 
     async def _call(self, node: Node, path: str, body: Any) -> tuple[int, bytes]:
         headers = Prober.headers_of(node)
@@ -212,9 +239,11 @@ class HealthChecker:
                     try:
                         await self.probe_round()
                     except Fenced:
-                        self._lost_lead("a write was fenced")
-                    except StoreUnavailable as exc:
-                        log.warning("store unreachable during a round: %s", exc)
+                        self._lost_lead("a write was fenced", fenced=True)
+                    except Exception as exc:  # the store failed the round: retry at the next
+                        self._store_failed("round", exc)
+                    else:
+                        self._store_ok("round")
                 jitter = self.settings.interval * (0.9 + 0.2 * self.rng.random())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), jitter)
@@ -223,29 +252,47 @@ class HealthChecker:
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
             if self.leading:
-                with contextlib.suppress(StateError):
+                # Not resigning only delays a standby by one lease time.
+                with contextlib.suppress(Exception):
                     await self.ledger.resign()
             await self.prober.close()
 
-    def _lost_lead(self, why: str) -> None:
+    def _lost_lead(self, why: str, *, fenced: bool = False) -> None:
         if self.leading:
             log.warning("checker %s stops leading: %s", self.id, why)
-            self.metrics.fenced.inc()
+            if fenced:
+                self.metrics.fenced.inc()
         self.token = 0
         self.metrics.leader.set((), 0)
+
+    def _store_failed(self, operation: str, exc: Exception) -> None:
+        """Count a store failure of ``operation``; log it when it starts or changes."""
+        kind = type(exc).__name__
+        self.metrics.store_errors.inc((("op", operation), ("error", kind)))
+        if self._store_trouble.get(operation) != kind:
+            self._store_trouble[operation] = kind
+            log.warning("store failed the checker's %s (%s: %s); retrying", operation, kind, exc)
+
+    def _store_ok(self, operation: str) -> None:
+        if self._store_trouble.pop(operation, None) is not None:
+            log.info("the checker's %s works again", operation)
 
     async def _keep_lease(self, stop: asyncio.Event) -> None:
         lease_ms = int(self.settings.lease_seconds * 1000)
         while not stop.is_set():
             try:
                 token, holder = await self.ledger.lead(lease_ms)
-            except StateError as exc:
-                log.warning("cannot reach the store for the leader lease: %s", exc)
-                token, holder = 0, "?"
+            except Exception as exc:
+                # Unable to renew, this checker cannot know it still leads: it stops writing
+                # (its lease runs out for a standby) and asks again at the next renewal.
+                self._store_failed("lease", exc)
+                token, holder = 0, ""
+            else:
+                self._store_ok("lease")
             if token and token != self.token:
                 log.info("checker %s leads (token %d)", self.id, token)
             elif not token and self.leading:
-                self._lost_lead(f"{holder} holds the lease")
+                self._lost_lead(f"{holder} holds the lease" if holder else "lease not renewed")
             self.token = token
             self.metrics.leader.set((), 1 if token else 0)
             with contextlib.suppress(TimeoutError):
@@ -256,7 +303,9 @@ class HealthChecker:
         token = self.token
         registry = await self.store.registry()
         self.rounds += 1
-        reports = await asyncio.gather(*(self._check(node, token) for node in registry.nodes))
+        reports = await asyncio.gather(
+            *(self._check_isolated(node, token) for node in registry.nodes)
+        )
         sweep = await self.ledger.sweep(
             token, [n.id for n in registry.nodes], int(self.settings.replica_alive_seconds * 1000)
         )
@@ -268,7 +317,7 @@ class HealthChecker:
         # Each report carries the node's state after it: no second read of the registry.
         states = dict.fromkeys((s.value for s in NodeState), 0)
         for report in reports:
-            if report.state in states:
+            if report is not None and report.state in states:
                 states[report.state] += 1
         for state, count in states.items():
             self.metrics.nodes.set((("state", state),), count)
@@ -290,7 +339,46 @@ class HealthChecker:
     def _count(self, kind: str, finding: Finding) -> None:
         self.metrics.probes.inc((("kind", kind), ("result", "ok" if finding.ok else "fail")))
 
+    async def _check_isolated(self, node: Node, token: int) -> HealthReport | None:
+        """Probe and report one node; any failure but losing the lead or the store stays
+        this node's: logged once per node and kind, counted, ``None`` returned."""
+        try:
+            report = await self._check(node, token)
+        except (Fenced, StoreUnavailable):
+            raise
+        except Exception as exc:
+            self._node_failed(node, "report", exc)
+            return None
+        trouble = self._node_trouble.get(node.id)
+        if trouble is not None and trouble[1] < self.rounds:  # none this round
+            del self._node_trouble[node.id]
+            log.info("node %s is probed and reported again", node.id)
+        return report
+
+    def _node_failed(self, node: Node, stage: str, exc: Exception) -> None:
+        self.metrics.node_errors.inc((("stage", stage),))
+        trouble = f"{stage}: {type(exc).__name__}"
+        logged = self._node_trouble.get(node.id)
+        self._node_trouble[node.id] = (trouble, self.rounds)
+        if logged is None or logged[0] != trouble:
+            log.warning("node %s: %s failed (%s: %s)", node.id, stage, type(exc).__name__, exc)
+
+    async def _probe(self, node: Node) -> tuple[ProbeResult, str, list[str] | None, Load | None]:
+        """The probes due for ``node``: (result, reason, models, load); an unexpected error
+        is a failed probe of this node, never of the round."""
+        try:
+            return await self._run_probes(node)
+        except Exception as exc:
+            self._node_failed(node, "probe", exc)
+            return ProbeResult.FAIL, f"probe error: {type(exc).__name__}", None, None
+
     async def _check(self, node: Node, token: int) -> HealthReport:
+        result, reason, models, load = await self._probe(node)
+        return await self._report(node, token, result, reason, models, load)
+
+    async def _run_probes(
+        self, node: Node
+    ) -> tuple[ProbeResult, str, list[str] | None, Load | None]:
         kinds = self.settings.probes
         result = ProbeResult.NONE
         reason = ""
@@ -309,6 +397,11 @@ class HealthChecker:
             and self.rounds % self.settings.models_every == 1 % self.settings.models_every
         ):
             models = await self.prober.models(node)
+            try:
+                models = list(validate_models(models)) if models else None
+            except InvalidInput as exc:  # the node's own list: its health still counts
+                self._node_failed(node, "models", exc)
+                models = None
         if alive and "metrics" in kinds:
             load = await self.prober.load(node)
         if alive and self._generation_due(node):
@@ -322,6 +415,17 @@ class HealthChecker:
             else:
                 self._generate_failed.add(node.id)
                 result, reason = ProbeResult.FAIL, finding.detail
+        return result, reason, models, load
+
+    async def _report(
+        self,
+        node: Node,
+        token: int,
+        result: ProbeResult,
+        reason: str,
+        models: list[str] | None,
+        load: Load | None,
+    ) -> HealthReport:
         report = await self.ledger.report(
             token,
             node.id,

@@ -24,6 +24,11 @@ KV_USAGE = (
     "lmdeploy:gpu_cache_usage_perc",
     "lmdeploy:kv_cache_usage_perc",
 )
+# What one probe may raise besides a verdict: transport errors, and a URL or a header httpx
+# refuses to send (a node hash written by a script is not validated: a full-width host name
+# raises InvalidURL, a non-ASCII key a UnicodeEncodeError). Each is that node's failure.
+PROBE_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, ValueError)
+
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "lmdeploy:num_requests_running")
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "lmdeploy:num_requests_waiting")
 
@@ -104,7 +109,7 @@ class Prober:
             response = await call
         except httpx.TimeoutException:
             return Finding(False, f"{label} timed out")
-        except httpx.HTTPError as exc:
+        except PROBE_ERRORS as exc:
             return Finding(False, f"{label} failed: {type(exc).__name__}")
         if response.status_code != 200:
             return Finding(False, f"{label} answered {response.status_code}")
@@ -119,7 +124,7 @@ class Prober:
             if response.status_code != 200:
                 return None
             listing = orjson.loads(response.content)
-        except (httpx.HTTPError, orjson.JSONDecodeError):
+        except PROBE_ERRORS:  # orjson.JSONDecodeError is a ValueError
             return None
         return model_ids(listing) or None
 
@@ -136,7 +141,7 @@ class Prober:
     async def load(self, node: Node) -> Load | None:
         try:
             response = await self._get(node, "/metrics")
-        except httpx.HTTPError:
+        except PROBE_ERRORS:
             return None
         if response.status_code != 200:
             return None

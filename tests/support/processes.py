@@ -114,6 +114,53 @@ class Gateway(Process):
         raise TimeoutError(f"{self.url} never listed {model}:\n{self.output()}")
 
 
+class Checker(Process):
+    """``fleetgate health-checker`` on ``redis_url`` with fast rounds, its metrics server
+    listening; ``flags`` add to (or override) the defaults."""
+
+    def __init__(self, redis_url: str, checker_id: str, *flags: str) -> None:
+        self.metrics_port = free_port()
+        self.checker_id = checker_id
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "health-checker",
+                "--redis-url",
+                redis_url,
+                "--checker-id",
+                checker_id,
+                "--interval",
+                "0.2",
+                "--lease-seconds",
+                "1",
+                "--metrics-port",
+                str(self.metrics_port),
+                *flags,
+            ],
+            f"checker-{checker_id}",
+        )
+        try:
+            wait_for_port(self.metrics_port, timeout_s=20)
+        except TimeoutError:
+            raise RuntimeError(f"checker did not start:\n{self.output()}") from None
+
+    def leads(self) -> bool:
+        """Whether it says it leads (its ``/health``)."""
+        answer = httpx.get(f"http://127.0.0.1:{self.metrics_port}/health", timeout=5)
+        return bool(answer.json()["leader"])
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of metric ``name`` (any labels) on its ``/metrics``."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
 def replicas_of(
     procs: list[Process], redis_url: str, node: SimNode, count: int = 2
 ) -> list[Gateway]:
