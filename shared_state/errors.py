@@ -1,6 +1,9 @@
-"""Errors raised by the shared state, each knowing its HTTP status and OpenAI error type."""
+"""Errors raised by the shared state, each knowing its HTTP status and OpenAI error type, and
+which Redis error replies mean that the store is unavailable."""
 
 from __future__ import annotations
+
+import redis.exceptions as rexc
 
 
 class StateError(Exception):
@@ -43,9 +46,46 @@ class StoreUnavailable(StateError):
     code = "store_unavailable"
 
 
+class StoreRefusingWrites(StoreUnavailable):
+    """The store answers but refuses writes: out of memory under ``noeviction`` (OOM), a
+    replica after a fail-over (READONLY), a failed snapshot (MISCONF), too few replicas."""
+
+    code = "store_refusing_writes"
+
+
 class Fenced(StateError):
     """A write by a health-checker that no longer holds the leader lease; nothing changed."""
 
     status_code = 409
     error_type = "conflict"
     code = "fenced"
+
+
+# Error replies by which a live Redis refuses writes: out of memory under noeviction (it also
+# refuses anything queued in MULTI then), a replica (a fail-over moved the master), a failed
+# RDB save, too few replicas.
+_REFUSES_WRITES = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS"})
+# Error replies by which a live Redis serves nothing for a while.
+_NOT_SERVING = frozenset({"LOADING", "BUSY", "MASTERDOWN"})
+# redis-py strips the code word from these replies' text; the pipelined client keeps it.
+_CODE_OF_CLASS: dict[type[rexc.ResponseError], str] = {
+    rexc.OutOfMemoryError: "OOM",
+    rexc.ReadOnlyError: "READONLY",
+    rexc.MasterDownError: "MASTERDOWN",
+}
+
+
+def refusal_of(exc: rexc.ResponseError) -> StoreUnavailable | None:
+    """The :class:`StoreUnavailable` an error reply of a live Redis means (refusing writes, or
+    not serving for a while), or None for any other reply."""
+    text = str(exc)
+    code = _CODE_OF_CLASS.get(type(exc))
+    if code is None:
+        code = text.split(" ", 1)[0]
+    elif not text.startswith(code):
+        text = f"{code} {text}"
+    if code in _REFUSES_WRITES:
+        return StoreRefusingWrites(f"store refuses writes: {text}")
+    if code in _NOT_SERVING:
+        return StoreUnavailable(f"store not serving: {text}")
+    return None

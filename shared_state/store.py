@@ -26,7 +26,15 @@ import redis.exceptions as rexc
 
 from . import scripts
 from .connection import close_redis, is_embedded, open_redis
-from .errors import InvalidInput, StoreUnavailable, UnknownKey, UnknownNode, UnknownStrategy
+from .errors import (
+    InvalidInput,
+    StoreRefusingWrites,
+    StoreUnavailable,
+    UnknownKey,
+    UnknownNode,
+    UnknownStrategy,
+    refusal_of,
+)
 from .model import (
     ApiKey,
     Lease,
@@ -160,7 +168,8 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """Turn Redis failures into :class:`StoreUnavailable` and open the breaker on them."""
+        """Turn Redis failures into :class:`StoreUnavailable` (:class:`StoreRefusingWrites` when
+        it answers but refuses writes); open the breaker when it does not serve at all."""
         if self.degraded:
             raise StoreUnavailable("store unreachable (breaker open)")
         try:
@@ -171,7 +180,13 @@ class Store:
         except rexc.ResponseError as exc:
             if "unknown node" in str(exc):
                 raise UnknownNode(str(exc).split("unknown node", 1)[-1].strip()) from None
-            raise
+            refusal = refusal_of(exc)
+            if refusal is None:
+                raise
+            # No breaker when only writes are refused: the server answers at once.
+            if not isinstance(refusal, StoreRefusingWrites):
+                self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            raise refusal from None
 
     async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
         """Run one Lua script, on the pipelined connection when there is one."""

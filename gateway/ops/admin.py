@@ -20,7 +20,14 @@ from typing import Any, NoReturn, TextIO
 import httpx
 import orjson
 
-from shared_state.errors import InvalidInput, StateError, StoreUnavailable, UnknownKey, UnknownNode
+from shared_state.errors import (
+    InvalidInput,
+    StateError,
+    StoreRefusingWrites,
+    StoreUnavailable,
+    UnknownKey,
+    UnknownNode,
+)
 from shared_state.model import ApiKey, NodeState, NodeStatus, Role
 from shared_state.registry import model_ids, normalize_url
 from shared_state.store import Store
@@ -408,6 +415,9 @@ def main(group: str, argv: Sequence[str] | None = None, out: TextIO | None = Non
 
     try:
         return asyncio.run(run())
+    except StoreRefusingWrites as exc:
+        print(f"{prog}: the store at {args.redis_url} is unavailable: {exc}", file=sys.stderr)
+        return EXIT_STORE
     except StoreUnavailable as exc:
         print(f"{prog}: cannot reach the store at {args.redis_url}: {exc}", file=sys.stderr)
         return EXIT_STORE

@@ -36,7 +36,7 @@ from .distserve import DistServe, control_call
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
 from .exchange import Forwarder
 from .metrics import GatewayMetrics
-from .nodes_api import NodesAPI, json_response
+from .nodes_api import NodesAPI, json_response, read_admin_body
 from .proxy import PROXY_PATHS, ProxyHandler, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
@@ -92,6 +92,7 @@ class Gateway:
             forwarder,
             self.auth,
             max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout,
             access_log=self.access_log,
             distserve=self.distserve,
         )
@@ -225,6 +226,7 @@ class Gateway:
     async def connection_warmup(self, request: Request) -> Response:
         """Connect every (Prefill, Decode) pair now, instead of at its first request."""
         distserve = self._distserve(request)
+        await read_admin_body(request)  # unused, but bounded like every admin body
         results = await distserve.connector.warmup()
         failed = [r for r in results if r.status == "failed"]
         body: dict[str, Any] = {
@@ -249,6 +251,7 @@ class Gateway:
     async def gc(self, request: Request) -> Response:
         """Free prefill sessions whose migration is over or orphaned."""
         distserve = self._distserve(request)
+        await read_admin_body(request)  # unused, but bounded like every admin body
         live = await self.store.live_replicas(self.store.settings.lease_ms)
         report = await distserve.cleaner.gc(set(live) | {self.replica})
         return json_response({"success": report["failed"] == 0, **report})

@@ -124,16 +124,22 @@ class Authenticator:
         if not self._is_admin_key(token):
             raise Unauthorized("invalid admin key")
 
-    def check_register(self, headers: Headers, client_host: str | None) -> None:
-        """Allow /nodes/add: an admin, or a node inside a --register-allow network."""
+    def check_register(self, headers: Headers, client_host: str | None) -> bool:
+        """Allow /nodes/add: True for an admin (full control), False for a caller inside a
+        --register-allow network, who may only register itself (see nodes_api)."""
+        if self._is_admin_key(bearer_token(headers)):
+            return True
+        if self._admin is None and is_loopback(client_host):
+            return True
         if client_host and self._allow:
             try:
                 address = ipaddress.ip_address(client_host)
             except ValueError:
                 address = None
             if address is not None and any(address in net for net in self._allow):
-                return
+                return False
         self.check_admin(headers, client_host)
+        return True
 
     async def check_reader(self, headers: Headers, client_host: str | None) -> None:
         """Allow reading fleet status: any valid client key, or an admin."""

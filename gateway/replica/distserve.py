@@ -34,7 +34,7 @@ from gateway.common.pd_cleanup import Call, ControlBody, DistServeMetrics, PDCle
 from shared_state import Node, Outcome, Role, StateError, StoreUnavailable
 from shared_state.pd import PDState
 
-from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from .errors import BadRequest, GatewayError, InvalidJSON, UpstreamError, UpstreamTimeout
 from .exchange import Exchange, NoNode, Settle
 from .pairs import PairConnector, PairError
 from .routing import Router
@@ -44,6 +44,9 @@ from .upstream import Upstream, UpstreamFailure, UpstreamResponse
 log = logging.getLogger("fleetgate.distserve")
 
 CONTROL_TIMEOUT_S = 5.0
+# The request is re-encoded for the prefill and decode nodes, and orjson writes at most 254
+# levels; a deeper request is refused up front rather than failing there.
+MAX_DEPTH = 128
 DUMMY_ENGINE = "dummy:dummy"
 
 
@@ -77,13 +80,36 @@ class _Prefilled:
 
 
 def _request_object(body: bytes) -> dict[str, Any]:
-    request = orjson.loads(body)
+    # orjson is stricter than the decoder that let the body in (no infinities, no lone
+    # surrogates): what it refuses is the client's error, never a 500.
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object")
+    if _too_deep(request, MAX_DEPTH):
+        raise InvalidJSON(f"request body is nested deeper than {MAX_DEPTH} levels")
     n = request.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n > 1):
         raise BadRequest("n > 1 is not supported with the DistServe serving strategy", param="n")
     return request
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` levels deep."""
+    level: list[object] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _prefill_answer(data: bytes) -> tuple[list[int], int] | None:

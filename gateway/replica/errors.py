@@ -38,6 +38,14 @@ class InvalidJSON(BadRequest):
     code = "invalid_json"
 
 
+class AmbiguousFraming(BadRequest):
+    """Content-Length with Transfer-Encoding (RFC 9112 6.3): the body's end is in doubt, so is
+    whatever follows it on the connection; answered, then the connection is closed."""
+
+    code = "ambiguous_framing"
+    headers = ((b"connection", b"close"),)
+
+
 class MissingModel(BadRequest):
     code = "missing_model"
     param = "model"
@@ -71,6 +79,15 @@ class MethodNotAllowed(GatewayError):
     status_code = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    """The client did not send its whole body in time; the connection cannot be reused."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    headers = ((b"connection", b"close"),)
 
 
 class BodyTooLarge(GatewayError):

@@ -2,12 +2,20 @@
 
 ``/nodes/add`` accepts ``lmdeploy serve api_server --proxy-url``'s self-registration payload
 unchanged: ``{"url": ..., "status": {"models": [...], "role": 1}}``, or just ``{"url"}``, in
-which case the node is asked for its models.
+which case the node is asked for its models. Registering a known node changes only the fields
+the payload carries, and never its state (a drain holds). An admin may set every field; a caller
+let in by ``--register-allow`` only registers itself: a URL whose host resolves to the caller's
+own address, with its models, role (and, when new, speed) and nothing an operator sets.
+
+Every admin body (``/nodes/*``, ``/distserve/*``) is read bounded: over ``ADMIN_BODY_MAX_BYTES``
+it is a 413, by its Content-Length before any byte, or as soon as the bytes counted pass it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,15 +24,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.common.pd_cleanup import PDCleaner
-from shared_state import InvalidInput, Node, NodeStatus, Role, Store, normalize_url
+from shared_state import InvalidInput, Node, NodeStatus, Role, Store, UnknownNode, normalize_url
 from shared_state.registry import model_ids
 
 from .auth import Authenticator
-from .errors import BadRequest, InvalidJSON, UpstreamError
+from .errors import BadRequest, BodyTooLarge, Forbidden, InvalidJSON, UpstreamError
 from .upstream import Upstream, UpstreamFailure
 
 ROLE_NAMES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
 UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::", "[::]"})
+ADMIN_BODY_MAX_BYTES = 1 << 20  # a registration of 4096 long model names still fits
+RESOLVE_TIMEOUT_S = 2.0
+# What only an admin sets on a node: a self-registration carrying one of them is refused.
+OPERATOR_FIELDS = ("api_key", "weight", "insecure")
 
 
 def json_response(payload: object, status: int = 200) -> Response:
@@ -110,8 +122,25 @@ def _speed(value: object) -> float | None:
     return float(value)
 
 
+async def read_admin_body(request: Request) -> bytes:
+    """The body of an admin call, or :class:`BodyTooLarge` once it passes
+    ``ADMIN_BODY_MAX_BYTES`` (by its Content-Length before reading, else by counting)."""
+    too_large = BodyTooLarge(f"an admin request body may hold at most {ADMIN_BODY_MAX_BYTES} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > ADMIN_BODY_MAX_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > ADMIN_BODY_MAX_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    body = await read_admin_body(request)
     if not body.strip():
         return {}
     try:
@@ -125,6 +154,48 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 def _client_host(request: Request) -> str | None:
     return request.client.host if request.client else None
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, IPv4-mapped IPv6 written as IPv4; None for anything else."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+async def check_own_address(url: str, caller: str | None) -> None:
+    """Allow a self-registration only for a URL whose host resolves to the caller's address,
+    or raise :class:`Forbidden`: a node registers itself, never another host."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    own = _address(caller or "")
+    if own is None:
+        raise Forbidden("a node registers itself from its own address", param="url")
+    literal = _address(host)
+    if literal is not None:
+        resolved = {literal}
+    else:
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, parts.port or 80, type=socket.SOCK_STREAM
+                )
+        except (OSError, TimeoutError):
+            raise Forbidden(
+                f"the host of {url} could not be resolved to check it is the caller's own",
+                param="url",
+            ) from None
+        resolved = {a for info in infos if (a := _address(str(info[4][0]))) is not None}
+    if own not in resolved:
+        raise Forbidden(
+            f"a node registers itself only: {url} is not at the caller's address {own}; "
+            "an admin key registers other hosts",
+            param="url",
+        )
 
 
 class NodesAPI:
@@ -152,40 +223,67 @@ class NodesAPI:
         return json_response({"replicas": replicas, "count": len(replicas)})
 
     async def add(self, request: Request) -> Response:
-        self.auth.check_register(request.headers.raw, _client_host(request))
+        caller = _client_host(request)
+        admin = self.auth.check_register(request.headers.raw, caller)
         payload = await _json_object(request)
         url = payload.get("url", request.query_params.get("node_url"))
         if not isinstance(url, str) or not url.strip():
             raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
         try:
-            url = normalize_url(substitute_host(url.strip(), _client_host(request)))
+            url = normalize_url(substitute_host(url.strip(), caller))
         except ValueError as exc:  # urlsplit's verdict on a broken host or port
             raise BadRequest(f"node url {url!r} is malformed: {exc}", param="url") from None
+        if not admin:
+            for field in OPERATOR_FIELDS:
+                if field in payload:
+                    raise Forbidden(f"only an admin may set {field}", param=field)
+            await check_own_address(url, caller)
         status = payload.get("status") or {}
         if not isinstance(status, dict):
             raise BadRequest("status must be an object")
-        models = status.get("models") or payload.get("models")
         api_key = payload.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             raise BadRequest("api_key must be a string", param="api_key")
-        weight = payload.get("weight", 1.0)
-        insecure = payload.get("insecure", False)
-        if not isinstance(insecure, bool):
+        insecure = payload.get("insecure")
+        if insecure is not None and not isinstance(insecure, bool):
             raise BadRequest("insecure must be true or false", param="insecure")
+        raw_role = status.get("role", payload.get("role"))
+        role = None if raw_role is None else _role(raw_role)
+        speed = _speed(status.get("speed", payload.get("speed")))
+        known = await self._known(url)
+        models = status.get("models") or payload.get("models")
         if not models:
-            models = await self._ask_models(url, api_key, insecure)
+            probe_key = api_key if api_key is not None else (known and known.api_key)
+            probe_insecure = insecure if insecure is not None else bool(known and known.insecure)
+            models = await self._ask_models(url, probe_key or None, probe_insecure)
         if not isinstance(models, list):
             raise BadRequest("models must be a list of names", param="models")
-        node, created = await self.store.add_node(
-            url,
-            models,
-            role=_role(status.get("role", payload.get("role"))),
-            speed=_speed(status.get("speed", payload.get("speed"))),
-            weight=weight,
-            api_key=api_key,
-            insecure=insecure,
-            reason="registered through /nodes/add",
-        )
+        created = False
+        try:
+            if known is None:
+                raise UnknownNode(url)
+            # Only what the payload carries changes; the state (a drain) never does, and a
+            # node registering itself refreshes only what it knows of itself.
+            node = await self.store.update_node(
+                url,
+                models=models,
+                role=role,
+                speed=speed if admin else None,
+                weight=payload.get("weight"),
+                api_key=api_key,
+                insecure=insecure,
+            )
+        except UnknownNode:
+            node, created = await self.store.add_node(
+                url,
+                models,
+                role=Role.HYBRID if role is None else role,
+                speed=speed,
+                weight=payload.get("weight", 1.0),
+                api_key=api_key,
+                insecure=bool(insecure),
+                reason="registered through /nodes/add",
+            )
         if not created and node.role != Role.HYBRID:
             # A DistServe engine that registers again has restarted: its connections are gone.
             await self.cleaner.drop_node(node.id)
@@ -193,6 +291,12 @@ class NodesAPI:
         return json_response(
             {"message": "Added successfully", "created": created, "node": node_json(node)}
         )
+
+    async def _known(self, url: str) -> Node | None:
+        try:
+            return await self.store.get_node(url)
+        except UnknownNode:
+            return None
 
     async def _ask_models(self, url: str, api_key: str | None, insecure: bool) -> list[str]:
         probe = Node(id=url, url=url, models=(), api_key=api_key, insecure=insecure)
@@ -267,6 +371,7 @@ class NodesAPI:
     async def terminate_all(self, request: Request) -> Response:
         """LMDeploy's /nodes/terminate_all: every node removed and asked to stop."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
+        await read_admin_body(request)  # unused, but bounded like every admin body
         registry = await self.store.registry()
         results = [await self._terminate(node) for node in registry.nodes]
         await self.store.refresh_latest()

@@ -27,6 +27,7 @@ from .accesslog import AccessLog
 from .auth import Authenticator
 from .distserve import DistServe
 from .errors import (
+    AmbiguousFraming,
     BadRequest,
     BodyTooLarge,
     GatewayError,
@@ -34,6 +35,7 @@ from .errors import (
     MethodNotAllowed,
     MissingModel,
     RateLimited,
+    RequestTimeout,
     UnsupportedMediaType,
     render,
 )
@@ -99,6 +101,7 @@ class ProxyHandler:
         auth: Authenticator,
         *,
         max_body_bytes: int,
+        body_timeout_s: float = 30.0,
         access_log: AccessLog | None = None,
         distserve: DistServe | None = None,
     ) -> None:
@@ -107,6 +110,7 @@ class ProxyHandler:
         self.metrics = forwarder.metrics
         self.auth = auth
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.access_log = access_log
         self.distserve = distserve
 
@@ -116,6 +120,7 @@ class ProxyHandler:
         exchange = Exchange(self.forwarder, scope, send, request_id)
         slot: _KeySlot | None = None  # a client key's concurrency slot
         try:
+            _check_framing(scope["headers"])
             if scope["method"] != "POST":
                 error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
                 error.headers = ((b"allow", b"POST"),)
@@ -127,7 +132,14 @@ class ProxyHandler:
                 if slot is not None:
                     exchange.send = slot.freeing(send)
             _check_content_type(headers)
-            body = await self._read_body(headers, receive)
+            try:
+                # A body trickled in forever would hold the connection and the key's slot.
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await self._read_body(headers, receive)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s"
+                ) from None
             view = _decode(body)
             exchange.model = view.model or ""
             exchange.session_key = _session_key(headers) or view.user
@@ -303,6 +315,19 @@ def _session_key(headers: Headers) -> str | None:
     return None
 
 
+def _check_framing(headers: Headers) -> None:
+    """Refuse a request framed two ways (Content-Length and Transfer-Encoding): a front proxy
+    may have read its body's end elsewhere, smuggling the bytes after it in as a request."""
+    length = coding = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            coding = True
+    if length and coding:
+        raise AmbiguousFraming("a request must not carry both Content-Length and Transfer-Encoding")
+
+
 def _check_content_type(headers: Headers) -> None:
     for name, value in headers:
         if name == b"content-type":
@@ -322,6 +347,8 @@ def _decode(body: bytes) -> RequestView:
         raise BadRequest(f"invalid request body: {exc}") from None
     except msgspec.DecodeError:
         raise InvalidJSON("request body is not valid JSON") from None
+    except RecursionError:  # msgspec's depth limit is Python's recursion limit
+        raise InvalidJSON("request body is nested too deeply") from None
     if not view.model:
         raise MissingModel("you must provide a model parameter")
     return view

@@ -93,6 +93,8 @@ class Router:
         self.leases: dict[str, Lease] = {}
         self.local_in_flight: Counter[str] = Counter()
         self.degraded_since: float | None = None
+        # Why the last lease renewal failed, until one succeeds again (shown by /ready).
+        self.renew_failure: StoreUnavailable | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
 
@@ -116,9 +118,9 @@ class Router:
                 exclude=exclude,
                 session_key=session_key,
             )
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self.metrics.store_errors.inc((("op", "pick"),))
-            self._enter_degraded()
+            self._enter_degraded(exc)
             return self._local_pick(model, request_id, exclude, role)
         self.degraded_since = None
         if pick is None:
@@ -136,10 +138,10 @@ class Router:
             pick.strategy.value,
         )
 
-    def _enter_degraded(self) -> None:
+    def _enter_degraded(self, cause: StoreUnavailable) -> None:
         if self.degraded_since is None:
             self.degraded_since = time.monotonic()
-            log.warning("store unreachable: routing on the last registry snapshot and local counts")
+            log.warning("%s: routing on the last registry snapshot and local counts", cause)
 
     def _local_pick(
         self, model: str, request_id: str, exclude: list[str], role: int
@@ -223,11 +225,17 @@ class Router:
             try:
                 # Renewing also records this replica as alive, so it runs at start too.
                 await self.store.renew(self.replica, list(self.leases.values()))
+                if self.renew_failure is not None:
+                    log.info("lease renewals work again")
+                    self.renew_failure = None
                 if self.degraded_since is not None and await self.store.ping():
                     self.degraded_since = None
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 self.metrics.store_errors.inc((("op", "renew"),))
-                self._enter_degraded()
+                if self.renew_failure is None:
+                    log.warning("lease renewal failed: %s", exc)
+                self.renew_failure = exc
+                self._enter_degraded(exc)
             except Exception:
                 log.exception("lease renewal failed")
             await asyncio.sleep(interval)

@@ -143,14 +143,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("first-byte-timeout", positive_float, 300.0, "upstream time to response headers, s"),
     Option("request-timeout", positive_float, 900.0, "upstream whole-request timeout, s"),
     Option("max-body-bytes", int_range(1, 1 << 31), 16 << 20, "largest request body, bytes"),
+    Option(
+        "body-timeout",
+        positive_float,
+        30.0,
+        "time a client has to send its whole request body, s (then 408)",
+    ),
     Option("max-attempts", int_range(1, 10), 3, "nodes tried per request (first byte not sent)"),
     Option("store-timeout", positive_float, 0.25, "Redis socket timeout, s"),
     Option(
         "shutdown-timeout",
         positive_float,
         10.0,
-        "on SIGTERM, time for requests in flight "
-        "to finish before they are cut and their leases released, s",
+        "on SIGTERM (or SIGINT, or the master of --workers gone) the grace period, s: new "
+        "connections are refused at once, requests in flight may finish within it; then "
+        "each is cut (a stream ends with an OpenAI-shaped SSE error event, an answer not "
+        "begun is a 503) and its lease released",
+        aliases=("shutdown-grace",),
     ),
     Option("replica-id", non_empty, None, "this replica's id in leases (default: host-pid-random)"),
     Option("log-level", non_empty, "info", "log level"),
@@ -191,6 +200,7 @@ class GatewaySettings:
     first_byte_timeout: float = 300.0
     request_timeout: float = 900.0
     max_body_bytes: int = 16 << 20
+    body_timeout: float = 30.0
     max_attempts: int = 3
     store_timeout: float = 0.25
     shutdown_timeout: float = 10.0

@@ -1,0 +1,222 @@
+"""A Redis that answers but refuses writes: out of memory under ``noeviction`` (``maxmemory``
+reached by filling it), a replica (READONLY), a failed snapshot (MISCONF). Admin writes answer
+an OpenAI-shaped 503, the ops CLI exits 3 with one line, lease renewals are counted and make
+``/ready`` 503 with the reason, and requests keep being routed from the local snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from openai.types.chat import ChatCompletionMessageParam
+
+from shared_state import Store, StoreRefusingWrites
+from tests.support import MODEL
+from tests.support.clients import async_sdk
+from tests.support.harness import RedisServer
+from tests.support.openai_errors import assert_openai_error
+from tests.support.polling import eventually
+from tests.support.processes import Gateway, Process, SimNode, ops
+
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+# Small values: a large one inflates the query buffer, which counts as used memory only while
+# the command is read, so the server would drop back under the limit after refusing it.
+FILL_VALUE = b"x" * 1024
+FILL_LIMIT = 20_000  # 20 MB at most: far above the 2 MB of headroom given below
+
+
+@pytest.fixture
+def oom_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own: it is filled until it refuses writes."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def oom_client(oom_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(oom_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def fill_until_oom(client: aioredis.Redis) -> int:
+    """Give Redis 2 MB of headroom under ``noeviction`` and fill it, as an attacker would,
+    until it answers OOM; returns how many values it took."""
+    await client.config_set("maxmemory-policy", "noeviction")
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", used + 2 * 1024 * 1024)
+    for count in range(FILL_LIMIT):
+        try:
+            await client.set(f"attack:{count}", FILL_VALUE)
+        except rexc.OutOfMemoryError:
+            # Allocator and buffer jitter let a write through now and then; an attacker keeps
+            # it full, the limit 1 MB under what is used does the same.
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory", used - 1024 * 1024)
+            with pytest.raises(rexc.OutOfMemoryError):
+                await client.set("attack:probe", b"x")
+            return count
+    raise AssertionError(f"Redis took {FILL_LIMIT} values without refusing one")
+
+
+async def free_memory(client: aioredis.Redis) -> None:
+    """Lift the limit and drop the filling: Redis takes writes again."""
+    await client.config_set("maxmemory", 0)
+    keys = [key async for key in client.scan_iter("attack:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
+def metric(text: str, line_prefix: str) -> float:
+    """The value of the sample line starting with ``line_prefix`` (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_gateway_under_oom_routes_refuses_admin_writes_and_is_not_ready(
+    oom_redis: RedisServer, oom_client: aioredis.Redis, procs: list[Process]
+) -> None:
+    node = SimNode("--tokens-per-s", "inf")
+    procs.append(node)
+    # Leases of 1.5 s: renewed every 0.5 s, so /ready follows within a second.
+    gateway = Gateway("--redis-url", oom_redis.url, "--node", node.url, "--lease-seconds", "1.5")
+    procs.append(gateway)
+    gateway.wait_models(MODEL)
+    sdk = async_sdk(gateway.url, timeout=10)
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(f"{gateway.url}/ready")).status_code == 200
+        assert await fill_until_oom(oom_client) > 0
+
+        new_node = {"url": "http://127.0.0.1:9", "status": {"models": [MODEL]}}
+        add = await http.post(f"{gateway.url}/nodes/add", json=new_node)
+        error = assert_openai_error(add, 503, "store_refusing_writes")
+        assert "OOM" in error["message"] and add.headers["retry-after"]
+        drain = await http.post(f"{gateway.url}/nodes/drain", json={"url": node.url})
+        assert_openai_error(drain, 503, "store_refusing_writes")
+
+        # Requests keep being routed: from the local snapshot when the pick is refused (a
+        # pick whose script already wrote, e.g. sweeping an expired lease, may still pass).
+        for _ in range(20):
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=MODEL, messages=CHAT, max_tokens=1
+            )
+            assert raw.parse().choices
+
+        async def not_ready() -> bool:
+            ready = await http.get(f"{gateway.url}/ready")
+            return ready.status_code == 503 and ready.json()["store"] == "refusing writes"
+
+        assert await eventually(not_ready, timeout_s=5), await http.get(f"{gateway.url}/ready")
+        body = (await http.get(f"{gateway.url}/ready")).json()
+        assert body["ready"] is False and body["degraded"] is True
+        assert any("lease renewals failing" in r and "OOM" in r for r in body["reasons"]), body
+        metrics = (await http.get(f"{gateway.url}/metrics")).text
+        assert metric(metrics, 'fleetgate_store_errors_total{op="renew"}') >= 1
+        assert metric(metrics, "fleetgate_degraded ") == 1
+
+        await free_memory(oom_client)
+
+        async def ready_again() -> bool:
+            return (await http.get(f"{gateway.url}/ready")).status_code == 200
+
+        assert await eventually(ready_again, timeout_s=5), gateway.output()
+        body = (await http.get(f"{gateway.url}/ready")).json()
+        assert body["store"] == "ok" and body["reasons"] == []
+        add = await http.post(f"{gateway.url}/nodes/add", json=new_node)
+        assert add.status_code == 200, add.text
+        remove = await http.post(f"{gateway.url}/nodes/remove", json={"url": new_node["url"]})
+        assert remove.status_code == 200, remove.text
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=MODEL, messages=CHAT, max_tokens=1
+        )
+        assert "state=shared" in raw.headers["x-fleetgate-route"]
+        metrics = (await http.get(f"{gateway.url}/metrics")).text
+        assert metric(metrics, "fleetgate_degraded ") == 0
+        assert metric(metrics, "fleetgate_in_flight_total ") == 0
+    await sdk.close()
+    store = Store.open(oom_redis.url)
+    try:
+        assert await store.in_flight(node.url) == 0
+    finally:
+        await store.close()
+    assert "Traceback" not in gateway.output()
+
+
+async def test_ops_cli_exits_3_with_one_line_when_redis_refuses_writes(
+    oom_redis: RedisServer, oom_client: aioredis.Redis
+) -> None:
+    url = oom_redis.url
+    await fill_until_oom(oom_client)
+    for command in (
+        ("nodes", "add", "http://127.0.0.1:9/", "--model", MODEL),
+        ("keys", "add", "team-a"),
+        # Redis refuses every command queued in MULTI while out of memory, reads included.
+        ("nodes", "list"),
+    ):
+        done = await asyncio.to_thread(ops, url, *command)
+        assert done.returncode == 3, (command, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "refuses writes" in lines[0] and "OOM" in lines[0], lines
+    await free_memory(oom_client)
+    done = await asyncio.to_thread(
+        ops, url, "nodes", "add", "http://127.0.0.1:9/", "--model", MODEL
+    )
+    assert done.returncode == 0, done.stderr
+
+
+async def test_ops_cli_on_a_read_only_replica_exits_3(
+    oom_redis: RedisServer, oom_client: aioredis.Redis
+) -> None:
+    master = RedisServer().start()
+    try:
+        await oom_client.replicaof("127.0.0.1", master.port)
+        done = await asyncio.to_thread(
+            ops, oom_redis.url, "nodes", "add", "http://127.0.0.1:9/", "--model", MODEL
+        )
+        assert done.returncode == 3, (done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "READONLY" in lines[0], lines
+    finally:
+        await oom_client.replicaof("NO", "ONE")
+        master.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        rexc.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        rexc.ReadOnlyError("You can't write against a read only replica."),
+        rexc.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's ..."),
+        rexc.ResponseError("OOM command not allowed when used memory > 'maxmemory'. script: x"),
+        rexc.ResponseError("NOREPLICAS Not enough good replicas to write."),
+    ],
+)
+async def test_write_refusals_map_to_store_refusing_writes(
+    oom_redis: RedisServer, reply: rexc.ResponseError
+) -> None:
+    """Both clients' forms of a refusal (redis-py's classes, the pipeline's raw replies) map
+    to one error, and the breaker stays closed: reads go on."""
+    store = Store.open(oom_redis.url)
+    try:
+        with pytest.raises(StoreRefusingWrites) as raised:
+            async with store.guard():
+                raise reply
+        assert raised.value.status_code == 503
+        assert str(raised.value).split(": ", 1)[1].split(" ", 1)[0] in {
+            "OOM",
+            "READONLY",
+            "MISCONF",
+            "NOREPLICAS",
+        }
+        assert not store.degraded
+        assert await store.epoch() == 0
+    finally:
+        await store.close()
