@@ -24,6 +24,7 @@ from shared_state import (
     PDState,
     StateError,
     Store,
+    StoreRefusingWrites,
     StoreSettings,
     StoreUnavailable,
     UnknownNode,
