@@ -24,7 +24,6 @@ from shared_state import (
     PDState,
     StateError,
     Store,
-    StoreRefusingWrites,
     StoreSettings,
     StoreUnavailable,
     UnknownNode,
@@ -41,6 +40,7 @@ from .nodes_api import NodesAPI, json_response, read_admin_body
 from .proxy import PROXY_PATHS, ProxyHandler, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
+from .shutdown import Drain
 from .upstream import Timeouts, Upstream, UpstreamFailure
 
 log = logging.getLogger("fleetgate.gateway")
@@ -98,6 +98,7 @@ class Gateway:
             distserve=self.distserve,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.drain = Drain()  # the proxied requests in flight, cut at shutdown
         self._register_metrics()
 
     def _register_metrics(self) -> None:
@@ -140,6 +141,7 @@ class Gateway:
             self._tasks.append(asyncio.get_running_loop().create_task(self._register_nodes()))
 
     async def stop(self) -> None:
+        await self.drain.stop()  # leases are released while the store is still open
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -206,21 +208,13 @@ class Gateway:
             with contextlib.suppress(StoreUnavailable):
                 view = await self.store.refresh_latest()
         active = sum(1 for n in view.registry.nodes if n.state is NodeState.ACTIVE) if view else 0
-        # A store that answers pings but refuses writes (OOM, READONLY) cannot hold leases.
-        renew_failure = self.router.renew_failure if store_ok else None
-        reasons = [
-            *([] if store_ok else ["store unreachable"]),
-            *([f"lease renewals failing: {renew_failure}"] if renew_failure else []),
-            *([] if active else ["no active node"]),
-        ]
-        ready = not reasons
+        ready = store_ok and active > 0
         body = {
             "ready": ready,
-            "store": _store_state(store_ok, renew_failure),
+            "store": "ok" if store_ok else "unreachable",
             "degraded": self.router.degraded_since is not None or not store_ok,
             "active_nodes": active,
             "replica": self.replica,
-            "reasons": reasons,
         }
         return json_response(body, 200 if ready else 503)
 
@@ -267,15 +261,6 @@ class Gateway:
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-def _store_state(store_ok: bool, renew_failure: StoreUnavailable | None) -> str:
-    """The store as /ready names it: ok, unreachable, refusing writes or failing."""
-    if not store_ok:
-        return "unreachable"
-    if isinstance(renew_failure, StoreRefusingWrites):
-        return "refusing writes"
-    return "failing" if renew_failure else "ok"
 
 
 async def _error_handler(request: Request, exc: Exception) -> Response:
@@ -335,12 +320,13 @@ class GatewayApp:
         self.gateway = gateway
         self.starlette = build_starlette(gateway)
         self.proxy = gateway.proxy
+        self.drain = gateway.drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.starlette(scope, receive, send)
         elif scope["path"] in PROXY_PATHS:
-            await self.proxy(scope, receive, send)
+            await self.drain.serve(self.proxy, scope, receive, send)
         else:
             await self.starlette(scope, receive, with_request_id(scope, send))
 

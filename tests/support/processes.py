@@ -3,6 +3,7 @@ ops commands as an operator runs them, and a self-signed certificate made with o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,11 @@ from tests.support.harness import free_port, wait_for_port
 
 
 class Process:
-    """A child process with its output kept in a file for post-mortems."""
+    """A child process with its output kept in a file for post-mortems.
+
+    It leads a session and process group of its own, and :meth:`kill` ends the whole group:
+    what it started (hypercorn's workers, say) goes with it even when it is dead already.
+    """
 
     def __init__(
         self, args: Sequence[str], log_name: str, env: dict[str, str] | None = None
@@ -31,7 +36,12 @@ class Process:
         self.log = self.log_path.open("wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env
+            self.args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            start_new_session=True,
         )
 
     def output(self) -> str:
@@ -42,9 +52,12 @@ class Process:
         return self.proc.poll() is None
 
     def kill(self) -> None:
+        """SIGKILL the whole process group, and reap the leader."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.alive():
             self.proc.kill()
-            self.proc.wait(timeout=10)
+        self.proc.wait(timeout=10)
 
     def terminate(self, timeout_s: float = 10.0) -> int:
         if self.alive():
@@ -52,8 +65,7 @@ class Process:
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.kill()
         return self.proc.returncode
 
     def close(self) -> None:
@@ -159,6 +171,32 @@ class Checker(Process):
             if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def children_of(pid: int) -> list[int]:
+    """Ids of the live processes whose parent is ``pid`` (read from /proc; zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: split after its end.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def replicas_of(
