@@ -24,6 +24,7 @@ from shared_state import (
     PDState,
     StateError,
     Store,
+    StoreRefusingWrites,
     StoreSettings,
     StoreUnavailable,
     UnknownNode,
@@ -208,13 +209,21 @@ class Gateway:
             with contextlib.suppress(StoreUnavailable):
                 view = await self.store.refresh_latest()
         active = sum(1 for n in view.registry.nodes if n.state is NodeState.ACTIVE) if view else 0
-        ready = store_ok and active > 0
+        # A store that answers pings but refuses writes (OOM, READONLY) cannot hold leases.
+        renew_failure = self.router.renew_failure if store_ok else None
+        reasons = [
+            *([] if store_ok else ["store unreachable"]),
+            *([f"lease renewals failing: {renew_failure}"] if renew_failure else []),
+            *([] if active else ["no active node"]),
+        ]
+        ready = not reasons
         body = {
             "ready": ready,
-            "store": "ok" if store_ok else "unreachable",
+            "store": _store_state(store_ok, renew_failure),
             "degraded": self.router.degraded_since is not None or not store_ok,
             "active_nodes": active,
             "replica": self.replica,
+            "reasons": reasons,
         }
         return json_response(body, 200 if ready else 503)
 
@@ -261,6 +270,15 @@ class Gateway:
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _store_state(store_ok: bool, renew_failure: StoreUnavailable | None) -> str:
+    """The store as /ready names it: ok, unreachable, refusing writes or failing."""
+    if not store_ok:
+        return "unreachable"
+    if isinstance(renew_failure, StoreRefusingWrites):
+        return "refusing writes"
+    return "failing" if renew_failure else "ok"
 
 
 async def _error_handler(request: Request, exc: Exception) -> Response:
