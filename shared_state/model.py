@@ -92,6 +92,36 @@ class Registry(msgspec.Struct, frozen=True):
     # Keys were stored once (the keys-required marker): the OpenAI API needs a key even when
     # none is left, until an operator opens it on purpose.
     keys_required: bool = False
+    # What a restore needs besides: every key's stored JSON entry (hex digest -> entry), and
+    # the registry's generation ("" when the store has none: see registry_restore.lua).
+    key_entries: dict[str, str] = msgspec.field(default_factory=dict)
+    generation: str = ""
+
+
+class RestoreRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The store's restore record: the registry's generation and, once a replica restored the
+    registry, who did, when (server ms), the epoch found and the one written, and what."""
+
+    generation: str
+    by: str = ""
+    at_ms: int = 0
+    found_epoch: int | None = None
+    epoch: int | None = None
+    nodes: int = 0
+    keys: int = 0
+
+    @property
+    def restored(self) -> bool:
+        return self.epoch is not None
+
+
+class Restore(msgspec.Struct, frozen=True):
+    """What registry_restore.lua did: ``status`` is restored, stamped or current."""
+
+    status: str
+    epoch: int
+    nodes: int
+    keys: int
 
 
 class ApiKey(msgspec.Struct, frozen=True):

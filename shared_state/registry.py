@@ -151,6 +151,29 @@ def decode_node(fields: Mapping[str, str]) -> Node:
     )
 
 
+def registry_fields(node: Node) -> dict[str, str]:
+    """The fields of a node's hash that its registration and state give (not its runtime
+    counters, health findings or scraped load): what restoring the node writes back."""
+    fields = {
+        "id": node.id,
+        "url": node.url,
+        "models": encode_models(node.models),
+        "role": str(int(node.role)),
+        "weight": repr(node.weight),
+        "state": node.state.value,
+        "state_reason": node.state_reason,
+        "state_since_ms": str(node.state_since_ms),
+        "added_ms": str(node.added_ms),
+    }
+    if node.speed is not None:
+        fields["speed"] = repr(node.speed)
+    if node.api_key:
+        fields["api_key"] = node.api_key
+    if node.insecure:
+        fields["insecure"] = "1"
+    return fields
+
+
 class RegistryView:
     """A replica's cached copy of the registry, indexed by model; replaced when the epoch moves."""
 
@@ -168,6 +191,10 @@ class RegistryView:
     @property
     def epoch(self) -> int:
         return self.registry.epoch
+
+    @property
+    def generation(self) -> str:
+        return self.registry.generation
 
     @property
     def key_digests(self) -> frozenset[str]:

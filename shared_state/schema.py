@@ -27,6 +27,11 @@ class KeySchema:
         return f"{self.tag()}:epoch"
 
     @property
+    def restore_record(self) -> str:
+        """The registry's generation, and who restored it last, when and what (a hash)."""
+        return f"{self.tag()}:restore"
+
+    @property
     def cursor(self) -> str:
         return f"{self.tag()}:rr"
 

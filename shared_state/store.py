@@ -59,6 +59,7 @@ from .registry import (
     validate_positive,
     validate_role,
 )
+from .registry_cache import RegistryCache
 from .schema import KeySchema
 from .scripts import ScriptClient
 
@@ -127,8 +128,7 @@ class Store:
         self.settings = settings or StoreSettings()
         self.embedded = embedded
         self._rng = rng or random.Random()
-        self._view: RegistryView | None = None
-        self._refresh_lock = asyncio.Lock()
+        self.cache = RegistryCache(self)
         self._open_until = 0.0
 
     @classmethod
@@ -336,10 +336,11 @@ class Store:
                 pipe.get(self.keys.epoch)
                 pipe.hgetall(self.keys.api_keys)
                 pipe.exists(self.keys.keys_required)
+                pipe.hget(self.keys.restore_record, "generation")
                 for node_id in ids:
                     pipe.hgetall(self.keys.node(node_id))
                 replies = await pipe.execute()
-        nodes = tuple(decode_node(f) for f in replies[3:] if f)
+        nodes = tuple(decode_node(f) for f in replies[4:] if f)
         api_keys = cast(dict[str, str], replies[1])
         key_limits = {}
         for digest, raw in api_keys.items():
@@ -347,32 +348,35 @@ class Store:
             if limits != (0, 0):
                 key_limits[digest] = limits
         required = bool(api_keys) or bool(replies[2])
-        return Registry(int(replies[0] or 0), nodes, frozenset(api_keys), key_limits, required)
+        epoch, digests, generation = int(replies[0] or 0), frozenset(api_keys), replies[3] or ""
+        return Registry(epoch, nodes, digests, key_limits, required, api_keys, str(generation))
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
-        if self._view is None:
-            await self.refresh()
-        assert self._view is not None
-        return self._view
+        return self.cache.view or await self.cache.refresh()
 
     @property
     def cached_view(self) -> RegistryView | None:
         """The last registry view read, even while the store is unreachable."""
-        return self._view
+        return self.cache.view
 
     async def refresh(self, seen_epoch: int | None = None) -> RegistryView:
-        """Re-read the registry, unless a concurrent refresh already reached ``seen_epoch``."""
-        async with self._refresh_lock:
-            view = self._view
-            if view is not None and seen_epoch is not None and view.epoch >= seen_epoch:
-                return view
-            self._view = RegistryView(await self.registry())
-            return self._view
+        """Re-read the registry, unless the cached view is at ``seen_epoch`` already; a store
+        behind the cache is restored or adopted (:class:`RegistryCache`), never ignored."""
+        return await self.cache.refresh(seen_epoch)
 
     async def refresh_latest(self) -> RegistryView:
         """The view at the store's current epoch: re-read only if the registry changed."""
-        return await self.refresh(await self.epoch())
+        return await self.cache.refresh_latest()
+
+    async def registry_stamp(self) -> tuple[int, str]:
+        """The registry's epoch (0 when missing) and generation ("" when it has none)."""
+        async with self.guard():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.epoch)
+                pipe.hget(self.keys.restore_record, "generation")
+                epoch, generation = await pipe.execute()
+        return int(epoch or 0), str(generation or "")
 
     async def status(self) -> list[NodeStatus]:
         """Every node with its leases in force and recent latencies."""
@@ -521,8 +525,10 @@ class Store:
             # The registry moved since this replica cached it: try once more on the new one.
             view = await self.refresh(epoch)
             again = await self._pick_once(view, request)
-            if again is not None:
+            if again is not None and again[0] is not None:
                 return again[0]
+        if self.cache.loss is not None:  # not restored yet: route on the cached registry
+            raise StoreUnavailable(self.cache.loss.describe())
         return None
 
     def _candidates(self, view: RegistryView, request: _PickRequest) -> list[str]:
@@ -606,7 +612,7 @@ class Store:
                 latency_s /= tokens
         pool: list[str] = []
         if outcome is Outcome.FAIL:
-            view = self._view
+            view = self.cache.view
             pool = view.pool(lease.node_id) if view is not None else [lease.node_id]
         others = [p for p in pool if p != lease.node_id]
         keys = [*self.keys.node_keys(lease.node_id), self.keys.ejected]

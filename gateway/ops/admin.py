@@ -28,8 +28,9 @@ from shared_state.errors import (
     UnknownKey,
     UnknownNode,
 )
-from shared_state.model import ApiKey, NodeState, NodeStatus, Role
+from shared_state.model import ApiKey, Node, NodeState, NodeStatus, Role
 from shared_state.registry import model_ids, normalize_url
+from shared_state.registry_cache import read_restore_record
 from shared_state.store import Store
 
 EXIT_FAILED, EXIT_USAGE, EXIT_STORE = 1, 2, 3
@@ -104,7 +105,7 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         return sub
 
     if group == "nodes":
-        add = command("add", "register a node (or update it)")
+        add = command("add", "register a node, or update a known one: only what is given changes")
         add.add_argument("url")
         add.add_argument(
             "--model",
@@ -112,9 +113,9 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
             default=[],
             help="model it serves (repeatable); absent: ask its /v1/models",
         )
-        add.add_argument("--role", type=_role, default=Role.HYBRID)
+        add.add_argument("--role", type=_role, help="hybrid (new nodes' default), prefill, decode")
         add.add_argument("--speed", type=_positive)
-        add.add_argument("--weight", type=_positive, default=1.0)
+        add.add_argument("--weight", type=_positive, help="new nodes' default: 1")
         add.add_argument("--api-key", help="key the gateways send to this node")
         add.add_argument("--insecure", action="store_true", help="https without certificate checks")
         remove = command("remove", "remove a node with its leases and history")
@@ -242,21 +243,14 @@ async def ask_models(url: str, api_key: str | None, insecure: bool = False) -> l
 async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     command = args.command
     if command == "list":
-        print_nodes([node_row(s) for s in await store.status()], args.json, out)
+        rows = [node_row(s) for s in await store.status()]
+        print_nodes(rows, args.json, out)
+        if not rows and not args.json:
+            out.write(await describe_empty_registry(store) + "\n")
         return 0
     url = normalize_url(args.url)
     if command == "add":
-        models = args.model or await ask_models(url, args.api_key, args.insecure)
-        _, created = await store.add_node(
-            url,
-            models,
-            role=args.role,
-            speed=args.speed,
-            weight=args.weight,
-            api_key=args.api_key,
-            insecure=args.insecure,
-            reason="added by fleetgate nodes add",
-        )
+        created = await add_node(store, url, args)
         verb = "added" if created else "updated"
     elif command == "remove":
         await store.remove_node(url)
@@ -295,6 +289,53 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{url}: {verb}\n")
         print_nodes(rows, False, out)
     return 0
+
+
+async def describe_empty_registry(store: Store) -> str:
+    """What a store without nodes holds: a registry emptied on purpose, or none at all."""
+    epoch = await store.epoch()
+    keys = len(await store.list_keys())
+    if epoch == 0 and keys == 0 and await read_restore_record(store) is None:
+        return (
+            "the store holds no registry at all (no epoch, no keys): it is new, or it lost its "
+            "data (FLUSHALL, restarted empty, a fail-over to a replica that lagged); running "
+            "gateway replicas write their last registry back within seconds"
+        )
+    return f"registry epoch {epoch}, {keys} client key(s)"
+
+
+async def add_node(store: Store, url: str, args: argparse.Namespace) -> bool:
+    """``nodes add``: register a new node, or change only the given fields of a known one
+    (its state, a drain, and what was set before stay); returns whether it is new."""
+    try:
+        known: Node | None = await store.get_node(url)
+    except UnknownNode:
+        known = None
+    api_key = args.api_key if args.api_key is not None else (known and known.api_key)
+    insecure = args.insecure or bool(known and known.insecure)
+    models = args.model or await ask_models(url, api_key or None, insecure)
+    if known is not None:
+        await store.update_node(
+            url,
+            models=models,
+            role=args.role,
+            speed=args.speed,
+            weight=args.weight,
+            api_key=args.api_key,
+            insecure=True if args.insecure else None,
+        )
+        return False
+    _, created = await store.add_node(
+        url,
+        models,
+        role=Role.HYBRID if args.role is None else args.role,
+        speed=args.speed,
+        weight=1.0 if args.weight is None else args.weight,
+        api_key=args.api_key,
+        insecure=args.insecure,
+        reason="added by fleetgate nodes add",
+    )
+    return created
 
 
 async def wait_drained(store: Store, url: str, timeout_s: float, quiet: bool) -> bool:

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -17,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.common.metrics import Counter
 from gateway.common.pd_cleanup import DistServeMetrics, PDCleaner
 from shared_state import (
     Node,
@@ -30,6 +33,7 @@ from shared_state import (
     UnknownNode,
 )
 from shared_state.registry import model_ids
+from shared_state.registry_cache import read_restore_record
 
 from .accesslog import AccessLog
 from .auth import Authenticator
@@ -66,6 +70,13 @@ class Gateway:
             settings=store_settings,
         )
         self.metrics = GatewayMetrics()
+        self.registry_restores = Counter(
+            "fleetgate_registry_restores_total",
+            "Registries this replica restored into a store that had lost its own.",
+        )
+        self.metrics.extra.append(self.registry_restores)
+        if not self.store.embedded:  # an in-process store cannot lose what this process holds
+            self.store.cache.restore_as(self.replica, self.registry_restores.inc)
         self.router = Router(self.store, self.replica, settings.strategy, self.metrics)
         self.upstream = Upstream(
             Timeouts(
@@ -127,6 +138,11 @@ class Gateway:
             return [((("state", s.value),), float(c)) for s, c in counts.items()]
 
         self.metrics.gauge("fleetgate_nodes", "Registered nodes by state.", node_states)
+        self.metrics.gauge(
+            "fleetgate_registry_lost",
+            "1 while the store has lost the registry and it is not restored yet.",
+            lambda: [((), 1.0 if self.store.cache.loss is not None else 0.0)],
+        )
 
     async def start(self) -> None:
         if self.store.embedded:
@@ -216,6 +232,9 @@ class Gateway:
             *([f"lease renewals failing: {renew_failure}"] if renew_failure else []),
             *([] if active else ["no active node"]),
         ]
+        loss = self.store.cache.loss
+        if loss is not None:
+            reasons.insert(0, loss.describe())
         ready = not reasons
         body = {
             "ready": ready,
@@ -224,8 +243,29 @@ class Gateway:
             "active_nodes": active,
             "replica": self.replica,
             "reasons": reasons,
+            "registry": await self._registry_state(store_ok),
         }
         return json_response(body, 200 if ready else 503)
+
+    async def _registry_state(self, store_ok: bool) -> dict[str, Any]:
+        """The registry as /ready reports it: its epoch, whether the store lost it, the last
+        loss this replica saw and the store's record of the last restore (by any replica)."""
+        cache = self.store.cache
+        view = cache.view
+        record = None
+        if store_ok:
+            with contextlib.suppress(StoreUnavailable):
+                record = await read_restore_record(self.store)
+        last = cache.loss or cache.last_loss
+        return {
+            "epoch": view.epoch if view else None,
+            "lost": cache.loss is not None,
+            "restores_by_this_replica": cache.restores,
+            "last_loss": None if last is None else {**asdict(last), "summary": last.describe()},
+            "last_restore": None
+            if record is None or not record.restored
+            else msgspec.to_builtins(record),
+        }
 
     def _distserve(self, request: Request) -> DistServe:
         self.auth.check_admin(request.headers.raw, request.client.host if request.client else None)

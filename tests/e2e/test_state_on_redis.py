@@ -4,7 +4,7 @@ as in tests/unit (whose store is the embedded one), given Redis clients by this 
 
 from __future__ import annotations
 
-from tests.unit import test_health, test_limits, test_pd_state, test_store
+from tests.unit import test_health, test_limits, test_pd_state, test_registry_restore, test_store
 
 # -- the store: tests/unit/test_store.py ----------------------------------------------------
 
@@ -72,3 +72,7 @@ class TestConcurrency(test_limits.TestConcurrency):
 
 class TestGatewayCheck(test_limits.TestGatewayCheck):
     """A replica's check of a key's limits, on Redis."""
+
+
+class TestRegistryRestore(test_registry_restore.TestRegistryRestore):
+    """A store that lost the registry, restored once, on Redis."""
