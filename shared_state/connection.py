@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_URLS = frozenset({"", "embedded", "memory://"})
 SENTINEL_SCHEMES = frozenset({"redis+sentinel", "sentinel"})
+# Query options of a sentinel URL: how to log in to the sentinels themselves.
+_SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
 
 
 def is_embedded(url: str | None) -> bool:
@@ -67,9 +69,12 @@ def _open_embedded() -> aioredis.Redis:
 
 
 def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
-    """``redis+sentinel://[:password@]host:port[,host:port]/service[/db]``."""
+    """``redis+sentinel://[[user]:password@]host:port[,host:port]/service[/db]``; the user and
+    password are the master's, ``?sentinel_password=…`` (and ``sentinel_username``) the
+    sentinels' own when they require one."""
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)[-1]
+    username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     hosts: list[tuple[str, int]] = []
     for item in netloc.split(","):
@@ -80,13 +85,30 @@ def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise InvalidInput("sentinel URL needs a service name: redis+sentinel://h:p/service")
-    db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise InvalidInput(f"sentinel URL path must be /service or /service/db, not {parts.path!r}")
+    db = int(path[1]) if len(path) == 2 else 0
+    query = parse_qs(parts.query)
+    unknown = sorted(set(query) - _SENTINEL_OPTIONS)
+    if unknown:
+        raise InvalidInput(
+            f"unknown sentinel URL option(s) {', '.join(unknown)}: "
+            f"use {', '.join(sorted(_SENTINEL_OPTIONS))}"
+        )
+    sentinel_auth = {k.removeprefix("sentinel_"): v[-1] for k, v in query.items()}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         hosts,
+        sentinel_kwargs={
+            "socket_timeout": options["socket_timeout"],
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            **sentinel_auth,
+        },
         socket_timeout=options["socket_timeout"],
         socket_connect_timeout=options["socket_connect_timeout"],
     )
-    master: aioredis.Redis = sentinel.master_for(path[0], password=password, db=db, **options)
+    master: aioredis.Redis = sentinel.master_for(
+        path[0], username=username, password=password, db=db, **options
+    )
     _SENTINELS[id(master)] = list(sentinel.sentinels)
     return master
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared_state import Store
+from shared_state import InvalidInput, Store
 from tests.support import MODEL
 from tests.support.harness import RedisServer, free_port, wait_for_port
 from tests.support.polling import eventually
@@ -28,25 +28,31 @@ DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
 
 
+def start_sentinel(
+    folder: Path, procs: list[Process], master: RedisServer, quorum: int, extra: str = ""
+) -> int:
+    """A ``redis-server --sentinel`` watching ``master`` with short timeouts; its port."""
+    port = free_port()
+    conf = folder / f"sentinel-{port}.conf"  # a sentinel rewrites its file: one each
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
+        f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} {quorum}\n"
+        f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+        f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+        f"sentinel parallel-syncs {SERVICE} 1\n{extra}"
+    )
+    procs.append(Process([master.exe, str(conf), "--sentinel"], f"sentinel-{port}"))
+    wait_for_port(port)
+    return port
+
+
 class Sentinels:
     """A master, its replica and three sentinels watching them, all on loopback."""
 
     def __init__(self, folder: Path, procs: list[Process]) -> None:
         self.master = RedisServer().start()
         self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port)).start()
-        self.ports = [free_port() for _ in range(3)]
-        for port in self.ports:
-            conf = folder / f"sentinel-{port}.conf"  # sentinels rewrite their file: one each
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
-            )
-            procs.append(Process([self.master.exe, str(conf), "--sentinel"], f"sentinel-{port}"))
-        for port in self.ports:
-            wait_for_port(port)
+        self.ports = [start_sentinel(folder, procs, self.master, quorum=2) for _ in range(3)]
 
     @property
     def url(self) -> str:
@@ -180,3 +186,42 @@ async def test_master_killed_under_load_gateways_follow_the_promoted_replica(
         await store.close()
     for gateway in gateways:
         assert "Traceback" not in gateway.output()
+
+
+async def registers_a_node(url: str) -> bool:
+    """A Store on ``url`` writes a node and reads it back through the sentinel's master."""
+    store = Store.open(url, timeout_s=2.0)
+    try:
+        await store.add_node("http://127.0.0.1:9", [MODEL])
+        return [n.id for n in (await store.registry()).nodes] == ["http://127.0.0.1:9"]
+    finally:
+        await store.close()
+
+
+async def test_sentinel_url_logs_in_to_the_master_as_its_acl_user(
+    tmp_path: Path, procs: list[Process]
+) -> None:
+    acl = ("--user", "fleet", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off")
+    master = RedisServer(*acl).start()
+    try:
+        extra = f"sentinel auth-user {SERVICE} fleet\nsentinel auth-pass {SERVICE} s3cret\n"
+        port = start_sentinel(tmp_path, procs, master, quorum=1, extra=extra)
+        assert await registers_a_node(f"redis+sentinel://fleet:s3cret@127.0.0.1:{port}/{SERVICE}")
+    finally:
+        master.close()
+
+
+async def test_sentinel_url_logs_in_to_sentinels_that_require_a_password(
+    tmp_path: Path, procs: list[Process]
+) -> None:
+    master = RedisServer().start()
+    try:
+        port = start_sentinel(tmp_path, procs, master, quorum=1, extra="requirepass sent-pw\n")
+        url = f"redis+sentinel://127.0.0.1:{port}/{SERVICE}"
+        assert await registers_a_node(f"{url}?sentinel_password=sent-pw")
+        with pytest.raises(InvalidInput):
+            Store.open(f"{url}?sentinel_pasword=sent-pw")  # a misspelt option is refused
+        with pytest.raises(InvalidInput):
+            Store.open(f"{url}/not-a-db")
+    finally:
+        master.close()
