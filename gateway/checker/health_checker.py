@@ -239,7 +239,10 @@ class HealthChecker:
                     try:
                         await self.probe_round()
                     except Fenced:
-                        self._lost_lead("a write was fenced", fenced=True)
+                        # Counted even when the lease task saw the loss first: the write
+                        # was still attempted, and refused.
+                        self.metrics.fenced.inc()
+                        self._lost_lead("a write was fenced")
                     except Exception as exc:  # the store failed the round: retry at the next
                         self._store_failed("round", exc)
                     else:
@@ -257,11 +260,9 @@ class HealthChecker:
                     await self.ledger.resign()
             await self.prober.close()
 
-    def _lost_lead(self, why: str, *, fenced: bool = False) -> None:
+    def _lost_lead(self, why: str) -> None:
         if self.leading:
             log.warning("checker %s stops leading: %s", self.id, why)
-            if fenced:
-                self.metrics.fenced.inc()
         self.token = 0
         self.metrics.leader.set((), 0)
 

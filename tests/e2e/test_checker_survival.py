@@ -89,15 +89,20 @@ async def test_poison_node_hashes_stay_their_nodes_problem(
 
 
 async def fill_until_oom(client: aioredis.Redis) -> int:
-    """Cap Redis just above what it holds, without eviction, and fill it; returns keys added."""
+    """Cap Redis just above what it holds, without eviction, fill it until it refuses a
+    write, then cap it below what it holds so that it keeps refusing; returns keys added."""
     used = int((await client.info("memory"))["used_memory"])
     await client.config_set("maxmemory-policy", "noeviction")
     await client.config_set("maxmemory", str(used + (2 << 20)))
-    filled = 0
-    with pytest.raises(aioredis.ResponseError, match="maxmemory"):
-        for filled in range(10_000):
-            await client.set(f"filler:{filled}", b"x" * (64 << 10))
-    return filled
+    for filled in range(10_000):
+        try:
+            await client.set(f"filler:{filled}", b"x" * 1024)
+        except aioredis.ResponseError as exc:
+            assert "maxmemory" in str(exc)
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory", str(used - (1 << 20)))
+            return filled
+    raise AssertionError("Redis never refused a write")
 
 
 async def test_redis_out_of_memory_during_rounds_does_not_end_the_checker(
