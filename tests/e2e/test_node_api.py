@@ -251,6 +251,30 @@ async def test_allowed_host_cannot_register_another_host(
     assert (row["models"], row["state"], row["weight"]) == (["other-model", "more"], "draining", 2)
 
 
+def test_nodes_add_of_a_known_node_changes_only_what_is_given(redis_url: str) -> None:
+    url = "http://127.0.0.1:9"
+    first = ("nodes", "add", url, "--model", MODEL, "--weight", "3", "--api-key", NODE_KEY)
+    assert ops(redis_url, *first).returncode == 0
+    assert ops(redis_url, "nodes", "drain", url, "--no-wait").returncode == 0
+    again = ops(redis_url, "nodes", "add", url, "--model", MODEL, "--model", "second")
+    assert again.returncode == 0 and f"{url}: updated" in again.stdout, again.stderr
+    row = node_rows(redis_url)[url]
+    assert (row["models"], row["state"], row["weight"], row["api_key"]) == (
+        [MODEL, "second"],
+        "draining",
+        3.0,
+        True,
+    )
+    assert ops(redis_url, "nodes", "add", url, "--model", MODEL, "--weight", "4").returncode == 0
+    row = node_rows(redis_url)[url]
+    assert (row["models"], row["state"], row["weight"], row["api_key"]) == (
+        [MODEL],
+        "draining",
+        4.0,
+        True,
+    )
+
+
 # -- bounded admin bodies --------------------------------------------------------------------------
 
 
