@@ -67,6 +67,9 @@ class Fenced(StateError):
 _REFUSES_WRITES = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS"})
 # Error replies by which a live Redis serves nothing for a while.
 _NOT_SERVING = frozenset({"LOADING", "BUSY", "MASTERDOWN"})
+# Error replies by which it refuses this client's login or commands: a wrong or changed
+# password, a user without the rights (the pipelined client gets these as plain replies).
+_LOGIN_REFUSED = frozenset({"NOAUTH", "WRONGPASS", "NOPERM"})
 # redis-py strips the code word from these replies' text; the pipelined client keeps it.
 _CODE_OF_CLASS: dict[type[rexc.ResponseError], str] = {
     rexc.OutOfMemoryError: "OOM",
@@ -88,4 +91,6 @@ def refusal_of(exc: rexc.ResponseError) -> StoreUnavailable | None:
         return StoreRefusingWrites(f"store refuses writes: {text}")
     if code in _NOT_SERVING:
         return StoreUnavailable(f"store not serving: {text}")
+    if code in _LOGIN_REFUSED:
+        return StoreUnavailable(f"store refuses this client: {text}")
     return None

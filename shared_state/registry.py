@@ -105,14 +105,22 @@ def encode_models(models: Iterable[str]) -> str:
     return MODELS_SEPARATOR + MODELS_SEPARATOR.join(models) + MODELS_SEPARATOR
 
 
+# Node hashes may be written by ops scripts without validation: a field that does not read
+# as a number reads as absent, so that one such node cannot make the whole registry unreadable.
+
+
 def _int(fields: Mapping[str, str], name: str, default: int = 0) -> int:
-    value = fields.get(name)
-    return int(float(value)) if value else default
+    number = _float(fields, name)
+    return int(number) if number is not None else default
 
 
 def _float(fields: Mapping[str, str], name: str) -> float | None:
     value = fields.get(name)
-    return float(value) if value else None
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is None or math.isfinite(number) else None
 
 
 def decode_node(fields: Mapping[str, str]) -> Node:
@@ -120,11 +128,12 @@ def decode_node(fields: Mapping[str, str]) -> Node:
     models = tuple(m for m in fields.get("models", "").split(MODELS_SEPARATOR) if m)
     state = fields.get("state", NodeState.ACTIVE.value)
     role = _int(fields, "role", Role.HYBRID)
-    kv_running = fields.get("kv_running")
-    kv_waiting = fields.get("kv_waiting")
+    kv_running = _float(fields, "kv_running")
+    kv_waiting = _float(fields, "kv_waiting")
+    node_id = fields.get("id") or fields.get("url", "")  # a hash without its id: by its url
     return Node(
-        id=fields["id"],
-        url=fields.get("url", fields["id"]),
+        id=node_id,
+        url=fields.get("url", node_id),
         models=models,
         role=Role(role) if role in Role._value2member_map_ else Role.HYBRID,
         speed=_float(fields, "speed"),
@@ -141,8 +150,8 @@ def decode_node(fields: Mapping[str, str]) -> Node:
         ok_total=_int(fields, "ok_total"),
         fail_total=_int(fields, "fail_total"),
         kv_usage=_float(fields, "kv_usage"),
-        kv_running=int(float(kv_running)) if kv_running else None,
-        kv_waiting=int(float(kv_waiting)) if kv_waiting else None,
+        kv_running=int(kv_running) if kv_running is not None else None,
+        kv_waiting=int(kv_waiting) if kv_waiting is not None else None,
         kv_ts_ms=_int(fields, "kv_ts") or None,
         probe_failures=_int(fields, "probe_failures"),
         probe_successes=_int(fields, "probe_successes"),

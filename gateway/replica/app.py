@@ -226,7 +226,7 @@ class Gateway:
                 view = await self.store.refresh_latest()
         active = sum(1 for n in view.registry.nodes if n.state is NodeState.ACTIVE) if view else 0
         # A store that answers pings but refuses writes (OOM, READONLY) cannot hold leases.
-        renew_failure = self.router.renew_failure if store_ok else None
+        renew_failure = self.router.renew_failure
         reasons = [
             *([] if store_ok else ["store unreachable"]),
             *([f"lease renewals failing: {renew_failure}"] if renew_failure else []),

@@ -119,6 +119,7 @@ class ProxyHandler:
         request_id = request_id_of(scope["headers"])
         exchange = Exchange(self.forwarder, scope, send, request_id)
         slot: _KeySlot | None = None  # a client key's concurrency slot
+        body: bytes | None = None
         try:
             _check_framing(scope["headers"])
             if scope["method"] != "POST":
@@ -148,10 +149,10 @@ class ProxyHandler:
         except ClientGone:
             self.metrics.disconnects.inc()
         except (GatewayError, StateError) as exc:
-            await self._send_error(exchange, exc)
+            await self._send_error(exchange, exc, unread=body is None)
         except Exception as exc:
             log.exception("request %s failed", request_id)
-            await self._send_error(exchange, exc)
+            await self._send_error(exchange, exc, unread=body is None)
         finally:
             # Only models a node answered for become labels: clients cannot grow the metrics.
             model = exchange.model if exchange.node_id else ""
@@ -180,7 +181,10 @@ class ProxyHandler:
             raise RateLimited(decision)
         return _KeySlot(store, digest, decision) if decision.leased else None
 
-    async def _send_error(self, exchange: Exchange, exc: Exception) -> None:
+    async def _send_error(self, exchange: Exchange, exc: Exception, *, unread: bool) -> None:
+        """Answer ``exc``, OpenAI-shaped, unless the answer has begun. Refused with its body
+        ``unread``, a request ends its connection: the server cannot take the next request
+        on it, and says so, so that the client does not send one there."""
         if exchange.started:
             return
         status, body, extra = render(exc)
@@ -189,6 +193,8 @@ class ProxyHandler:
             (b"content-length", str(len(body)).encode()),
             *extra,
         ]
+        if unread and (b"connection", b"close") not in extra:
+            headers.append((b"connection", b"close"))
         if exchange.route is not None:  # the last node tried, and why it was chosen
             headers.extend(exchange.route_headers(exchange.route))
         else:

@@ -88,6 +88,27 @@ async def test_poison_node_hashes_stay_their_nodes_problem(
     assert checker.output().count(FULL_WIDTH) <= 2, checker.output()
 
 
+async def test_node_hashes_that_do_not_decode_do_not_stop_the_rounds(
+    redis_url: str, store: Store, procs: list[Process]
+) -> None:
+    dead = SimNode("--tokens-per-s", "inf")
+    procs.append(dead)
+    await store.add_node(dead.url, [MODEL])
+    # Numbers that are not numbers, and a hash without its id: the registry is read whole,
+    # so one such node must not hide every other one from the checker.
+    await write_raw_node(store, "http://127.0.0.1:3", {"kv_running": "many", "speed": "fast"})
+    await store.client.hset(store.keys.node("http://127.0.0.1:4"), "url", "http://127.0.0.1:4")
+    await store.client.sadd(store.keys.nodes, "http://127.0.0.1:4")
+    checker = Checker(redis_url, "solo", "--fall", "2", "--timeout", "0.5")
+    procs.append(checker)
+    assert await eventually(lambda: asyncio.to_thread(checker.leads), 10), checker.output()
+    dead.kill()
+    assert await wait_state(store, dead.url, NodeState.UNHEALTHY, 10), checker.output()
+    assert await wait_state(store, "http://127.0.0.1:3", NodeState.UNHEALTHY, 10)
+    assert checker.leads()
+    assert_no_traceback(checker)
+
+
 async def fill_until_oom(client: aioredis.Redis) -> int:
     """Cap Redis just above what it holds, without eviction, fill it until it refuses a
     write, then cap it below what it holds so that it keeps refusing; returns keys added."""

@@ -309,3 +309,30 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closed(
     # Not one request reached a node.
     assert 'status="200"' not in metrics
     assert_clean_log(gateway)
+
+
+async def test_a_request_refused_before_its_body_is_read_closes_its_connection(
+    redis_url: str, procs: list[Process]
+) -> None:
+    """Found by the fuzzer: a 415 answered before the body arrived left the client believing
+    the connection reusable while the server closed it, so the client's next request on it
+    failed with no answer. The refusal now says ``connection: close``."""
+    gateway = start(procs, redis_url)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: text/plain\r\ncontent-length: 20\r\n\r\n"
+    )
+
+    def refuse() -> tuple[int, dict[str, str], bytes, bytes]:
+        with connect(gateway) as sock:
+            sock.sendall(head)  # the body never comes
+            buffer = bytearray()
+            status, headers, answer = read_response(sock, buffer)
+            return status, headers, answer, read_until_closed(sock, buffer)
+
+    status, headers, answer, rest = await asyncio.to_thread(refuse)
+    assert status == 415, answer
+    assert headers.get("connection") == "close", headers
+    assert_openai_error_body(orjson.loads(answer), "unsupported_media_type")
+    assert rest == b""
+    assert_clean_log(gateway)

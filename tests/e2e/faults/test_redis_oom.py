@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from openai.types.chat import ChatCompletionMessageParam
 
-from shared_state import Store, StoreRefusingWrites
+from shared_state import Store, StoreRefusingWrites, StoreUnavailable
 from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.harness import RedisServer
@@ -220,3 +220,66 @@ async def test_write_refusals_map_to_store_refusing_writes(
         assert await store.epoch() == 0
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        rexc.ResponseError("LOADING Redis is loading the dataset in memory"),
+        rexc.ResponseError("BUSY Redis is busy running a script."),
+        rexc.MasterDownError("Link with MASTER is down and replica-serve-stale-data is no"),
+        rexc.ResponseError("NOAUTH Authentication required."),
+        rexc.ResponseError("WRONGPASS invalid username-password pair or user is disabled."),
+        rexc.ResponseError("NOPERM User fleet has no permissions to run the 'evalsha' command"),
+    ],
+)
+async def test_a_redis_not_serving_this_client_is_unavailable_and_opens_the_breaker(
+    oom_redis: RedisServer, reply: rexc.ResponseError
+) -> None:
+    store = Store.open(oom_redis.url)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            async with store.guard():
+                raise reply
+        assert not isinstance(raised.value, StoreRefusingWrites)
+        assert store.degraded  # fails fast until the cooldown is over
+    finally:
+        await store.close()
+
+
+async def test_a_wrong_redis_password_is_an_unavailable_store_on_the_pipelined_path(
+    procs: list[Process],
+) -> None:
+    """Scripts go through the pipelined client, which gets NOAUTH and WRONGPASS as plain
+    replies: renewals are counted and /ready says why, with no traceback in the log."""
+    server = RedisServer("--requirepass", "right").start()
+    try:
+        url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        store = Store.open(url)
+        try:
+            with pytest.raises(StoreUnavailable, match="WRONGPASS"):
+                await store.renew("r", [])
+        finally:
+            await store.close()
+        gateway = Gateway("--redis-url", url, "--lease-seconds", "1.5")
+        procs.append(gateway)
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def renewals_counted() -> bool:
+                text = (await http.get(f"{gateway.url}/metrics")).text
+                return metric(text, 'fleetgate_store_errors_total{op="renew"}') >= 2
+
+            assert await eventually(renewals_counted, timeout_s=5), gateway.output()
+            ready = await http.get(f"{gateway.url}/ready")
+            assert ready.status_code == 503
+            reasons = ready.json()["reasons"]
+            assert any("lease renewals failing" in r for r in reasons), reasons
+            chat = await http.post(
+                f"{gateway.url}/v1/chat/completions",
+                json={"model": MODEL, "messages": CHAT, "max_tokens": 1},
+            )
+            # No registry snapshot was ever read: the model is unknown to this replica.
+            assert_openai_error(chat, 404, "model_not_found")
+        assert "Traceback" not in gateway.output()
+    finally:
+        server.close()
