@@ -321,16 +321,21 @@ def _session_key(headers: Headers) -> str | None:
     return None
 
 
-def _check_framing(headers: Headers) -> None:
-    """Refuse a request framed two ways (Content-Length and Transfer-Encoding): a front proxy
-    may have read its body's end elsewhere, smuggling the bytes after it in as a request."""
+def framed_twice(headers: Headers) -> bool:
+    """Whether a request carries both Content-Length and Transfer-Encoding (RFC 9112 6.3): a
+    front proxy may have found its body's end elsewhere, smuggling the bytes after it in as a
+    request of their own. Such a request is refused on every path, and its connection closed."""
     length = coding = False
     for name, _ in headers:
         if name == b"content-length":
             length = True
         elif name == b"transfer-encoding":
             coding = True
-    if length and coding:
+    return length and coding
+
+
+def _check_framing(headers: Headers) -> None:
+    if framed_twice(headers):
         raise AmbiguousFraming("a request must not carry both Content-Length and Transfer-Encoding")
 
 

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import orjson
+import pytest
 
 from tests.support import MODEL
 from tests.support.openai_errors import assert_openai_error, assert_openai_error_body
@@ -275,10 +276,12 @@ async def test_a_body_trickled_in_gets_408_and_frees_the_key_slot(
     assert_clean_log(gateway)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/nodes/add", "/health"])
 async def test_content_length_with_transfer_encoding_is_refused_and_closed(
-    redis_url: str, procs: list[Process]
+    redis_url: str, procs: list[Process], path: str
 ) -> None:
     gateway = start(procs, redis_url)
+    before = (await asyncio.to_thread(httpx.get, f"{gateway.url}/nodes/status")).json()
     body = orjson.dumps({"model": MODEL, "messages": [], "max_tokens": 1})
     smuggled = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
@@ -286,9 +289,9 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closed(
     )
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n"
-        b"transfer-encoding: chunked\r\n\r\n%s%s" % (len(chunked), chunked, smuggled)
+        b"transfer-encoding: chunked\r\n\r\n%s%s" % (path.encode(), len(chunked), chunked, smuggled)
     )
 
     def send() -> tuple[int, dict[str, str], bytes, bytes]:
@@ -305,6 +308,7 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closed(
     assert rest == b"", rest  # the smuggled request was never answered
     async with httpx.AsyncClient(timeout=30) as http:
         assert await unfinished(http, gateway) == 0
+        assert (await http.get(f"{gateway.url}/nodes/status")).json() == before
         metrics = (await http.get(f"{gateway.url}/metrics")).text
     # Not one request reached a node.
     assert 'status="200"' not in metrics
