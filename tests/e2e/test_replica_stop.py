@@ -142,3 +142,31 @@ async def test_workers_exit_when_their_master_is_killed(
     assert await asyncio.to_thread(wait_until, workers_gone, 15), gateway.output()
     print(f"workers gone {time.monotonic() - killed_at:.2f}s after the master was killed")
     assert "Traceback" not in gateway.output(), gateway.output()
+
+
+async def test_sigterm_to_the_master_of_workers_drains_every_worker(
+    redis_url: str, store: Store, procs: list[Process]
+) -> None:
+    slow = SimNode("--tokens-per-s", "5")
+    procs.append(slow)
+    flags = ["--workers", "2", "--redis-url", redis_url, "--node", slow.url]
+    gateway = Gateway(*flags, "--lease-seconds", "120", "--shutdown-grace", str(GRACE_S))
+    procs.append(gateway)
+    gateway.wait_models(MODEL)
+    sdk = async_sdk(gateway.url, timeout=30)
+    streams = [asyncio.create_task(read_stream(sdk, 100)) for _ in range(4)]
+
+    async def all_in_flight() -> bool:
+        return await store.in_flight(slow.url) == 4
+
+    assert await eventually(all_in_flight, 5)
+    gateway.proc.send_signal(signal.SIGTERM)
+    for chunks, error in await asyncio.gather(*streams):
+        assert 0 < chunks < 100
+        assert isinstance(error, openai.APIError), error
+        assert isinstance(error.body, dict) and error.body["code"] == "shutting_down"
+    assert await asyncio.to_thread(gateway.proc.wait, 15) == 0
+    assert await store.in_flight(slow.url) == 0
+    assert refuses(gateway.port)
+    assert "Traceback" not in gateway.output(), gateway.output()
+    await sdk.close()
