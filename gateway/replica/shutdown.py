@@ -66,12 +66,14 @@ class Drain:
         tracked = _Tracked(send, task)
         self._live.add(tracked)
         try:
-            await app(scope, receive, tracked)
-        except asyncio.CancelledError:
-            if not tracked.cut:
-                raise
-            task.uncancel()
-            await _end(tracked)
+            try:
+                await app(scope, receive, tracked)
+            except asyncio.CancelledError:
+                if not tracked.cut:
+                    raise
+                task.uncancel()
+            if tracked.cut:  # also when the handler returned instead of raising
+                await _end(tracked)
         finally:
             self._live.discard(tracked)
             if not self._live:

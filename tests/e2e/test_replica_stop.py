@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -20,6 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from shared_state import Store
 from tests.support import MODEL
 from tests.support.clients import async_sdk
+from tests.support.openai_errors import assert_openai_error, assert_openai_error_body
 from tests.support.polling import eventually, wait_until
 from tests.support.processes import Gateway, Process, SimNode, children_of, running
 
@@ -78,9 +80,16 @@ async def test_sigterm_finishes_short_requests_and_ends_long_streams_with_an_err
     sdk = async_sdk(gateway.url, timeout=30)
     long_streams = [asyncio.create_task(read_stream(sdk, 100)) for _ in range(3)]
     short_stream = asyncio.create_task(read_stream(sdk, 4))  # 0.8 s at 5 tokens/s
+    http = httpx.AsyncClient(timeout=30)
+    long_plain = asyncio.create_task(  # 20 s, answered at the end: not begun at the cut
+        http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": MODEL, "messages": CHAT, "max_tokens": 100},
+        )
+    )
 
     async def all_in_flight() -> bool:
-        return await store.in_flight(slow.url) == 4
+        return await store.in_flight(slow.url) == 5
 
     assert await eventually(all_in_flight, 5)
     gateway.proc.send_signal(signal.SIGTERM)
@@ -93,9 +102,10 @@ async def test_sigterm_finishes_short_requests_and_ends_long_streams_with_an_err
     for chunks, error in await asyncio.gather(*long_streams):
         assert 0 < chunks < 100
         assert isinstance(error, openai.APIError), error
-        body = error.body
-        assert isinstance(body, dict) and body["code"] == "shutting_down", body
-        assert body["type"] == "service_unavailable" and "message" in body and "param" in body
+        error_body = assert_openai_error_body({"error": error.body}, "shutting_down")
+        assert error_body["type"] == "service_unavailable"
+    assert_openai_error(await long_plain, 503, "shutting_down")
+    await http.aclose()
     cut_after_s = time.monotonic() - sigterm_at
     assert await asyncio.to_thread(gateway.proc.wait, 15) == 0
     exited_after_s = time.monotonic() - sigterm_at
