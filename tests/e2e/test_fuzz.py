@@ -1,7 +1,7 @@
 """Fuzzing the replica's public surface with hypothesis, against a real replica on a real Redis
 with simulated nodes: generated request bodies (valid, malformed, deep, huge numbers, odd
 unicode, wrong types), headers with odd bytes, Content-Length values on a raw socket, and
-node-API payloads.
+node-API payloads; request bodies again through a DistServe replica.
 
 Whatever comes in: never a 500, never a traceback in the replica's log, an OpenAI-shaped error
 body for every 4xx and 5xx the replica answers, and a refused node-API call leaves the registry
@@ -89,6 +89,28 @@ def fleet(redis_server: RedisServer) -> Iterator[Fleet]:
             leases = {url: entry["unfinished"] for url, entry in fleet.status().items()}
             assert not any(leases.values()), leases
         print(f"fuzz answers by status: {dict(sorted(fleet.statuses.items()))}")
+    finally:
+        for proc in reversed(started):
+            proc.close()
+
+
+@pytest.fixture(scope="module")
+def pd_fleet(redis_server: RedisServer, fleet: Fleet) -> Iterator[Fleet]:
+    """A DistServe replica with a Prefill and a Decode node, beside the Hybrid fleet."""
+    started: list[Process] = []
+    try:
+        prefill = SimNode("--role", "Prefill", "--tokens-per-s", "inf", name="fuzz-prefill")
+        decode = SimNode("--role", "Decode", "--tokens-per-s", "inf", name="fuzz-decode")
+        started += [prefill, decode]
+        flags = ["--redis-url", redis_server.url, "--prefix", "fuzzpd", "--access-log", "false"]
+        gateway = Gateway(*flags, "--serving-strategy", "DistServe", name="fuzz-pd")
+        started.append(gateway)
+        with httpx.Client(timeout=30) as http:
+            for node, role in ((prefill, 2), (decode, 3)):
+                body = {"url": node.url, "status": {"models": [MODEL], "role": role}}
+                added = http.post(f"{gateway.url}/nodes/add", json=body)
+                assert added.status_code == 200, added.text
+            yield Fleet(gateway, [prefill, decode], http)
     finally:
         for proc in reversed(started):
             proc.close()
@@ -198,6 +220,17 @@ def test_request_bodies(fleet: Fleet, path: str, body: bytes) -> None:
         f"{fleet.gateway.url}{path}", content=body, headers={"content-type": "application/json"}
     )
     check_answer(fleet, response)
+
+
+@FUZZ
+@given(path=st.sampled_from(PATHS), body=bodies)
+@example(path=PATHS[0], body=deep(300))  # DistServe re-encodes: was a 500 past 254 levels
+@example(path=PATHS[0], body=b'{"model":"%s","temperature":1e400}' % MODEL.encode())  # was a 500
+def test_distserve_request_bodies(pd_fleet: Fleet, path: str, body: bytes) -> None:
+    response = pd_fleet.http.post(
+        f"{pd_fleet.gateway.url}{path}", content=body, headers={"content-type": "application/json"}
+    )
+    check_answer(pd_fleet, response)
 
 
 @FUZZ
