@@ -3,8 +3,6 @@ which Redis error replies mean that the store is unavailable."""
 
 from __future__ import annotations
 
-import re
-
 import redis.exceptions as rexc
 
 
@@ -96,14 +94,3 @@ def refusal_of(exc: rexc.ResponseError) -> StoreUnavailable | None:
     if code in _LOGIN_REFUSED:
         return StoreUnavailable(f"store refuses this client: {text}")
     return None
-
-
-_CLIENT_REPR = re.compile(r" ?:? <redis\.asyncio\.client\.Redis\(.*?\)>\)>\)>")
-BRIEF_CHARS = 300
-
-
-def brief(exc: BaseException) -> str:
-    """``exc`` in one short line for a log, an error answer or the ops CLI: redis-py's Sentinel
-    errors name every sentinel by the repr of its whole client, a thousand characters each."""
-    text = _CLIENT_REPR.sub("", " ".join(str(exc).split()))
-    return text if len(text) <= BRIEF_CHARS else text[: BRIEF_CHARS - 1] + "…"

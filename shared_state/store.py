@@ -33,7 +33,6 @@ from .errors import (
     UnknownKey,
     UnknownNode,
     UnknownStrategy,
-    brief,
     refusal_of,
 )
 from .model import (
@@ -177,7 +176,7 @@ class Store:
             yield
         except _REDIS_DOWN as exc:
             self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
-            raise StoreUnavailable(f"store unreachable: {brief(exc)}") from None
+            raise StoreUnavailable(f"store unreachable: {exc}") from None
         except rexc.ResponseError as exc:
             if "unknown node" in str(exc):
                 raise UnknownNode(str(exc).split("unknown node", 1)[-1].strip()) from None

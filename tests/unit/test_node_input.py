@@ -1,10 +1,13 @@
 """What a node registration may carry: URLs every HTTP client of every process can reach, API keys
-that cannot inject a header, model lists that are validated in linear time."""
+that cannot inject a header, model lists that are validated in linear time, and a
+self-registration only of the caller's own address."""
 
 from __future__ import annotations
 
 import pytest
 
+from gateway.replica.errors import Forbidden
+from gateway.replica.nodes_api import check_own_address
 from gateway.replica.upstream import origin_of
 from shared_state import InvalidInput, normalize_url
 from shared_state.registry import MAX_MODELS, validate_api_key, validate_models
@@ -87,3 +90,31 @@ def test_deduplicating_a_long_list_is_linear() -> None:
     CountedName.comparisons = 0
     assert len(validate_models(names)) == 2000
     assert CountedName.comparisons <= 2 * len(names)
+
+
+@pytest.mark.parametrize(
+    ("url", "caller"),
+    [
+        ("http://127.0.0.1:23333", "127.0.0.1"),
+        ("http://10.0.0.5:23333", "::ffff:10.0.0.5"),  # a dual-stack listener's IPv4 caller
+        ("http://[::1]:23333", "::1"),
+    ],
+)
+async def test_a_node_registers_its_own_address(url: str, caller: str) -> None:
+    await check_own_address(url, caller)
+
+
+@pytest.mark.parametrize(
+    ("url", "caller"),
+    [
+        ("http://127.0.0.2:23333", "127.0.0.1"),  # another address of the same machine
+        ("http://10.0.0.6:6379", "10.0.0.5"),
+        ("http://[::1]:23333", "127.0.0.1"),
+        ("http://10.0.0.5:23333", None),
+        ("http://10.0.0.5:23333", "not-an-address"),
+    ],
+)
+async def test_a_node_never_registers_another_address(url: str, caller: str | None) -> None:
+    with pytest.raises(Forbidden) as refused:
+        await check_own_address(url, caller)
+    assert refused.value.param == "url"
