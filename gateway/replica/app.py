@@ -42,7 +42,7 @@ from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
 from .exchange import Forwarder
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response, read_admin_body
-from .proxy import PROXY_PATHS, ProxyHandler, framed_twice, request_id_of
+from .proxy import PROXY_PATHS, ProxyHandler, closing_unread, framed_twice, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
 from .shutdown import Drain
@@ -387,7 +387,8 @@ class GatewayApp:
             # The proxy handler also refuses a request framed twice, whatever its path.
             await self.drain.serve(self.proxy, scope, receive, send)
         else:
-            await self.starlette(scope, receive, with_request_id(scope, send))
+            receive, send = closing_unread(scope, receive, with_request_id(scope, send))
+            await self.starlette(scope, receive, send)
 
 
 def with_request_id(scope: Scope, send: Send) -> Send:

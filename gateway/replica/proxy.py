@@ -334,6 +334,36 @@ def framed_twice(headers: Headers) -> bool:
     return length and coding
 
 
+def closing_unread(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """Wrap a request's channels so that an answer begun before its body was read whole says
+    ``connection: close``: the server then drops the connection (the next request cannot be
+    found in it), and a client not told so would send its next request there."""
+    if not _has_body(scope["headers"]):
+        return receive, send
+    read = False
+
+    async def receive_noting() -> Message:
+        nonlocal read
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            read = True
+        return message
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start" and not read:
+            message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+        await send(message)
+
+    return receive_noting, send_closing
+
+
+def _has_body(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 def _check_framing(headers: Headers) -> None:
     if framed_twice(headers):
         raise AmbiguousFraming("a request must not carry both Content-Length and Transfer-Encoding")

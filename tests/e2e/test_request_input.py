@@ -315,16 +315,24 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closed(
     assert_clean_log(gateway)
 
 
+@pytest.mark.parametrize(
+    ("path", "code", "status"),
+    [
+        ("/v1/chat/completions", "unsupported_media_type", 415),
+        ("/nodes/add", "invalid_api_key", 401),  # the node API, served by Starlette
+    ],
+)
 async def test_a_request_refused_before_its_body_is_read_closes_its_connection(
-    redis_url: str, procs: list[Process]
+    redis_url: str, procs: list[Process], path: str, code: str, status: int
 ) -> None:
     """Found by the fuzzer: a 415 answered before the body arrived left the client believing
     the connection reusable while the server closed it, so the client's next request on it
-    failed with no answer. The refusal now says ``connection: close``."""
-    gateway = start(procs, redis_url)
+    failed with no answer. A refusal before the body is read now says ``connection: close``,
+    on every path."""
+    gateway = start(procs, redis_url, "--admin-key", "admin-key-0123456789")
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-        b"content-type: text/plain\r\ncontent-length: 20\r\n\r\n"
+        b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: text/plain\r\ncontent-length: 20\r\n\r\n" % path.encode()
     )
 
     def refuse() -> tuple[int, dict[str, str], bytes, bytes]:
@@ -334,9 +342,9 @@ async def test_a_request_refused_before_its_body_is_read_closes_its_connection(
             status, headers, answer = read_response(sock, buffer)
             return status, headers, answer, read_until_closed(sock, buffer)
 
-    status, headers, answer, rest = await asyncio.to_thread(refuse)
-    assert status == 415, answer
+    answered, headers, answer, rest = await asyncio.to_thread(refuse)
+    assert answered == status, answer
     assert headers.get("connection") == "close", headers
-    assert_openai_error_body(orjson.loads(answer), "unsupported_media_type")
+    assert_openai_error_body(orjson.loads(answer), code)
     assert rest == b""
     assert_clean_log(gateway)
