@@ -98,9 +98,12 @@ def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
     sentinel_auth = {k.removeprefix("sentinel_"): v[-1] for k, v in query.items()}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         hosts,
+        # redis-py's default retries back off for seconds per sentinel: a store call would
+        # stall that long when the sentinels are gone.
         sentinel_kwargs={
             "socket_timeout": options["socket_timeout"],
             "socket_connect_timeout": options["socket_connect_timeout"],
+            "retry": options["retry"],
             **sentinel_auth,
         },
         socket_timeout=options["socket_timeout"],

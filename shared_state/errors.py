@@ -3,6 +3,8 @@ which Redis error replies mean that the store is unavailable."""
 
 from __future__ import annotations
 
+import re
+
 import redis.exceptions as rexc
 
 
@@ -53,6 +55,11 @@ class StoreRefusingWrites(StoreUnavailable):
     code = "store_refusing_writes"
 
 
+class StoreReadOnly(StoreRefusingWrites):
+    """The server behind the store's address is a replica now: a fail-over moved the master,
+    and a new connection to the same address (a moved VIP or DNS name) may find it."""
+
+
 class Fenced(StateError):
     """A write by a health-checker that no longer holds the leader lease; nothing changed."""
 
@@ -87,6 +94,8 @@ def refusal_of(exc: rexc.ResponseError) -> StoreUnavailable | None:
         code = text.split(" ", 1)[0]
     elif not text.startswith(code):
         text = f"{code} {text}"
+    if code == "READONLY":
+        return StoreReadOnly(f"store refuses writes: {text}")
     if code in _REFUSES_WRITES:
         return StoreRefusingWrites(f"store refuses writes: {text}")
     if code in _NOT_SERVING:
@@ -94,3 +103,14 @@ def refusal_of(exc: rexc.ResponseError) -> StoreUnavailable | None:
     if code in _LOGIN_REFUSED:
         return StoreUnavailable(f"store refuses this client: {text}")
     return None
+
+
+_CLIENT_REPR = re.compile(r" ?:? <redis\.asyncio\.client\.Redis\(.*?\)>\)>\)>")
+BRIEF_CHARS = 300
+
+
+def brief(exc: BaseException) -> str:
+    """``exc`` in one short line for a log, an error answer or the ops CLI: redis-py's Sentinel
+    errors name every sentinel by the repr of its whole client, a thousand characters each."""
+    text = _CLIENT_REPR.sub("", " ".join(str(exc).split()))
+    return text if len(text) <= BRIEF_CHARS else text[: BRIEF_CHARS - 1] + "…"

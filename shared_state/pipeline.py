@@ -201,5 +201,9 @@ class AutoPipeline:
         if writer is not None:
             writer.transport.abort()
 
+    def reconnect(self, reason: str) -> None:
+        """Drop the connection, failing the calls waiting on it; the next call connects anew."""
+        self._abort(rexc.ConnectionError(reason))
+
     async def aclose(self) -> None:
         self._abort(rexc.ConnectionError("pipeline closed"))

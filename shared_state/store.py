@@ -28,11 +28,13 @@ from . import scripts
 from .connection import close_redis, is_embedded, open_redis
 from .errors import (
     InvalidInput,
+    StoreReadOnly,
     StoreRefusingWrites,
     StoreUnavailable,
     UnknownKey,
     UnknownNode,
     UnknownStrategy,
+    brief,
     refusal_of,
 )
 from .model import (
@@ -176,7 +178,7 @@ class Store:
             yield
         except _REDIS_DOWN as exc:
             self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
-            raise StoreUnavailable(f"store unreachable: {exc}") from None
+            raise StoreUnavailable(f"store unreachable: {brief(exc)}") from None
         except rexc.ResponseError as exc:
             if "unknown node" in str(exc):
                 raise UnknownNode(str(exc).split("unknown node", 1)[-1].strip()) from None
@@ -186,6 +188,10 @@ class Store:
             # No breaker when only writes are refused: the server answers at once.
             if not isinstance(refusal, StoreRefusingWrites):
                 self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            elif isinstance(refusal, StoreReadOnly):  # new connections find the moved master
+                if self._fast is not None:
+                    self._fast.reconnect("the server became a replica")
+                await self.client.connection_pool.disconnect()
             raise refusal from None
 
     async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:

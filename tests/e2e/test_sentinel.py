@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from shared_state import InvalidInput, Store
 from tests.support import MODEL
 from tests.support.harness import RedisServer, free_port, wait_for_port
+from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually
 from tests.support.processes import Gateway, Process, SimNode, ops
 from tests.support.traffic import Traffic, Watch, tally
@@ -53,6 +54,7 @@ class Sentinels:
         self.master = RedisServer().start()
         self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port)).start()
         self.ports = [start_sentinel(folder, procs, self.master, quorum=2) for _ in range(3)]
+        self.processes = procs[-3:]
 
     @property
     def url(self) -> str:
@@ -225,3 +227,47 @@ async def test_sentinel_url_logs_in_to_sentinels_that_require_a_password(
             Store.open(f"{url}/not-a-db")
     finally:
         master.close()
+
+
+async def test_sentinels_that_do_not_answer_are_named_in_one_short_line(
+    procs: list[Process],
+) -> None:
+    """redis-py names each sentinel by its whole client's repr; neither the ops CLI nor an
+    admin answer passes that on."""
+    url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/{SERVICE}"
+    done = await asyncio.to_thread(ops, url, "nodes", "list")
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"No master found for '{SERVICE}'" in lines[0], lines
+    assert len(lines[0]) < 400 and "<redis" not in lines[0], lines
+    gateway = Gateway("--redis-url", url)
+    procs.append(gateway)
+    async with httpx.AsyncClient(timeout=10) as http:
+        add = await http.post(
+            f"{gateway.url}/nodes/add",
+            json={"url": "http://127.0.0.1:9", "status": {"models": [MODEL]}},
+        )
+    error = assert_openai_error(add, 503, "store_unavailable")
+    assert len(error["message"]) < 400 and "<redis" not in error["message"], error
+
+
+async def test_requests_keep_flowing_when_the_sentinels_and_the_master_are_gone(
+    sentinels: Sentinels, procs: list[Process]
+) -> None:
+    """With nothing to ask for the master, each store call fails within the store timeout
+    (redis-py's default retries backed off for seconds per sentinel): requests go on from
+    the local snapshot, each answered before the client's own timeout."""
+    node = SimNode("--tokens-per-s", "inf")
+    procs.append(node)
+    gateway = Gateway("--redis-url", sentinels.url, "--node", node.url)
+    procs.append(gateway)
+    gateway.wait_models(MODEL)
+    traffic = Traffic([gateway.url], workers=2, max_requests=10, timeout_s=5.0).start()
+    assert set(tally(await traffic.finish())) == {200}
+    for sentinel in sentinels.processes:
+        sentinel.kill()
+    sentinels.master.stop()
+    traffic = Traffic([gateway.url], workers=2, max_requests=20, timeout_s=5.0).start()
+    answers = await traffic.finish()
+    assert tally(answers) == {200: 20}, answers
+    assert "Traceback" not in gateway.output()

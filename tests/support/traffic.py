@@ -50,6 +50,11 @@ class Traffic:
         self._tasks = [loop.create_task(self._work(i)) for i in range(self.workers)]
         return self
 
+    async def finish(self) -> list[Answer]:
+        """Wait until all ``max_requests`` are answered; every answer."""
+        await asyncio.gather(*self._tasks)
+        return self.answers
+
     async def stop(self) -> list[Answer]:
         """Let the requests under way finish, send no more; every answer so far."""
         self._stopping.set()

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from shared_state import Store
 from tests.support import MODEL
@@ -60,7 +61,8 @@ class DurableRedis(RedisServer):
 
 class DelayProxy:
     """A TCP proxy on loopback that holds every chunk ``delay_s`` before passing it on, in
-    order, in each direction; ``delay_s`` may change at any time."""
+    order, in each direction; ``delay_s`` may change at any time, and ``target_port`` too (for
+    new connections: an address that moved to another server)."""
 
     def __init__(self, target_port: int, delay_s: float) -> None:
         self.target_port = target_port
@@ -259,3 +261,75 @@ async def test_redis_slow_behind_a_delaying_proxy(
     finally:
         with contextlib.suppress(Exception):
             await proxy.close()
+
+
+async def test_failover_behind_one_address_is_followed(procs: list[Process]) -> None:
+    """A fail-over without Sentinel: the address the gateways use moves to the promoted
+    replica (a VIP or a DNS name; here a proxy retargeted) while the old master turns replica.
+    Connections still open to it get READONLY; the store drops them and the new ones reach
+    the new master, so renewals and admin writes work again."""
+    first = RedisServer().start()
+    second = RedisServer("--replicaof", "127.0.0.1", str(first.port)).start()
+    proxy = await DelayProxy(first.port, delay_s=0.0).start()
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        node, gateways = await asyncio.to_thread(start_fleet, procs, url)
+        replica = aioredis.Redis(port=second.port, decode_responses=True)
+        old = aioredis.Redis(port=first.port, decode_responses=True)
+        try:
+
+            async def in_sync() -> bool:
+                info = await replica.info("replication")
+                return bool(info.get("master_link_status") == "up")
+
+            assert await eventually(in_sync, timeout_s=10)
+            traffic = Traffic([g.url for g in gateways]).start()
+            await asyncio.sleep(1.0)
+            switched_at = time.monotonic()
+            await replica.replicaof("NO", "ONE")
+            proxy.target_port = second.port
+            await old.replicaof("127.0.0.1", second.port)
+
+            async def admin_write_works() -> bool:
+                async with httpx.AsyncClient(timeout=5) as http:
+                    add = await http.post(
+                        f"{gateways[0].url}/nodes/add",
+                        json={"url": "http://127.0.0.1:9", "status": {"models": [MODEL]}},
+                    )
+                return add.status_code == 200
+
+            assert await eventually(admin_write_works, timeout_s=10), gateways[0].output()
+            admin_s = time.monotonic() - switched_at
+
+            async def all_ready() -> bool:
+                async with httpx.AsyncClient(timeout=5) as http:
+                    return all(
+                        [(await http.get(f"{g.url}/ready")).status_code == 200 for g in gateways]
+                    )
+
+            assert await eventually(all_ready, timeout_s=10)
+            answers = await traffic.stop()
+        finally:
+            await replica.aclose()
+            await old.aclose()
+        statuses = tally(answers)
+        print(
+            "redis fail-over behind one address:",
+            json.dumps({"statuses": dict(statuses), "admin_write_after_s": round(admin_s, 2)}),
+        )
+        assert set(statuses) == {200}, statuses
+        store = Store.open(second.url, timeout_s=2.0)
+        try:
+            nodes = {n.id for n in (await store.registry()).nodes}
+            assert nodes == {node.url, "http://127.0.0.1:9"}
+
+            async def no_lease() -> bool:
+                return await store.in_flight(node.url) == 0
+
+            assert await eventually(no_lease, timeout_s=LEASE_S + 5)
+        finally:
+            await store.close()
+    finally:
+        await proxy.close()
+        second.close()
+        first.close()
