@@ -6,6 +6,7 @@ an OpenAI-shaped 503, the ops CLI exits 3 with one line, lease renewals are coun
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -283,3 +284,37 @@ async def test_a_wrong_redis_password_is_an_unavailable_store_on_the_pipelined_p
         assert "Traceback" not in gateway.output()
     finally:
         server.close()
+
+
+async def test_a_redis_that_cannot_persist_refuses_writes_with_503_and_exit_3(
+    oom_redis: RedisServer, oom_client: aioredis.Redis, procs: list[Process]
+) -> None:
+    """MISCONF: snapshots configured, the last one failed (its directory is gone), so Redis
+    stops taking writes: admin writes answer 503, the ops CLI exits 3 with one line."""
+    shutil.rmtree(oom_redis.dir)
+    await oom_client.config_set("save", "3600 1")
+    await oom_client.bgsave()
+
+    async def save_failed() -> bool:
+        info = await oom_client.info("persistence")
+        return bool(info["rdb_last_bgsave_status"] == "err")
+
+    assert await eventually(save_failed, timeout_s=10)
+    with pytest.raises(rexc.ResponseError, match="MISCONF"):
+        await oom_client.set("probe", "x")
+    done = await asyncio.to_thread(
+        ops, oom_redis.url, "nodes", "add", "http://127.0.0.1:9/", "--model", MODEL
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MISCONF" in lines[0], lines
+    gateway = Gateway("--redis-url", oom_redis.url)
+    procs.append(gateway)
+    async with httpx.AsyncClient(timeout=10) as http:
+        add = await http.post(
+            f"{gateway.url}/nodes/add",
+            json={"url": "http://127.0.0.1:9", "status": {"models": [MODEL]}},
+        )
+    error = assert_openai_error(add, 503, "store_refusing_writes")
+    assert "MISCONF" in error["message"]
+    assert "Traceback" not in gateway.output()
