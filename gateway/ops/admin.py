@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -429,6 +431,19 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its passwords (the server's, ``sentinel_password``) masked, to print."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def main(group: str, argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run ``fleetgate <group> …``; returns the exit code."""
     out = out or sys.stdout
@@ -457,10 +472,14 @@ def main(group: str, argv: Sequence[str] | None = None, out: TextIO | None = Non
     try:
         return asyncio.run(run())
     except StoreRefusingWrites as exc:
-        print(f"{prog}: the store at {args.redis_url} is unavailable: {exc}", file=sys.stderr)
+        where = redact_url(args.redis_url)
+        print(f"{prog}: the store at {where} is unavailable: {exc}", file=sys.stderr)
         return EXIT_STORE
     except StoreUnavailable as exc:
-        print(f"{prog}: cannot reach the store at {args.redis_url}: {exc}", file=sys.stderr)
+        print(
+            f"{prog}: cannot reach the store at {redact_url(args.redis_url)}: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_STORE
     except (UnknownNode, UnknownKey) as exc:
         print(

@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from shared_state import Store, StoreRefusingWrites, StoreUnavailable
 from tests.support import MODEL
 from tests.support.clients import async_sdk
-from tests.support.harness import RedisServer
+from tests.support.harness import RedisServer, free_port
 from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually
 from tests.support.processes import Gateway, Process, SimNode, ops
@@ -318,3 +318,20 @@ async def test_a_redis_that_cannot_persist_refuses_writes_with_503_and_exit_3(
     error = assert_openai_error(add, 503, "store_refusing_writes")
     assert "MISCONF" in error["message"]
     assert "Traceback" not in gateway.output()
+
+
+async def test_ops_cli_never_prints_a_store_password() -> None:
+    server = RedisServer("--requirepass", "right").start()
+    try:
+        dead = f"127.0.0.1:{free_port()}"
+        for url in (
+            f"redis://:wrong-pw-1@127.0.0.1:{server.port}/0",
+            f"redis+sentinel://fleet:wrong-pw-2@{dead}/fleet?sentinel_password=wrong-pw-3",
+        ):
+            done = await asyncio.to_thread(ops, url, "nodes", "list")
+            assert done.returncode == 3, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and "***" in lines[0], lines
+            assert "wrong-pw" not in done.stderr + done.stdout, lines
+    finally:
+        server.close()
