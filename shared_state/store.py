@@ -337,22 +337,23 @@ class Store:
         """Read the whole registry (ops tools and cache refreshes; never per request)."""
         async with self.guard():
             members = cast(set[str], await self.client.smembers(self.keys.nodes))
-            ids = sorted(members)
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.keys.epoch)
-                pipe.hgetall(self.keys.api_keys)
-                pipe.exists(self.keys.keys_required)
-                pipe.hget(self.keys.restore_record, "generation")
-                for node_id in ids:
-                    pipe.hgetall(self.keys.node(node_id))
-                replies = await pipe.execute()
-        nodes = tuple(decode_node(f) for f in replies[4:] if f)
+            for _ in range(10):  # until the node set did not change before the transaction
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.get(self.keys.epoch)
+                    pipe.hgetall(self.keys.api_keys)
+                    pipe.exists(self.keys.keys_required)
+                    pipe.hget(self.keys.restore_record, "generation")
+                    pipe.smembers(self.keys.nodes)
+                    for node_id in sorted(members):
+                        pipe.hgetall(self.keys.node(node_id))
+                    replies = await pipe.execute()
+                if replies[4] == members:  # else the epoch read may not match the nodes read
+                    break
+                members = replies[4]
+        nodes = tuple(decode_node(f) for f in replies[5:] if f)
         api_keys = cast(dict[str, str], replies[1])
-        key_limits = {}
-        for digest, raw in api_keys.items():
-            limits = _key_limits(_json(raw))
-            if limits != (0, 0):
-                key_limits[digest] = limits
+        limits = {digest: _key_limits(_json(raw)) for digest, raw in api_keys.items()}
+        key_limits = {digest: pair for digest, pair in limits.items() if pair != (0, 0)}
         required = bool(api_keys) or bool(replies[2])
         epoch, digests, generation = int(replies[0] or 0), frozenset(api_keys), replies[3] or ""
         return Registry(epoch, nodes, digests, key_limits, required, api_keys, str(generation))
@@ -367,8 +368,7 @@ class Store:
         return self.cache.view
 
     async def refresh(self, seen_epoch: int | None = None) -> RegistryView:
-        """Re-read the registry, unless the cached view is at ``seen_epoch`` already; a store
-        behind the cache is restored or adopted (:class:`RegistryCache`), never ignored."""
+        """Re-read the registry unless the view is at ``seen_epoch`` (see RegistryCache)."""
         return await self.cache.refresh(seen_epoch)
 
     async def refresh_latest(self) -> RegistryView:

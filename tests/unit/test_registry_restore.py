@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from shared_state import NodeState, Registry, Store
 from shared_state.registry import registry_fields
 from shared_state.registry_cache import read_restore_record, restore_registry
@@ -38,6 +40,26 @@ async def replica(store_factory: StoreFactory, name: str) -> Store:
 
 
 class TestRegistryRestore:
+    async def test_a_registry_read_holds_the_nodes_of_its_epoch(
+        self, store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        reader, writer = store_factory(), store_factory()
+        await writer.add_node(N1, ["m"])
+        smembers = reader.client.smembers
+        raced: list[str] = []
+
+        async def then_a_node_is_added(key: str) -> object:
+            members = await smembers(key)
+            if not raced:  # another client registers a node right after the set was read
+                raced.append(N2)
+                await writer.add_node(N2, ["m"])
+            return members
+
+        monkeypatch.setattr(reader.client, "smembers", then_a_node_is_added)
+        registry = await reader.registry()
+        assert raced and registry.epoch == await writer.epoch()
+        assert [n.id for n in registry.nodes] == [N1, N2]
+
     async def test_a_cache_that_does_not_restore_adopts_a_store_behind_it(
         self, store_factory: StoreFactory
     ) -> None:
