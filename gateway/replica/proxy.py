@@ -116,17 +116,17 @@ class ProxyHandler:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_at = time.perf_counter()
-        request_id = request_id_of(scope["headers"])
+        headers = scope["headers"]
+        request_id = request_id_of(headers)
         exchange = Exchange(self.forwarder, scope, send, request_id)
         slot: _KeySlot | None = None  # a client key's concurrency slot
         body: bytes | None = None
         try:
-            _check_framing(scope["headers"])
+            _check_framing(headers)
             if scope["method"] != "POST":
                 error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
                 error.headers = ((b"allow", b"POST"),)
                 raise error
-            headers = scope["headers"]
             key = await self.auth.check_client(headers)
             if key is not None:  # a stored key: its limits, if it has any
                 slot = await self._check_key_limits(key, exchange.lease_name)
@@ -149,10 +149,10 @@ class ProxyHandler:
         except ClientGone:
             self.metrics.disconnects.inc()
         except (GatewayError, StateError) as exc:
-            await self._send_error(exchange, exc, unread=body is None)
+            await self._send_error(exchange, exc, unread=body is None and _has_body(headers))
         except Exception as exc:
             log.exception("request %s failed", request_id)
-            await self._send_error(exchange, exc, unread=body is None)
+            await self._send_error(exchange, exc, unread=body is None and _has_body(headers))
         finally:
             # Only models a node answered for become labels: clients cannot grow the metrics.
             model = exchange.model if exchange.node_id else ""
