@@ -41,7 +41,8 @@ class UnknownKey(StateError):
 
 
 class StoreUnavailable(StateError):
-    """The store did not answer in time or refused the connection."""
+    """The store did not answer in time, refused the connection or this client's login, or
+    serves nothing for a while (loading, busy)."""
 
     status_code = 503
     error_type = "service_unavailable"
