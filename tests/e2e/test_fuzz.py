@@ -4,11 +4,11 @@ unicode, wrong types), headers with odd bytes, Content-Length values on a raw so
 node-API payloads; request bodies again through a DistServe replica.
 
 Whatever comes in: never a 500 of the replica's own (a node's 500 is relayed, naming the node),
-never a traceback in the replica's log, an OpenAI-shaped error
-body for every 4xx and 5xx the replica answers, and a refused node-API call leaves the registry
-as it was. Bounded: a fixed number of examples per property, derandomized (a failure reproduces
-as is), no deadline; named findings are ``@example`` rows or tests of their own. To hunt
-further, ``FUZZ_EXAMPLES=3000`` runs that many examples per property with fresh random data.
+never a traceback in the replica's log, an OpenAI-shaped error body for every 4xx and 5xx the
+replica answers, and a refused node-API call leaves the registry as it was. Bounded: a fixed
+number of examples per property, derandomized (a failure reproduces as is), no deadline; named
+findings are ``@example`` rows or tests of their own. To hunt further, ``FUZZ_EXAMPLES=3000``
+runs that many examples per property with fresh random data.
 """
 
 from __future__ import annotations
