@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -10,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from .errors import InvalidInput
 
@@ -117,6 +120,13 @@ def _open_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
 
 
 _SENTINELS: dict[int, list[aioredis.Redis]] = {}
+
+
+async def drop_connections(client: aioredis.Redis) -> None:
+    """Close every pooled connection of ``client``; the next calls connect anew. A failure to
+    close one is moot: it is dropped either way."""
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        await client.connection_pool.disconnect()
 
 
 async def close_redis(client: aioredis.Redis) -> None:

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from . import scripts
-from .connection import close_redis, is_embedded, open_redis
+from .connection import close_redis, drop_connections, is_embedded, open_redis
 from .errors import (
     InvalidInput,
     StoreReadOnly,
@@ -191,7 +191,7 @@ class Store:
             elif isinstance(refusal, StoreReadOnly):  # new connections find the moved master
                 if self._fast is not None:
                     self._fast.reconnect("the server became a replica")
-                await self.client.connection_pool.disconnect()
+                await drop_connections(self.client)
             raise refusal from None
 
     async def run_script(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
