@@ -364,15 +364,21 @@ async def test_redis_restarted_empty_is_restored_and_ready_says_so_until_then(
         reason = body["reasons"][0]
         assert "the store lost its registry (epoch 0" in reason, body
         assert "not restored yet" in reason and "NOREPLICAS" in reason, body
+    lost = time.monotonic()
     listing = ops(server.url, "nodes", "list")
     assert listing.returncode == 0, listing.stderr
     assert "no nodes registered" in listing.stdout
     assert "holds no registry at all" in listing.stdout, listing.stdout
     assert await registry_of(fleet.url) == Registry(0, ())
-    local = traffic.first_success_after(refusing, shared=False)
-    assert len(local) == 2, traffic.outcomes[-5:]
-    recent = traffic.outcomes[-8:]
-    assert all("state=local" in o.route for o in recent if o.status == 200), recent
+
+    async def served_by_both() -> bool:  # the ops command above held this loop
+        return len(traffic.first_success_after(lost, shared=False)) == 2
+
+    assert await eventually(served_by_both, timeout_s=5), traffic.outcomes[-5:]
+    since = [o for o in traffic.outcomes if o.started > lost and o.status == 200]
+    assert all("state=local" in o.route for o in since), [
+        (o.started - lost, o.replica, o.route) for o in since if "state=local" not in o.route
+    ]
 
     client = aioredis.Redis.from_url(server.url)
     moment = time.monotonic()
