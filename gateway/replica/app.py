@@ -97,7 +97,9 @@ class Gateway:
                 PDState(self.store), control_call(self.upstream), DistServeMetrics()
             )
         self.metrics.extra.extend(cleaner.metrics.counters())
-        self.nodes = NodesAPI(self.store, self.upstream, self.auth, cleaner)
+        self.nodes = NodesAPI(
+            self.store, self.upstream, self.auth, cleaner, body_timeout_s=settings.body_timeout
+        )
         forwarder = Forwarder(
             self.router, self.upstream, self.metrics, max_attempts=settings.max_attempts
         )
@@ -278,7 +280,9 @@ class Gateway:
     async def connection_warmup(self, request: Request) -> Response:
         """Connect every (Prefill, Decode) pair now, instead of at its first request."""
         distserve = self._distserve(request)
-        await read_admin_body(request)  # unused, but bounded like every admin body
+        await read_admin_body(
+            request, self.settings.body_timeout
+        )  # unused, but bounded like every admin body
         results = await distserve.connector.warmup()
         failed = [r for r in results if r.status == "failed"]
         body: dict[str, Any] = {
@@ -303,7 +307,9 @@ class Gateway:
     async def gc(self, request: Request) -> Response:
         """Free prefill sessions whose migration is over or orphaned."""
         distserve = self._distserve(request)
-        await read_admin_body(request)  # unused, but bounded like every admin body
+        await read_admin_body(
+            request, self.settings.body_timeout
+        )  # unused, but bounded like every admin body
         live = await self.store.live_replicas(self.store.settings.lease_ms)
         report = await distserve.cleaner.gc(set(live) | {self.replica})
         return json_response({"success": report["failed"] == 0, **report})

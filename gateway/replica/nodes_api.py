@@ -28,7 +28,14 @@ from shared_state import InvalidInput, Node, NodeStatus, Role, Store, UnknownNod
 from shared_state.registry import model_ids
 
 from .auth import Authenticator
-from .errors import BadRequest, BodyTooLarge, Forbidden, InvalidJSON, UpstreamError
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    Forbidden,
+    InvalidJSON,
+    RequestTimeout,
+    UpstreamError,
+)
 from .upstream import Upstream, UpstreamFailure
 
 ROLE_NAMES = {"hybrid": Role.HYBRID, "prefill": Role.PREFILL, "decode": Role.DECODE}
@@ -122,25 +129,30 @@ def _speed(value: object) -> float | None:
     return float(value)
 
 
-async def read_admin_body(request: Request) -> bytes:
-    """The body of an admin call, or :class:`BodyTooLarge` once it passes
-    ``ADMIN_BODY_MAX_BYTES`` (by its Content-Length before reading, else by counting)."""
+async def read_admin_body(request: Request, timeout_s: float) -> bytes:
+    """The body of an admin call; :class:`BodyTooLarge` once it passes ``ADMIN_BODY_MAX_BYTES``
+    (by its Content-Length before reading, else by counting), :class:`RequestTimeout` when it
+    has not all arrived within ``timeout_s``."""
     too_large = BodyTooLarge(f"an admin request body may hold at most {ADMIN_BODY_MAX_BYTES} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > ADMIN_BODY_MAX_BYTES:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > ADMIN_BODY_MAX_BYTES:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > ADMIN_BODY_MAX_BYTES:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    body = await read_admin_body(request)
+async def _json_object(request: Request, timeout_s: float) -> dict[str, Any]:
+    body = await read_admin_body(request, timeout_s)
     if not body.strip():
         return {}
     try:
@@ -200,9 +212,16 @@ async def check_own_address(url: str, caller: str | None) -> None:
 
 class NodesAPI:
     def __init__(
-        self, store: Store, upstream: Upstream, auth: Authenticator, cleaner: PDCleaner
+        self,
+        store: Store,
+        upstream: Upstream,
+        auth: Authenticator,
+        cleaner: PDCleaner,
+        *,
+        body_timeout_s: float,
     ) -> None:
         self.store = store
+        self.body_timeout_s = body_timeout_s
         self.upstream = upstream
         self.auth = auth
         self.cleaner = cleaner  # a node that leaves takes its DistServe pairs and sessions
@@ -225,7 +244,7 @@ class NodesAPI:
     async def add(self, request: Request) -> Response:
         caller = _client_host(request)
         admin = self.auth.check_register(request.headers.raw, caller)
-        payload = await _json_object(request)
+        payload = await _json_object(request, self.body_timeout_s)
         url = payload.get("url", request.query_params.get("node_url"))
         if not isinstance(url, str) or not url.strip():
             raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
@@ -312,7 +331,7 @@ class NodesAPI:
         return models
 
     async def _target(self, request: Request) -> str:
-        payload = await _json_object(request)
+        payload = await _json_object(request, self.body_timeout_s)
         url = payload.get("url", request.query_params.get("node_url"))
         if not isinstance(url, str):
             raise BadRequest('body must carry the node\'s url: {"url": "http://host:port"}')
@@ -371,7 +390,9 @@ class NodesAPI:
     async def terminate_all(self, request: Request) -> Response:
         """LMDeploy's /nodes/terminate_all: every node removed and asked to stop."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
-        await read_admin_body(request)  # unused, but bounded like every admin body
+        await read_admin_body(
+            request, self.body_timeout_s
+        )  # unused, but bounded like every admin body
         registry = await self.store.registry()
         results = [await self._terminate(node) for node in registry.nodes]
         await self.store.refresh_latest()

@@ -348,3 +348,33 @@ async def test_a_request_refused_before_its_body_is_read_closes_its_connection(
     assert_openai_error_body(orjson.loads(answer), code)
     assert rest == b""
     assert_clean_log(gateway)
+
+
+async def test_an_admin_body_trickled_in_gets_408(redis_url: str, procs: list[Process]) -> None:
+    """The node API bounds the time of its bodies too: a registration sent a byte at a time
+    (from loopback, so an admin call) is answered 408 within ``--body-timeout`` and registers
+    nothing."""
+    gateway = start(procs, redis_url, "--body-timeout", "0.5")
+    body = orjson.dumps({"url": "http://127.0.0.1:9/v1", "status": {"models": ["trickled"]}})
+    head = (
+        b"POST /nodes/add HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+
+    def trickle() -> tuple[int, dict[str, str], bytes, float]:
+        with connect(gateway) as sock:
+            sock.sendall(head + body[:5])  # the rest never comes
+            started = time.monotonic()
+            buffer = bytearray()
+            status, headers, answer = read_response(sock, buffer)
+            return status, headers, answer, time.monotonic() - started
+
+    status, headers, answer, waited_s = await asyncio.to_thread(trickle)
+    assert status == 408, answer
+    assert headers.get("connection") == "close", headers
+    assert_openai_error_body(orjson.loads(answer), "request_timeout")
+    async with httpx.AsyncClient(timeout=10) as http:
+        listed = (await http.get(f"{gateway.url}/v1/models")).json()
+    assert "trickled" not in {m["id"] for m in listed["data"]}
+    print(f"trickled admin body answered 408 after {waited_s:.2f} s (timeout 0.5 s)")
+    assert_clean_log(gateway)
