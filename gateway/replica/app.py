@@ -280,9 +280,8 @@ class Gateway:
     async def connection_warmup(self, request: Request) -> Response:
         """Connect every (Prefill, Decode) pair now, instead of at its first request."""
         distserve = self._distserve(request)
-        await read_admin_body(
-            request, self.settings.body_timeout
-        )  # unused, but bounded like every admin body
+        # The body is unused, but bounded like every admin body.
+        await read_admin_body(request, self.settings.body_timeout)
         results = await distserve.connector.warmup()
         failed = [r for r in results if r.status == "failed"]
         body: dict[str, Any] = {
@@ -307,9 +306,8 @@ class Gateway:
     async def gc(self, request: Request) -> Response:
         """Free prefill sessions whose migration is over or orphaned."""
         distserve = self._distserve(request)
-        await read_admin_body(
-            request, self.settings.body_timeout
-        )  # unused, but bounded like every admin body
+        # The body is unused, but bounded like every admin body.
+        await read_admin_body(request, self.settings.body_timeout)
         live = await self.store.live_replicas(self.store.settings.lease_ms)
         report = await distserve.cleaner.gc(set(live) | {self.replica})
         return json_response({"success": report["failed"] == 0, **report})

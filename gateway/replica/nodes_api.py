@@ -390,9 +390,8 @@ class NodesAPI:
     async def terminate_all(self, request: Request) -> Response:
         """LMDeploy's /nodes/terminate_all: every node removed and asked to stop."""
         self.auth.check_admin(request.headers.raw, _client_host(request))
-        await read_admin_body(
-            request, self.body_timeout_s
-        )  # unused, but bounded like every admin body
+        # The body is unused, but bounded like every admin body.
+        await read_admin_body(request, self.body_timeout_s)
         registry = await self.store.registry()
         results = [await self._terminate(node) for node in registry.nodes]
         await self.store.refresh_latest()
