@@ -11,6 +11,7 @@ from .errors import (
     UnknownStrategy,
 )
 from .health import HealthLedger
+from .key_records import key_digest
 from .model import (
     ApiKey,
     Lease,
@@ -28,7 +29,7 @@ from .model import (
 from .pd import PDSession, PDState
 from .registry import RegistryView, normalize_url
 from .schema import KeySchema
-from .store import Store, StoreSettings, key_digest
+from .store import Store, StoreSettings
 
 __all__ = [
     "ApiKey",

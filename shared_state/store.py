@@ -37,6 +37,7 @@ from .errors import (
     brief,
     refusal_of,
 )
+from .key_records import api_key_record, key_digest, key_limits, limit_arg, stored_json
 from .model import (
     ApiKey,
     Lease,
@@ -334,11 +335,17 @@ class Store:
         return int(value or 0)
 
     async def registry(self) -> Registry:
-        """Read the whole registry (ops tools and cache refreshes; never per request)."""
+        """Read the whole registry (ops tools and cache refreshes; never per request).
+
+        Not a MULTI: a Redis out of memory refuses to queue even reads in a transaction, and
+        the registry must stay readable then. One pipeline reads the epoch and generation
+        before and after the rest; the read is repeated while they or the node set moved in
+        between (every registry change bumps the epoch, a restore renews the generation).
+        """
         async with self.guard():
             members = cast(set[str], await self.client.smembers(self.keys.nodes))
-            for _ in range(10):  # until the node set did not change before the transaction
-                async with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(10):
+                async with self.client.pipeline(transaction=False) as pipe:
                     pipe.get(self.keys.epoch)
                     pipe.hgetall(self.keys.api_keys)
                     pipe.exists(self.keys.keys_required)
@@ -346,17 +353,21 @@ class Store:
                     pipe.smembers(self.keys.nodes)
                     for node_id in sorted(members):
                         pipe.hgetall(self.keys.node(node_id))
+                    pipe.get(self.keys.epoch)
+                    pipe.hget(self.keys.restore_record, "generation")
                     replies = await pipe.execute()
-                if replies[4] == members:  # else the epoch read may not match the nodes read
+                moved = replies[-2:] != [replies[0], replies[3]]
+                if not moved and replies[4] == members:
                     break
                 members = replies[4]
+            replies = replies[:-2]
         nodes = tuple(decode_node(f) for f in replies[5:] if f)
         api_keys = cast(dict[str, str], replies[1])
-        limits = {digest: _key_limits(_json(raw)) for digest, raw in api_keys.items()}
-        key_limits = {digest: pair for digest, pair in limits.items() if pair != (0, 0)}
+        limits = {digest: key_limits(stored_json(raw)) for digest, raw in api_keys.items()}
+        limited = {digest: pair for digest, pair in limits.items() if pair != (0, 0)}
         required = bool(api_keys) or bool(replies[2])
         epoch, digests, generation = int(replies[0] or 0), frozenset(api_keys), replies[3] or ""
-        return Registry(epoch, nodes, digests, key_limits, required, api_keys, str(generation))
+        return Registry(epoch, nodes, digests, limited, required, api_keys, str(generation))
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
@@ -432,26 +443,26 @@ class Store:
         if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
             raise InvalidInput("an API key must be at least 16 characters without spaces")
         digest = key_digest(key)
-        limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
+        limits = [limit_arg("rpm", rpm), limit_arg("concurrency", concurrency)]
         status, _epoch, _digest, entry = await self.run_script(
             scripts.KEY_ADD, self._key_script_keys(), [digest, name, *limits, "add"]
         )
         if status == "name_taken":
             raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
-        return _api_key(digest, orjson.loads(entry)), status == "added"
+        return api_key_record(digest, orjson.loads(entry)), status == "added"
 
     async def set_key_limits(
         self, name: str, *, rpm: int | None = None, concurrency: int | None = None
     ) -> tuple[ApiKey, bool]:
         """Change the limits of the key named ``name`` (``None``: unchanged, 0: unlimited);
         returns it and whether anything changed. :class:`UnknownKey` if there is none."""
-        limits = [_limit_arg("rpm", rpm), _limit_arg("concurrency", concurrency)]
+        limits = [limit_arg("rpm", rpm), limit_arg("concurrency", concurrency)]
         status, _epoch, digest, entry = await self.run_script(
             scripts.KEY_ADD, self._key_script_keys(), ["", name, *limits, "set"]
         )
         if status == "unknown":
             raise UnknownKey(f"no API key named {name!r}")
-        return _api_key(str(digest), orjson.loads(entry)), status == "updated"
+        return api_key_record(str(digest), orjson.loads(entry)), status == "updated"
 
     async def revoke_key(self, name: str) -> None:
         """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
@@ -473,7 +484,7 @@ class Store:
 
     async def list_keys(self) -> list[ApiKey]:
         entries = await self.read_hash(self.keys.api_keys)
-        out = [_api_key(digest, orjson.loads(raw)) for digest, raw in entries.items()]
+        out = [api_key_record(digest, orjson.loads(raw)) for digest, raw in entries.items()]
         return sorted(out, key=lambda k: (k.created_ms, k.name))
 
     async def key_exists(self, digest: str) -> bool:
@@ -634,9 +645,12 @@ class Store:
             max(len(pool), 1),
             *others,
         ]
-        released, fails, until = await self.run_script(scripts.RELEASE, keys, args)
+        released, fails, until, now = await self.run_script(scripts.RELEASE, keys, args)
         return Release(
-            released=bool(released), consecutive_failures=int(fails), ejected_until_ms=int(until)
+            released=bool(released),
+            consecutive_failures=int(fails),
+            ejected_until_ms=int(until),
+            ejected_now=bool(now),
         )
 
     async def renew(self, replica: str, leases: Iterable[Lease]) -> int:
@@ -651,45 +665,6 @@ class Store:
             args.append(len(members))
             args.extend(members)
         return int(await self.run_script(scripts.RENEW, keys, args))
-
-
-def key_digest(key: str) -> str:
-    """The hex SHA-256 of a client key: the only form in which keys are stored."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-_MAX_LIMIT = 1_000_000  # GCRA keeps ms to 3 decimals: enough up to this rpm
-
-
-def _limit_arg(name: str, value: int | None) -> str:
-    """A key limit as key_add.lua takes it: "" unchanged, "0" unlimited, else the number."""
-    if value is None:
-        return ""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_LIMIT:
-        raise InvalidInput(f"{name} must be a whole number from 0 (unlimited) to {_MAX_LIMIT}")
-    return str(value)
-
-
-def _json(raw: str) -> Any:
-    """A stored JSON value; ``None`` when it is malformed."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _api_key(digest: str, meta: Any) -> ApiKey:
-    """A stored key's public view: its record, and the first 12 hex digits of its digest."""
-    rpm, concurrency = _key_limits(meta)
-    return ApiKey(str(meta["name"]), digest[:12], int(meta["created_ms"]), rpm, concurrency)
-
-
-def _key_limits(meta: Any) -> tuple[int, int]:
-    """(rpm, concurrency) of a stored key's record, 0 for unlimited; malformed reads as none."""
-    try:
-        return max(int(meta.get("rpm") or 0), 0), max(int(meta.get("concurrency") or 0), 0)
-    except (AttributeError, TypeError, ValueError):
-        return 0, 0
 
 
 def _strategy(value: Strategy | str) -> Strategy:

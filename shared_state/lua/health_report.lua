@@ -78,10 +78,10 @@ end
 if state == 'unhealthy' and deregister_ms > 0 then
   local since = tonumber(redis.call('HGET', KEYS[2], 'state_since_ms') or now)
   if now - since >= deregister_ms then
+    redis.call('INCR', KEYS[4])  -- first: refused out of memory, the node stays whole
     redis.call('SREM', KEYS[3], node)
     redis.call('DEL', KEYS[2], KEYS[5], KEYS[6])
     redis.call('ZREM', KEYS[7], node)
-    redis.call('INCR', KEYS[4])
     log_event(state, 'removed', 'unhealthy for ' .. (now - since) .. ' ms')
     return {'removed', 'removed', 1}
   end

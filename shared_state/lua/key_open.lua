@@ -11,8 +11,10 @@ local stored = redis.call('HLEN', KEYS[1])
 if stored > 0 then
   return {'keys_stored', stored}
 end
-if redis.call('DEL', KEYS[3]) == 0 then
+if redis.call('EXISTS', KEYS[3]) == 0 then
   return {'already_open', 0}
 end
+-- The epoch first: out of memory it is refused, and the marker must then stay.
 redis.call('INCR', KEYS[2])
+redis.call('DEL', KEYS[3])
 return {'opened', 0}

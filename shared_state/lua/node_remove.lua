@@ -9,11 +9,15 @@
 -- ARGV[1]  node id
 --
 -- Returns {removed (0/1), epoch}; removing an unknown node changes nothing.
+-- Invariant: the epoch is bumped first. A Redis out of memory refuses INCR but not the
+-- deletions, so a refusal then leaves the node in place rather than removed behind the
+-- replicas' cached views with an error said to the caller.
 local id = ARGV[1]
 if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('SISMEMBER', KEYS[1], id) == 0 then
   return {0, tonumber(redis.call('GET', KEYS[6]) or '0')}
 end
+local epoch = redis.call('INCR', KEYS[6])
 redis.call('SREM', KEYS[1], id)
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], id)
-return {1, redis.call('INCR', KEYS[6])}
+return {1, epoch}

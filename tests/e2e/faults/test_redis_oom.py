@@ -158,14 +158,15 @@ async def test_ops_cli_exits_3_with_one_line_when_redis_refuses_writes(
     for command in (
         ("nodes", "add", "http://127.0.0.1:9/", "--model", MODEL),
         ("keys", "add", "team-a"),
-        # Redis refuses every command queued in MULTI while out of memory, reads included.
-        ("nodes", "list"),
     ):
         done = await asyncio.to_thread(ops, url, *command)
         assert done.returncode == 3, (command, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "refuses writes" in lines[0] and "OOM" in lines[0], lines
+    # Reads still work: the registry is not read in a MULTI, which Redis refuses out of memory.
+    listing = await asyncio.to_thread(ops, url, "nodes", "list")
+    assert listing.returncode == 0 and "no nodes registered" in listing.stdout, listing.stderr
     await free_memory(oom_client)
     done = await asyncio.to_thread(
         ops, url, "nodes", "add", "http://127.0.0.1:9/", "--model", MODEL
@@ -335,3 +336,34 @@ async def test_ops_cli_never_prints_a_store_password() -> None:
             assert "wrong-pw" not in done.stderr + done.stdout, lines
     finally:
         server.close()
+
+
+async def test_an_admin_write_refused_for_want_of_memory_changed_nothing(
+    oom_redis: RedisServer, oom_client: aioredis.Redis, procs: list[Process]
+) -> None:
+    """A removal or a drain refused with 503 left the registry as it was (a script that wrote
+    before the refusal would have removed the node without telling the replicas); the
+    registry can still be read (ops ``nodes list``) while Redis refuses writes."""
+    nodes = [SimNode("--tokens-per-s", "inf") for _ in range(2)]
+    procs.extend(nodes)
+    gateway = Gateway("--redis-url", oom_redis.url, *[a for n in nodes for a in ("--node", n.url)])
+    procs.append(gateway)
+    gateway.wait_models(MODEL)
+    store = Store.open(oom_redis.url)
+    try:
+        before = await store.registry()
+        assert await fill_until_oom(oom_client) > 0
+        async with httpx.AsyncClient(timeout=10) as http:
+            for path in ("/nodes/remove", "/nodes/drain"):
+                answer = await http.post(f"{gateway.url}{path}", json={"url": nodes[0].url})
+                assert_openai_error(answer, 503, "store_refusing_writes")
+        after = await store.registry()
+        assert after.epoch == before.epoch
+        assert sorted(after.nodes, key=lambda n: n.id) == sorted(before.nodes, key=lambda n: n.id)
+        listing = ops(oom_redis.url, "nodes", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert nodes[0].url in listing.stdout and nodes[1].url in listing.stdout
+    finally:
+        await free_memory(oom_client)
+        await store.close()
+    assert "Traceback" not in gateway.output()
