@@ -162,7 +162,8 @@ class Pick(msgspec.Struct, frozen=True, kw_only=True):
 class Release(msgspec.Struct, frozen=True, kw_only=True):
     released: bool
     consecutive_failures: int
-    ejected_until_ms: int
+    ejected_until_ms: int  # the node's ejection in force, 0 when none
+    ejected_now: bool = False  # this release's failure made that ejection
 
 
 class ProbeResult(enum.StrEnum):

@@ -201,7 +201,7 @@ class Router:
         except StateError:
             log.exception("release of %s failed", route.lease.member)
             return
-        if result.ejected_until_ms:
+        if result.ejected_now:
             self.metrics.ejections.inc((("node", route.node.id),))
 
     # -- lease renewal -------------------------------------------------------------------

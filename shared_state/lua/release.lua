@@ -15,8 +15,10 @@
 -- ARGV[9]  pool size: active nodes sharing a model with this one, itself included
 -- ARGV[10..] ids of the other nodes of the pool (sent with failures only)
 --
--- Returns {released, consecutive_failures, ejected_until_ms}: released 0 means the lease had
--- already expired or been released, and nothing was recorded (releases are idempotent).
+-- Returns {released, consecutive_failures, ejected_until_ms, ejected_now}: released 0 means
+-- the lease had already expired or been released, and nothing was recorded (releases are
+-- idempotent); ejected_now 1 means this failure ejected the node (ejected_until_ms > 0 alone
+-- may be an ejection another failure already made, which must not be counted again).
 --
 -- Invariant: never more than half of a pool is ejected at once; a failure never lowers a
 -- node's observed latency.
@@ -33,15 +35,15 @@ local pool = tonumber(ARGV[9])
 local now = now_ms()
 local deadline = redis.call('ZSCORE', KEYS[2], member)
 if not deadline then
-  return {0, 0, 0}
+  return {0, 0, 0, 0}
 end
 redis.call('ZREM', KEYS[2], member)
 if tonumber(deadline) < now then
   -- Expired: the request already stopped counting, so its outcome is not recorded either.
-  return {0, 0, 0}
+  return {0, 0, 0, 0}
 end
 if outcome == 'neutral' or redis.call('EXISTS', KEYS[1]) == 0 then
-  return {1, 0, 0}
+  return {1, 0, 0, 0}
 end
 
 if outcome == 'ok' then
@@ -49,7 +51,7 @@ if outcome == 'ok' then
   redis.call('LTRIM', KEYS[3], 0, window - 1)
   redis.call('HINCRBY', KEYS[1], 'ok_total', 1)
   redis.call('HSET', KEYS[1], 'consecutive_failures', 0)
-  return {1, 0, 0}
+  return {1, 0, 0, 0}
 end
 
 if latency_ms < penalty_ms then latency_ms = penalty_ms end
@@ -58,13 +60,13 @@ redis.call('LTRIM', KEYS[3], 0, window - 1)
 redis.call('HINCRBY', KEYS[1], 'fail_total', 1)
 local fails = redis.call('HINCRBY', KEYS[1], 'consecutive_failures', 1)
 if fails < threshold then
-  return {1, fails, 0}
+  return {1, fails, 0, 0}
 end
 
 local f = redis.call('HMGET', KEYS[1], 'id', 'ejected_until', 'eject_count')
 local until_ms = tonumber(f[2]) or 0
 if until_ms > now then
-  return {1, fails, until_ms}
+  return {1, fails, until_ms, 0}
 end
 local ejected_now = 1
 for i = 10, #ARGV do
@@ -73,7 +75,7 @@ for i = 10, #ARGV do
 end
 if ejected_now * 2 > pool then
   redis.call('HINCRBY', KEYS[1], 'eject_capped_total', 1)
-  return {1, fails, 0}
+  return {1, fails, 0, 0}
 end
 local count = tonumber(f[3]) or 0
 -- The backoff forgets a node that stayed healthy for a whole longest-ejection time.
@@ -86,4 +88,4 @@ redis.call('HINCRBY', KEYS[1], 'eject_total', 1)
 redis.call('ZADD', KEYS[4], until_ms, f[1])
 -- After its backoff the node starts again from the prior instead of its failure samples.
 redis.call('DEL', KEYS[3])
-return {1, fails, until_ms}
+return {1, fails, until_ms, 1}

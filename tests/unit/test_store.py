@@ -564,6 +564,26 @@ class TestEjection:
             assert r.consecutive_failures == 0 and r.ejected_until_ms == 0
         assert (await store.get_node(A)).consecutive_failures == 0
 
+    async def test_an_ejection_is_said_new_once(self, store_factory: StoreFactory) -> None:
+        """Requests in flight on a node when it is ejected fail too: each release reports the
+        ejection in force, only the one that made it says so (the replicas count ejections
+        by it)."""
+        store = store_factory(StoreSettings(eject_threshold=1))
+        for url in (A, B, C):
+            await store.add_node(url, ["m"])
+        await store.refresh()
+        leases = []
+        for i in range(3):
+            p = await store.pick(
+                "m", strategy="random", replica="r", request_id=f"held{i}", exclude=[B, C]
+            )
+            assert p is not None and p.node.id == A
+            leases.append(p.lease)
+        results = [await store.release(lease, Outcome.FAIL, 0.01) for lease in leases]
+        assert [r.ejected_now for r in results] == [True, False, False]
+        assert all(r.ejected_until_ms == results[0].ejected_until_ms > 0 for r in results)
+        assert (await store.get_node(A)).eject_count == 1
+
     async def test_never_more_than_half_the_pool_is_ejected(
         self, store_factory: StoreFactory
     ) -> None:
