@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from shared_state import Store, StoreUnavailable
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, StoreDown, Unauthorized
 from .settings import IPNetwork
 
 Headers = Iterable[tuple[bytes, bytes]]
@@ -78,6 +78,22 @@ class Authenticator:
         OpenAI API takes every caller."""
         return not self._client and not self._keys_required()
 
+    async def _learn_keys(self, headers: Headers) -> None:
+        """Read the registry when this replica never has: until it knows whether the store
+        requires keys, the API is not open (a replica started while Redis was unreachable
+        must not take every caller on a fleet whose keys are stored there). Raises
+        :class:`StoreDown` for any caller but the admin while the store stays unreachable."""
+        assert self._store is not None
+        try:
+            await self._store.refresh()
+        except StoreUnavailable:
+            if self._is_admin_key(bearer_token(headers)):
+                return
+            raise StoreDown(
+                "cannot check the API key: the store has not answered since this gateway"
+                " replica started"
+            ) from None
+
     def _is_admin_key(self, token: str | None) -> bool:
         return (
             token is not None
@@ -92,6 +108,8 @@ class Authenticator:
         the call, whose per-key limits apply; ``None`` for an open API, a ``--api-key`` key or
         the admin key, which have no limits.
         """
+        if not self._client and self._store is not None and self._store.cached_view is None:
+            await self._learn_keys(headers)
         if self.open:
             return None
         stored = self._stored_digests()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 
 from tests.support.clients import chat
+from tests.support.harness import RedisServer
 from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually
 from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of
@@ -71,3 +72,34 @@ async def test_revoking_the_last_key_keeps_every_replica_closed_until_opened(
         assert await eventually(open_everywhere, 10)
         again = ops(redis_url, "keys", "open", "--json")
         assert again.returncode == 0 and "already open" in again.stdout
+
+
+async def test_a_replica_that_never_reached_its_store_is_not_open(procs: list[Process]) -> None:
+    """Started while Redis is unreachable, a replica cannot know whether keys are stored
+    there: it answers 503 ``store_unavailable`` to callers without its own ``--api-key``
+    (it used to take every caller, on a fleet whose keys were stored), and follows the
+    store's keys once it answers."""
+    node = SimNode("--tokens-per-s", "inf")
+    procs.append(node)
+    server = RedisServer()  # its port is chosen; nothing listens there yet
+    try:
+        gateway = Gateway("--redis-url", server.url, "--node", node.url)
+        procs.append(gateway)
+        async with httpx.AsyncClient(timeout=10) as http:
+            for key in (None, "garbage-key-0123456789"):
+                refused = await chat(http, gateway.url, key)
+                error = assert_openai_error(refused, 503, "store_unavailable")
+                assert "store" in error["message"]
+            server.start()
+            added = ops(server.url, "keys", "add", "only", "--key", KEY)
+            assert added.returncode == 0, added.stderr
+
+            async def follows_the_store() -> bool:
+                without = await chat(http, gateway.url, None)
+                with_key = await chat(http, gateway.url, KEY)
+                return without.status_code == 401 and with_key.status_code == 200
+
+            assert await eventually(follows_the_store, 15)
+        assert "Traceback" not in gateway.output()
+    finally:
+        server.close()
