@@ -45,6 +45,10 @@ DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS
 DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 IDLE_PER_ORIGIN = 256
 PAUSE_ABOVE_BYTES = 1 << 20  # stop reading from a node while this much waits for the client
+# A timeout firing this late means the process was not running (see _Connection.wait); the
+# silence is then measured again for this long.
+LATE_TIMER_S = 0.25
+LATE_TIMER_GRACE_S = 0.5
 
 
 class UpstreamFailure(Exception):
@@ -118,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.wakes = 0  # news from the node so far (see wait)
 
     # -- transport events ----------------------------------------------------------------
 
@@ -170,6 +175,7 @@ class _Connection(asyncio.Protocol):
     # -- consumer side -------------------------------------------------------------------
 
     def _wake(self) -> None:
+        self.wakes += 1
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -183,15 +189,28 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     async def wait(self, timeout_s: float) -> None:
-        """Wait for anything new from the node, at most ``timeout_s``."""
-        self.waiter = self.loop.create_future()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.waiter
-        except TimeoutError:
-            self._fail(UpstreamFailure("node timed out", timeout=True))
-        finally:
-            self.waiter = None
+        """Wait for anything new from the node, at most ``timeout_s``.
+
+        A timer that fires well after it was due means this process did not run meanwhile
+        (SIGSTOP, a frozen VM, a blocked loop): on waking its timers are due before the bytes
+        that arrived in the pause are read, so the silence is measured once more, briefly,
+        before the node is called silent."""
+        due = self.loop.time() + timeout_s
+        seen = self.wakes
+        for grace in (timeout_s, LATE_TIMER_GRACE_S):
+            self.waiter = self.loop.create_future()
+            try:
+                async with asyncio.timeout(grace):
+                    await self.waiter
+                return
+            except TimeoutError:
+                if self.wakes != seen:
+                    return  # it arrived in the same loop pass as the timer fired
+                if self.loop.time() - due < LATE_TIMER_S:
+                    break
+            finally:
+                self.waiter = None
+        self._fail(UpstreamFailure("node timed out", timeout=True))
 
     def take(self) -> bytes | None:
         """Everything received so far, as one piece (several SSE events relay in one send)."""

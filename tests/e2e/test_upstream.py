@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
@@ -190,6 +193,35 @@ async def test_silent_node_times_out_and_refused_connection_fails(upstream: Upst
     with pytest.raises(UpstreamFailure, match="cannot connect") as failure:
         await post(upstream, closed)
     assert not failure.value.timeout
+
+
+async def test_an_answer_that_arrived_while_the_process_was_paused_is_read(
+    upstream: Upstream,
+) -> None:
+    """A replica paused (SIGSTOP, a frozen VM, a blocked loop) past the first-byte timeout
+    wakes with that timer due before it reads the answer that arrived meanwhile: the answer
+    is read, not called a timeout (a paused replica's streams got 504s)."""
+    answered = threading.Event()
+
+    def serve(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.2)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            answered.set()
+            time.sleep(3)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        node = Node(id=f"http://127.0.0.1:{port}", url=f"http://127.0.0.1:{port}", models=("m",))
+        # The loop stops running 0.1 s into the wait, for longer than the 1 s timeout.
+        asyncio.get_running_loop().call_later(0.1, time.sleep, 1.5)
+        assert await post(upstream, node) == (200, b"ok")
+        assert answered.is_set()
+        thread.join(5)
 
 
 async def test_large_body_is_read_whole_through_backpressure(upstream: Upstream) -> None:
