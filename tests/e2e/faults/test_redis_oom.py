@@ -280,8 +280,9 @@ async def test_a_wrong_redis_password_is_an_unavailable_store_on_the_pipelined_p
                 f"{gateway.url}/v1/chat/completions",
                 json={"model": MODEL, "messages": CHAT, "max_tokens": 1},
             )
-            # No registry snapshot was ever read: the model is unknown to this replica.
-            assert_openai_error(chat, 404, "model_not_found")
+            # No registry was ever read: whether keys are required is unknown, so the API is
+            # not open (and no model would be known either).
+            assert_openai_error(chat, 503, "store_unavailable")
         assert "Traceback" not in gateway.output()
     finally:
         server.close()
