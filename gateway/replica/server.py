@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event as EventType
 
+import h11
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.utils import wrap_app
 
 from gateway.common.config import (
@@ -33,6 +35,7 @@ from gateway.common.config import (
 )
 
 from .app import create_app
+from .errors import error_body
 from .settings import GatewaySettings, load_settings
 from .shutdown import CUT_SETTLE_S
 
@@ -43,6 +46,34 @@ MASTER_POLL_S = 0.2
 also signals it at once, see :func:`_die_with_parent`)."""
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+_UNPARSABLE = {
+    400: ("malformed HTTP request: it could not be parsed", "invalid_request"),
+    431: ("request header fields too large", "request_header_fields_too_large"),
+}
+
+
+async def _send_protocol_error(self: H11Protocol, status_code: int) -> None:
+    """hypercorn's answer to a request it cannot parse (a bad request line, header or length,
+    a target that is not ASCII), with an OpenAI-shaped body instead of an empty one; the
+    connection is closed after it, as hypercorn does."""
+    message, code = _UNPARSABLE.get(status_code, _UNPARSABLE[400])
+    body = error_body(message, "invalid_request_error", code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+# Replaces a private method: tests/e2e/test_request_input.py sends unparsable requests and
+# fails if a hypercorn release stops calling it.
+H11Protocol._send_error_response = _send_protocol_error  # type: ignore[method-assign]
 
 
 def hypercorn_config(settings: GatewaySettings) -> Config:

@@ -5,6 +5,7 @@ in slowly, and a request framed both by Content-Length and by Transfer-Encoding 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -377,4 +378,38 @@ async def test_an_admin_body_trickled_in_gets_408(redis_url: str, procs: list[Pr
         listed = (await http.get(f"{gateway.url}/v1/models")).json()
     assert "trickled" not in {m["id"] for m in listed["data"]}
     print(f"trickled admin body answered 408 after {waited_s:.2f} s (timeout 0.5 s)")
+    assert_clean_log(gateway)
+
+
+UNPARSABLE = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nno colon here\r\n\r\n",
+    b"GET /v1/mo dels HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    b"GET /v1/models?\xff HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: abc\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", UNPARSABLE, ids=range(len(UNPARSABLE)))
+async def test_a_request_that_cannot_be_parsed_gets_an_openai_error_and_a_close(
+    redis_url: str, procs: list[Process], request_bytes: bytes
+) -> None:
+    """A request line, header or length the HTTP parser refuses is answered with an
+    OpenAI-shaped error body (the server's own answer had an empty one), then closed."""
+    gateway = start(procs, redis_url)
+
+    def send() -> tuple[int, dict[str, str], bytes, bytes]:
+        with connect(gateway) as sock:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                sock.sendall(request_bytes)
+            buffer = bytearray()
+            status, headers, answer = read_response(sock, buffer)
+            return status, headers, answer, read_until_closed(sock, buffer)
+
+    status, headers, answer, rest = await asyncio.to_thread(send)
+    assert status in (400, 431), answer
+    assert headers.get("connection") == "close" and rest == b""
+    code = "invalid_request" if status == 400 else "request_header_fields_too_large"
+    assert_openai_error_body(orjson.loads(answer), code)
     assert_clean_log(gateway)
