@@ -27,11 +27,14 @@ from .model import (
     Strategy,
 )
 from .pd import PDSession, PDState
+from .prefix import MAX_CHAIN_BLOCKS, PrefixSettings
+from .prefix_index import PrefixIndex
 from .registry import RegistryView, normalize_url
 from .schema import KeySchema
 from .store import Store, StoreSettings
 
 __all__ = [
+    "MAX_CHAIN_BLOCKS",
     "ApiKey",
     "Fenced",
     "HealthLedger",
@@ -45,6 +48,8 @@ __all__ = [
     "PDSession",
     "PDState",
     "Pick",
+    "PrefixIndex",
+    "PrefixSettings",
     "ProbeResult",
     "Registry",
     "RegistryView",

@@ -66,6 +66,7 @@ class HealthLedger:
             self.keys.latencies(node_id),
             self.keys.ejected,
             self.keys.events,
+            self.keys.prefix_blocks(node_id),
         ]
         args = [
             self.checker_id,

@@ -31,6 +31,7 @@ class Strategy(enum.StrEnum):
     WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
     WEIGHTED_LEAST_CONNECTIONS = "weighted_least_connections"
     SESSION_AFFINITY = "session_affinity"
+    CACHE_AWARE = "cache_aware"
 
 
 class Outcome(enum.StrEnum):
@@ -52,6 +53,7 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     weight: float = 1.0
     api_key: str | None = None
     insecure: bool = False  # https without certificate checks
+    cache_blocks: int | None = None  # prefix-cache capacity in blocks; None: the default
     state: NodeState = NodeState.ACTIVE
     state_reason: str = ""
     state_since_ms: int = 0
@@ -77,6 +79,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     node: Node
     in_flight: int
     latencies_s: tuple[float, ...]
+    prefix_blocks: int = 0  # prompt blocks the prefix index says it holds (cache_aware)
 
 
 class Registry(msgspec.Struct, frozen=True):
@@ -157,6 +160,9 @@ class Pick(msgspec.Struct, frozen=True, kw_only=True):
     eligible: int
     reused: bool
     strategy: Strategy = Strategy.MIN_EXPECTED_LATENCY
+    # cache_aware: blocks of the prompt's chain the winner held before, and in the chain.
+    prefix_matched: int = 0
+    prefix_total: int = 0
 
 
 class Release(msgspec.Struct, frozen=True, kw_only=True):

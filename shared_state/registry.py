@@ -140,6 +140,7 @@ def decode_node(fields: Mapping[str, str]) -> Node:
         weight=_float(fields, "weight") or 1.0,
         api_key=fields.get("api_key") or None,
         insecure=fields.get("insecure") == "1",
+        cache_blocks=_int(fields, "cache_blocks") or None,
         state=NodeState(state) if state in NodeState._value2member_map_ else NodeState.UNHEALTHY,
         state_reason=fields.get("state_reason", ""),
         state_since_ms=_int(fields, "state_since_ms"),
@@ -180,6 +181,8 @@ def registry_fields(node: Node) -> dict[str, str]:
         fields["api_key"] = node.api_key
     if node.insecure:
         fields["insecure"] = "1"
+    if node.cache_blocks:
+        fields["cache_blocks"] = str(node.cache_blocks)
     return fields
 
 

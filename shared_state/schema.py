@@ -97,6 +97,10 @@ class KeySchema:
     def latencies(self, node_id: str) -> str:
         return f"{self.tag()}:lat:{node_id}"
 
+    def prefix_blocks(self, node_id: str) -> str:
+        """The prompt blocks routed to a node (cache_aware), scored by last use."""
+        return f"{self.tag()}:prefix:{node_id}"
+
     def key_rate(self, digest: str) -> str:
         """Rate-limit state (GCRA arrival time) of the client key with this hex digest."""
         return f"{self.tag()}:limit:rpm:{digest}"

@@ -37,6 +37,8 @@ class Script:
 
 
 PICK = Script("pick")
+PICK_PREFIX = Script("pick_prefix")
+PREFIX_FORGET = Script("prefix_forget")
 RELEASE = Script("release")
 RENEW = Script("renew")
 NODE_UPSERT = Script("node_upsert")

@@ -1,21 +1,21 @@
 """The typed async API over the shared state: registry, pick-and-reserve, release, renew.
 
 This is the only module that issues Redis commands: the other modules of ``shared_state``
-(health, pd, limits) build keys and arguments and go through :meth:`Store.run_script` and the
-plain reads below. Replies become msgspec Structs, ints or strings before they leave it;
-Redis failures become :class:`StoreUnavailable` within the short socket timeout, and a breaker
-then fails fast until the store answers again.
+(health, pd, limits, prefix_index) build keys and arguments and go through
+:meth:`Store.run_script` and the plain reads below. Replies become msgspec Structs, ints or
+strings before they leave it; Redis failures become :class:`StoreUnavailable` within the short
+socket timeout, and a breaker then fails fast until the store answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from . import scripts
+from .candidates import PickRequest
+from .candidates import candidates as pick_candidates
 from .connection import close_redis, drop_connections, is_embedded, open_redis
 from .errors import (
     InvalidInput,
@@ -52,6 +54,7 @@ from .model import (
     Strategy,
 )
 from .pipeline import AutoPipeline
+from .prefix import PrefixSettings, pick_args, release_args, validate_capacity
 from .registry import (
     RegistryView,
     decode_node,
@@ -85,25 +88,7 @@ class StoreSettings:
     full_scan_limit: int = 32
     sample_size: int = 8
     breaker_cooldown_s: float = 1.0
-
-
-# Strategies whose state spans every candidate: never sampled.
-_FULL_SCAN = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED_ROUND_ROBIN})
-
-
-@dataclass(frozen=True, slots=True)
-class _PickRequest:
-    model: str
-    strategy: Strategy
-    member: str
-    role: int
-    exclude: tuple[str, ...]
-    seed: int | None
-    session_key: str | None
-
-
-def _rendezvous(key: bytes, node_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key + b"\0" + node_id.encode(), digest_size=8).digest())
+    prefix: PrefixSettings = dataclasses.field(default_factory=PrefixSettings)
 
 
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
@@ -243,6 +228,7 @@ class Store:
         insecure: bool = False,
         state: NodeState = NodeState.ACTIVE,
         reason: str = "registered",
+        cache_blocks: int | None = None,
     ) -> tuple[Node, bool]:
         """Register a node, or update it if its URL is known; returns it and whether it is new."""
         node_id = normalize_url(url)
@@ -256,6 +242,7 @@ class Store:
             "insecure": "1" if insecure else "",
             "state": NodeState(state).value,
             "state_reason": reason,
+            "cache_blocks": "" if cache_blocks is None else str(validate_capacity(cache_blocks)),
         }
         created = await self._upsert(node_id, fields, create=True)
         return await self.get_node(node_id), created
@@ -270,6 +257,7 @@ class Store:
         weight: float | None = None,
         api_key: str | None = None,
         insecure: bool | None = None,
+        cache_blocks: int | None = None,
     ) -> Node:
         """Change some fields of a known node (``api_key=""`` removes its key)."""
         node_id = normalize_url(url)
@@ -286,6 +274,8 @@ class Store:
             fields["api_key"] = validate_api_key(api_key)
         if insecure is not None:
             fields["insecure"] = "1" if insecure else ""
+        if cache_blocks is not None:
+            fields["cache_blocks"] = str(validate_capacity(cache_blocks))
         await self._upsert(node_id, fields, create=False)
         return await self.get_node(node_id)
 
@@ -316,6 +306,7 @@ class Store:
             *self.keys.node_keys(node_id),
             self.keys.ejected,
             self.keys.epoch,
+            self.keys.prefix_blocks(node_id),
         ]
         removed, _epoch = await self.run_script(scripts.NODE_REMOVE, keys, [node_id])
         if not removed:
@@ -396,7 +387,7 @@ class Store:
         return int(epoch or 0), str(generation or "")
 
     async def status(self) -> list[NodeStatus]:
-        """Every node with its leases in force and recent latencies."""
+        """Every node with its leases in force, recent latencies and prefix blocks held."""
         registry = await self.registry()
         async with self.guard():
             now_ms = await self._server_ms()
@@ -404,12 +395,14 @@ class Store:
                 for node in registry.nodes:
                     pipe.zcount(self.keys.leases(node.id), now_ms, "+inf")
                     pipe.lrange(self.keys.latencies(node.id), 0, -1)
+                    pipe.zcard(self.keys.prefix_blocks(node.id))
                 replies = await pipe.execute()
         return [
             NodeStatus(
                 node=node,
-                in_flight=int(replies[2 * i]),
-                latencies_s=tuple(float(v) / 1000 for v in replies[2 * i + 1]),
+                in_flight=int(replies[3 * i]),
+                latencies_s=tuple(float(v) / 1000 for v in replies[3 * i + 1]),
+                prefix_blocks=int(replies[3 * i + 2]),
             )
             for i, node in enumerate(registry.nodes)
         ]
@@ -514,13 +507,14 @@ class Store:
         exclude: Iterable[str] = (),
         seed: int | None = None,
         session_key: str | None = None,
+        blocks: Sequence[str] = (),
     ) -> Pick | None:
         """Choose a node for ``model`` and reserve a lease on it, in one atomic script.
 
         ``None`` when no active node can take it. Calling again with the same replica and
         request id while the lease is held returns the same node and keeps one lease.
         ``session_key`` steers ``session_affinity`` (without one it acts as
-        ``min_expected_latency``).
+        ``min_expected_latency``); ``blocks``, the prompt's chain of block hashes, ``cache_aware``.
         """
         strategy = _strategy(strategy)
         if not isinstance(model, str) or not model:
@@ -529,8 +523,9 @@ class Store:
             raise InvalidInput("replica and request id must be non-empty (replica without ':')")
         if strategy is Strategy.SESSION_AFFINITY and not session_key:
             strategy = Strategy.MIN_EXPECTED_LATENCY
-        request = _PickRequest(
-            model, strategy, f"{replica}:{request_id}", role, tuple(exclude), seed, session_key
+        member = f"{replica}:{request_id}"
+        request = PickRequest(
+            model, strategy, member, role, tuple(exclude), seed, session_key, tuple(blocks)
         )
         view = await self.view()
         result = await self._pick_once(view, request)
@@ -548,30 +543,19 @@ class Store:
             raise StoreUnavailable(self.cache.loss.describe())
         return None
 
-    def _candidates(self, view: RegistryView, request: _PickRequest) -> list[str]:
-        candidates = view.candidates(request.model, request.role, request.exclude)
-        strategy = request.strategy
-        if strategy is Strategy.SESSION_AFFINITY:
-            # Rendezvous order of the session key: the same on every replica, and removing a
-            # node moves only the keys that ranked it first.
-            key = (request.session_key or "").encode()
-            candidates.sort(key=lambda node_id: _rendezvous(key, node_id), reverse=True)
-            return candidates[: self.settings.full_scan_limit]
-        if len(candidates) > self.settings.full_scan_limit and strategy not in _FULL_SCAN:
-            # Past the limit a random sample keeps the script's cost flat in the fleet size.
-            return self._rng.sample(candidates, self.settings.sample_size)
-        return candidates
-
     async def _pick_once(
-        self, view: RegistryView, request: _PickRequest
+        self, view: RegistryView, request: PickRequest
     ) -> tuple[Pick | None, int] | None:
-        candidates = self._candidates(view, request)
+        s = self.settings
+        candidates = pick_candidates(view, request, s.full_scan_limit, s.sample_size, self._rng)
         if not candidates:
             return None
         keys = [self.keys.epoch, self.keys.cursor]
+        cached = request.strategy is Strategy.CACHE_AWARE
         for node_id in candidates:
             keys.extend(self.keys.node_keys(node_id))
-        s = self.settings
+            if cached:  # pick_prefix.lua's third key of a candidate: its prefix block set
+                keys[-1] = self.keys.prefix_blocks(node_id)
         seed = request.seed
         args = [
             request.member,
@@ -585,10 +569,10 @@ class Store:
             s.cache_stale_ms,
             s.cache_share,
             s.affinity_epsilon,
+            *(pick_args(s.prefix, request.blocks) if cached else ()),
         ]
-        node_id, in_flight, score, epoch, eligible, reused, _known = await self.run_script(
-            scripts.PICK, keys, args
-        )
+        reply = await self.run_script(scripts.PICK_PREFIX if cached else scripts.PICK, keys, args)
+        node_id, in_flight, score, epoch, eligible, reused, _known, *prefix = reply
         epoch = int(epoch)
         if epoch != view.epoch:
             asyncio.get_running_loop().create_task(self._quiet_refresh(epoch))
@@ -605,6 +589,8 @@ class Store:
                 eligible=int(eligible),
                 reused=bool(reused),
                 strategy=request.strategy,
+                prefix_matched=int(prefix[0]) if prefix else 0,
+                prefix_total=int(prefix[1]) if prefix else 0,
             ),
             epoch,
         )
@@ -614,13 +600,19 @@ class Store:
             await self.refresh(epoch)
 
     async def release(
-        self, lease: Lease, outcome: Outcome, latency_s: float, tokens: int = 0
+        self,
+        lease: Lease,
+        outcome: Outcome,
+        latency_s: float,
+        tokens: int = 0,
+        forget: Sequence[str] = (),
     ) -> Release:
         """End ``lease``; record ``outcome`` and ``latency_s`` only if the lease was held.
 
         A good answer's latency is recorded per unit of load (divided by ``lease.load``) and per
         output token when ``tokens`` is known; a failure's is recorded whole, and at least the
-        failure penalty."""
+        failure penalty. ``forget``: prompt blocks the node's answer said it did not hold, removed
+        from its prefix block set in the same call."""
         outcome = Outcome(outcome)
         s = self.settings
         if outcome is Outcome.OK:
@@ -633,6 +625,8 @@ class Store:
             pool = view.pool(lease.node_id) if view is not None else [lease.node_id]
         others = [p for p in pool if p != lease.node_id]
         keys = [*self.keys.node_keys(lease.node_id), self.keys.ejected]
+        if forget:
+            keys.append(self.keys.prefix_blocks(lease.node_id))
         args = [
             lease.member,
             outcome.value,
@@ -643,6 +637,7 @@ class Store:
             s.eject_base_ms,
             s.eject_max_ms,
             max(len(pool), 1),
+            *release_args(forget),
             *others,
         ]
         released, fails, until, now = await self.run_script(scripts.RELEASE, keys, args)

@@ -9,6 +9,7 @@
 -- KEYS[6]  latency list of the node
 -- KEYS[7]  ejected sorted set
 -- KEYS[8]  event list (newest first, capped)
+-- KEYS[9]  prefix block set of the node
 -- ARGV[1]  checker id
 -- ARGV[2]  fencing token
 -- ARGV[3]  node id
@@ -27,7 +28,9 @@
 -- "gone" (no such node) or "removed" (deregistered now); changed 1 when the state moved.
 --
 -- Invariants: draining is left to operators (never changed here); a transition bumps the
--- epoch so every replica stops or resumes routing at once, and is logged with its reason.
+-- epoch so every replica stops or resumes routing at once, and is logged with its reason. A
+-- node back from unhealthy, or deregistered, has no prefix blocks left: an engine that failed
+-- its probes that long has usually restarted, with an empty cache.
 local id, token, node = ARGV[1], ARGV[2], ARGV[3]
 local result = ARGV[4]
 local fall, rise = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -64,6 +67,7 @@ if result == 'ok' then
   local oks = redis.call('HINCRBY', KEYS[2], 'probe_successes', 1)
   if state == 'unhealthy' and oks >= rise then
     move('active', 'recovered: ' .. oks .. ' probes passed')
+    redis.call('DEL', KEYS[9])
     changed = 1
   end
 elseif result == 'fail' then
@@ -80,7 +84,7 @@ if state == 'unhealthy' and deregister_ms > 0 then
   if now - since >= deregister_ms then
     redis.call('INCR', KEYS[4])  -- first: refused out of memory, the node stays whole
     redis.call('SREM', KEYS[3], node)
-    redis.call('DEL', KEYS[2], KEYS[5], KEYS[6])
+    redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[9])
     redis.call('ZREM', KEYS[7], node)
     log_event(state, 'removed', 'unhealthy for ' .. (now - since) .. ' ms')
     return {'removed', 'removed', 1}

@@ -1,4 +1,5 @@
--- node_remove.lua: remove a node with its leases, history and ejection, and bump the epoch.
+-- node_remove.lua: remove a node with its leases, history, ejection and prefix blocks, and bump
+-- the epoch.
 --
 -- KEYS[1]  node id set
 -- KEYS[2]  node hash
@@ -6,6 +7,7 @@
 -- KEYS[4]  latency list of the node
 -- KEYS[5]  ejected sorted set
 -- KEYS[6]  registry epoch
+-- KEYS[7]  prefix block set of the node
 -- ARGV[1]  node id
 --
 -- Returns {removed (0/1), epoch}; removing an unknown node changes nothing.
@@ -18,6 +20,6 @@ if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('SISMEMBER', KEYS[1], id) =
 end
 local epoch = redis.call('INCR', KEYS[6])
 redis.call('SREM', KEYS[1], id)
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[7])
 redis.call('ZREM', KEYS[5], id)
 return {1, epoch}

@@ -40,107 +40,36 @@ local epsilon = tonumber(ARGV[11] or '0.25')
 
 local now = now_ms()
 local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
-
--- Park-Miller generator: products stay below 2^53, so doubles keep it exact.
-local function rnd()
-  seed = (seed * 16807) % 2147483647
-  return seed / 2147483647
-end
+local rnd = park_miller(seed)
 
 local function reply(id, inflight, score, eligible, reused, known)
   return {id, inflight, tostring(score), epoch, eligible, reused, known}
 end
 
-local needle = '\n' .. model .. '\n'
-local eligible = {}
-local ejected = {}
-local known = 0
-local ncand = (#KEYS - 2) / 3
-for i = 1, ncand do
-  local hkey = KEYS[3 * i]
-  local lkey = KEYS[3 * i + 1]
-  local f = redis.call('HMGET', hkey, 'id', 'state', 'models', 'role', 'speed', 'weight',
-    'ejected_until', 'kv_usage', 'kv_running', 'kv_ts', 'swrr')
-  if f[1] then
-    known = known + 1
-    if redis.call('ZSCORE', lkey, member) then
-      -- The same request asked twice (a client-side retry): keep its one lease.
-      redis.call('ZADD', lkey, now + lease_ms, member)
-      return reply(f[1], redis.call('ZCOUNT', lkey, now, '+inf'), 0, 1, 1, known)
-    end
-    local fits = f[2] == 'active'
-      and string.find(f[3] or '', needle, 1, true) ~= nil
-      and (role == 0 or tonumber(f[4]) == role)
-    if fits then
-      redis.call('ZREMRANGEBYSCORE', lkey, '-inf', '(' .. now)
-      local c = {
-        i = i, id = f[1], inflight = redis.call('ZCARD', lkey),
-        speed = tonumber(f[5]), weight = tonumber(f[6]) or 1,
-        kv = tonumber(f[8]), kv_running = tonumber(f[9]), kv_ts = tonumber(f[10]),
-        swrr = tonumber(f[11]) or 0,
-      }
-      if (tonumber(f[7]) or 0) > now then
-        ejected[#ejected + 1] = c
-      else
-        eligible[#eligible + 1] = c
-      end
-    end
-  end
-end
-
--- Panic mode: when every fitting node is ejected, routing to them beats refusing everything.
-if #eligible == 0 then
-  eligible = ejected
+local eligible, known, retried = pick_candidates((#KEYS - 2) / 3, member, model, role, lease_ms,
+  now)
+if retried then
+  return reply(retried.id, retried.inflight, 0, 1, 1, known)
 end
 local n = #eligible
 if n == 0 then
   return reply('', 0, 0, 0, 0, known)
 end
 
--- Nodes without a speed count as the mean of those with one (1 when none has one).
-local function fill_speeds()
-  local sum, cnt = 0, 0
-  for _, c in ipairs(eligible) do
-    if c.speed and c.speed > 0 then
-      sum = sum + c.speed
-      cnt = cnt + 1
-    end
-  end
-  local mean = 1
-  if cnt > 0 then mean = sum / cnt end
-  for _, c in ipairs(eligible) do
-    if not (c.speed and c.speed > 0) then c.speed = mean end
-  end
-end
-
--- Lowest score wins; equal scores are broken uniformly at random.
-local function argmin(list)
-  local best, ties = nil, 0
-  for _, c in ipairs(list) do
-    if best == nil or c.score < best.score - 1e-12 then
-      best, ties = c, 1
-    elseif math.abs(c.score - best.score) <= 1e-12 then
-      ties = ties + 1
-      if rnd() * ties < 1 then best = c end
-    end
-  end
-  return best
-end
-
 local function expected_latency()
-  fill_speeds()
+  fill_speeds(eligible)
   for _, c in ipairs(eligible) do c.score = (c.inflight + 1) / c.speed end
-  return argmin(eligible)
+  return argmin(eligible, rnd)
 end
 
 local winner
 if strategy == 'least_connections' then
   for _, c in ipairs(eligible) do c.score = c.inflight end
-  winner = argmin(eligible)
+  winner = argmin(eligible, rnd)
 elseif strategy == 'min_expected_latency' then
   winner = expected_latency()
 elseif strategy == 'random' then
-  fill_speeds()
+  fill_speeds(eligible)
   local total = 0
   for _, c in ipairs(eligible) do
     c.score = c.speed * c.weight
@@ -157,7 +86,7 @@ elseif strategy == 'random' then
   end
 elseif strategy == 'weighted_least_connections' then
   for _, c in ipairs(eligible) do c.score = c.inflight / c.weight end
-  winner = argmin(eligible)
+  winner = argmin(eligible, rnd)
 elseif strategy == 'weighted_round_robin' then
   -- Smooth weighted round robin (nginx's): the per-node current weights live in the node
   -- hashes, so all replicas together follow one sequence and give the weights exactly.
@@ -218,7 +147,7 @@ elseif strategy == 'min_observed_latency' then
   if n > 1 and rnd() < explore then
     winner = eligible[math.floor(rnd() * n) + 1]
   else
-    winner = argmin(eligible)
+    winner = argmin(eligible, rnd)
   end
 elseif strategy == 'min_cache_usage' then
   local fresh = true
@@ -238,7 +167,7 @@ elseif strategy == 'min_cache_usage' then
       if since < 0 then since = 0 end
       c.score = c.kv + share * since
     end
-    winner = argmin(eligible)
+    winner = argmin(eligible, rnd)
   else
     winner = expected_latency()
   end

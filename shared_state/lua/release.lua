@@ -4,6 +4,7 @@
 -- KEYS[2]  lease sorted set of the node
 -- KEYS[3]  latency list of the node (newest first)
 -- KEYS[4]  ejected sorted set (node id scored by ejected-until, ms)
+-- KEYS[5]  prefix block set of the node (needed only when ARGV[10] > 0)
 -- ARGV[1]  lease member "<replica>:<request-id>"
 -- ARGV[2]  outcome: "ok", "fail" or "neutral" (client error, cancel: no sample)
 -- ARGV[3]  latency, ms (of a good answer: divided by the requests in flight when it was picked)
@@ -13,7 +14,9 @@
 -- ARGV[7]  first ejection time, ms (doubles per ejection)
 -- ARGV[8]  longest ejection time, ms
 -- ARGV[9]  pool size: active nodes sharing a model with this one, itself included
--- ARGV[10..] ids of the other nodes of the pool (sent with failures only)
+-- ARGV[10] k: blocks of the request's chain the node's answer said it did not hold (0: none)
+-- ARGV[11..10+k] their hashes, removed from the node's prefix block set
+-- ARGV[11+k..] ids of the other nodes of the pool (sent with failures only)
 --
 -- Returns {released, consecutive_failures, ejected_until_ms, ejected_now}: released 0 means
 -- the lease had already expired or been released, and nothing was recorded (releases are
@@ -21,7 +24,8 @@
 -- may be an ejection another failure already made, which must not be counted again).
 --
 -- Invariant: never more than half of a pool is ejected at once; a failure never lowers a
--- node's observed latency.
+-- node's observed latency. Forgetting blocks is about the engine's cache, not the lease: it is
+-- done even when the lease is gone, and is idempotent.
 local member = ARGV[1]
 local outcome = ARGV[2]
 local latency_ms = tonumber(ARGV[3])
@@ -31,6 +35,15 @@ local threshold = tonumber(ARGV[6])
 local base_ms = tonumber(ARGV[7])
 local max_ms = tonumber(ARGV[8])
 local pool = tonumber(ARGV[9])
+local forget = tonumber(ARGV[10] or '0')
+local others = 11 + forget
+
+if forget > 0 then
+  -- In batches: a Lua call takes a bounded number of arguments.
+  for first = 11, 10 + forget, 256 do
+    redis.call('ZREM', KEYS[5], unpack(ARGV, first, math.min(first + 255, 10 + forget)))
+  end
+end
 
 local now = now_ms()
 local deadline = redis.call('ZSCORE', KEYS[2], member)
@@ -69,7 +82,7 @@ if until_ms > now then
   return {1, fails, until_ms, 0}
 end
 local ejected_now = 1
-for i = 10, #ARGV do
+for i = others, #ARGV do
   local score = redis.call('ZSCORE', KEYS[4], ARGV[i])
   if score and tonumber(score) > now then ejected_now = ejected_now + 1 end
 end

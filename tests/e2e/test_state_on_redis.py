@@ -4,7 +4,14 @@ as in tests/unit (whose store is the embedded one), given Redis clients by this 
 
 from __future__ import annotations
 
-from tests.unit import test_health, test_limits, test_pd_state, test_registry_restore, test_store
+from tests.unit import (
+    test_health,
+    test_limits,
+    test_pd_state,
+    test_prefix_index,
+    test_registry_restore,
+    test_store,
+)
 
 # -- the store: tests/unit/test_store.py ----------------------------------------------------
 
@@ -76,3 +83,14 @@ class TestGatewayCheck(test_limits.TestGatewayCheck):
 
 class TestRegistryRestore(test_registry_restore.TestRegistryRestore):
     """A store that lost the registry, restored once, on Redis."""
+
+
+# -- the prefix index: tests/unit/test_prefix_index.py --------------------------------------
+
+
+class TestCacheAwarePick(test_prefix_index.TestCacheAwarePick):
+    """The cache_aware pick, recording and eviction, on Redis."""
+
+
+class TestIndexStaysTrue(test_prefix_index.TestIndexStaysTrue):
+    """Blocks forgotten at release and dropped with their node, on Redis."""

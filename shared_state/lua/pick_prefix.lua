@@ -1,0 +1,109 @@
+-- pick_prefix.lua: the cache_aware pick. Choose the node with the lowest expected time to first
+-- token for a prompt given as a chain of block hashes, reserve a lease on it and record the
+-- chain as held by it, atomically.
+--
+-- KEYS[1]  registry epoch (string int)
+-- KEYS[2]  round-robin cursor (unused: every pick script shares one key layout)
+-- KEYS[3*i], KEYS[3*i+1], KEYS[3*i+2] for candidate i = 1..n:
+--          node hash, lease sorted set, prefix block set (block hash scored by last use, ms)
+-- ARGV[1..11] as pick.lua (ARGV[2] "cache_aware"; ARGV[7..11] unused)
+-- ARGV[12] capacity in blocks of a node whose hash has no `cache_blocks`
+-- ARGV[13] load bound, balance >= 0: a node takes the request only while its requests in
+--          flight, this one included, stay within ceil((1 + balance) x the candidates' mean)
+-- ARGV[14] cost of one request in flight, in blocks of prefill
+-- ARGV[15..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+--
+-- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, matched, total}:
+--   the first seven as pick.lua; score = the winner's expected time to first token, in blocks
+--   of prefill at speed 1: (requests in flight x ARGV[14] + blocks it lacks) / speed;
+--   matched = blocks of the chain the winner held before this pick, total = blocks in the chain.
+--
+-- Invariants: a member holds at most one lease (as pick.lua). A block set is prefix-closed:
+-- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total, so a block is
+-- always more recent than the blocks after it in its chain, and eviction (lowest score first,
+-- down to the node's capacity) takes a chain's tail first, as engines evict; the longest held
+-- prefix is then found by binary search, O(log total) lookups per node. Scores stay exact:
+-- doubles hold ms + k/2048 exactly while TIME in ms is below 2^42 (the year 2109).
+local member = ARGV[1]
+local lease_ms = tonumber(ARGV[3])
+local seed = tonumber(ARGV[4])
+local model = ARGV[5]
+local role = tonumber(ARGV[6])
+local default_capacity = tonumber(ARGV[12])
+local balance = tonumber(ARGV[13])
+local request_blocks = tonumber(ARGV[14])
+local MAX_BLOCKS = 2048
+local total = math.min(#ARGV - 14, MAX_BLOCKS)
+
+local now = now_ms()
+local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rnd = park_miller(seed)
+
+local function reply(id, inflight, score, eligible, reused, known, matched)
+  return {id, inflight, tostring(score), epoch, eligible, reused, known, matched, total}
+end
+
+local eligible, known, retried = pick_candidates((#KEYS - 2) / 3, member, model, role, lease_ms,
+  now)
+if retried then
+  return reply(retried.id, retried.inflight, 0, 1, 1, known, 0)
+end
+local n = #eligible
+if n == 0 then
+  return reply('', 0, 0, 0, 0, known, 0)
+end
+
+local function block(k)
+  return ARGV[14 + k]
+end
+
+-- The longest prefix of the chain held in set ``key``: the set is prefix-closed, so "block k is
+-- held" is true up to some k and false after it. A node without the first block costs one look.
+local function held_prefix(key)
+  if total == 0 or not redis.call('ZSCORE', key, block(1)) then
+    return 0
+  end
+  local lo, hi = 1, total -- block lo is held; the answer lies in [lo, hi]
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if redis.call('ZSCORE', key, block(mid)) then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+
+fill_speeds(eligible)
+local load = 0
+for _, c in ipairs(eligible) do load = load + c.inflight end
+-- A node far above the mean passes the request on, so a popular prefix spreads instead of
+-- pinning its first node; the least loaded node always stays within the bound.
+local bound = math.ceil((1 + balance) * (load + 1) / n)
+local within = {}
+for _, c in ipairs(eligible) do
+  if c.inflight + 1 <= bound then
+    c.held = held_prefix(KEYS[3 * c.i + 2])
+    c.score = (c.inflight * request_blocks + total - c.held) / c.speed
+    within[#within + 1] = c
+  end
+end
+local winner = argmin(within, rnd)
+
+local lkey, bkey = KEYS[3 * winner.i + 1], KEYS[3 * winner.i + 2]
+redis.call('ZADD', lkey, now + lease_ms, member)
+if total > 0 then
+  -- In batches: a Lua call takes a bounded number of arguments.
+  for first = 1, total, 256 do
+    local args = {}
+    for k = first, math.min(first + 255, total) do
+      args[#args + 1] = now + (total - k) / 2048
+      args[#args + 1] = block(k)
+    end
+    redis.call('ZADD', bkey, unpack(args))
+  end
+  local capacity = winner.capacity
+  if not capacity or capacity < 1 then capacity = default_capacity end
+  local over = redis.call('ZCARD', bkey) - capacity
+  if over > 0 then
+    redis.call('ZREMRANGEBYRANK', bkey, 0, over - 1)
+  end
+end
+return reply(winner.id, winner.inflight + 1, winner.score, n, 0, known, winner.held)

@@ -1,0 +1,291 @@
+"""The prefix index on the embedded store: the cache_aware pick (longest held prefix by binary
+search, expected time to first token, the load bound), recording and LRU eviction down to a
+node's capacity, forgetting blocks at release, and every way a node's blocks are dropped. The
+same tests run against a real redis-server in tests/e2e/test_state_on_redis.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import pytest
+
+from shared_state import (
+    MAX_CHAIN_BLOCKS,
+    HealthLedger,
+    InvalidInput,
+    Outcome,
+    PrefixIndex,
+    PrefixSettings,
+    ProbeResult,
+    Store,
+    StoreSettings,
+    Strategy,
+)
+from shared_state.candidates import PickRequest, candidates
+from shared_state.model import Node, Registry
+from shared_state.registry import RegistryView
+from tests.support.store import StoreFactory
+
+A, B, C = (f"http://127.0.0.1:{p}" for p in (9501, 9502, 9503))
+CACHED = Strategy.CACHE_AWARE
+
+
+def chain(name: str, n: int, start: int = 0) -> list[str]:
+    """Blocks ``start``..``n - 1`` of a made-up chain: hash-like and distinct per name."""
+    return [hashlib.blake2b(f"{name}:{k}".encode(), digest_size=8).hexdigest() for k in range(n)][
+        start:
+    ]
+
+
+async def held(store: Store, node: str) -> list[str]:
+    """The node's blocks, most recently used first."""
+    blocks = await store.client.zrevrange(store.keys.prefix_blocks(node), 0, -1)
+    return [str(b) for b in blocks]
+
+
+async def hold(store: Store, node: str, count: int) -> None:
+    """``count`` live leases on ``node``, as requests of another replica."""
+    sec, usec = await store.client.time()
+    deadline = int(sec) * 1000 + int(usec) // 1000 + 60_000
+    await store.client.zadd(store.keys.leases(node), {f"other:{i}": deadline for i in range(count)})
+
+
+async def pick_release(store: Store, blocks: list[str], tag: str) -> tuple[str, int, int]:
+    """One cache_aware pick and its release: (node, matched, total)."""
+    p = await store.pick("m", strategy=CACHED, replica="r", request_id=tag, blocks=blocks)
+    assert p is not None
+    await store.release(p.lease, Outcome.OK, 0.01)
+    return p.node.id, p.prefix_matched, p.prefix_total
+
+
+class TestCacheAwarePick:
+    async def test_a_conversation_follows_the_node_that_holds_its_prefix(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        for url in (A, B, C):
+            await store.add_node(url, ["m"])
+        turn = chain("chat", 40)
+        first, matched, total = await pick_release(store, turn[:10], "t1")
+        assert (matched, total) == (0, 10)
+        assert set(await held(store, first)) == set(turn[:10])
+        for n, tag in ((20, "t2"), (30, "t3"), (40, "t4")):
+            node, matched, total = await pick_release(store, turn[:n], tag)
+            assert (node, matched, total) == (first, n - 10, n)
+        others = [url for url in (A, B, C) if url != first]
+        assert [await held(store, url) for url in others] == [[], []]
+
+    async def test_the_longest_held_prefix_is_found_for_every_length(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        blocks = chain("long", 37)
+        key = store.keys.prefix_blocks(A)
+        for k in range(len(blocks) + 1):
+            await store.client.delete(key)
+            if k:
+                await store.client.zadd(key, {b: 1000 - i for i, b in enumerate(blocks[:k])})
+            p = await store.pick(
+                "m", strategy=CACHED, replica="r", request_id=f"k{k}", blocks=blocks
+            )
+            assert p is not None and (p.prefix_matched, p.prefix_total) == (k, len(blocks))
+            await store.release(p.lease, Outcome.NEUTRAL, 0.0)
+
+    async def test_uncached_prefill_weighs_against_load_and_speed(
+        self, store_factory: StoreFactory
+    ) -> None:
+        settings = StoreSettings(prefix=PrefixSettings(request_blocks=4.0, balance=10.0))
+        store = store_factory(settings)
+        await store.add_node(A, ["m"], speed=1)
+        await store.add_node(B, ["m"], speed=1)
+        blocks = chain("sys", 30)
+        await store.client.zadd(store.keys.prefix_blocks(A), {b: 1 for b in blocks[:20]})
+        # A lacks 10 blocks, B 30: A wins while its extra load costs under 20 blocks.
+        await hold(store, A, 4)
+        assert (await pick_release(store, blocks, "q1"))[:2] == (A, 20)
+        # A holds all 30 now (it took q1): B wins once A's load costs more than 30 blocks.
+        await hold(store, A, 8)
+        assert (await pick_release(store, blocks, "q2"))[0] == B
+        # A fast node prefills what it lacks sooner.
+        await store.client.delete(store.keys.leases(A), store.keys.prefix_blocks(B))
+        await store.update_node(B, speed=4)
+        await store.refresh()  # no refresh left running in the background when the test ends
+        assert (await pick_release(store, chain("other", 30), "q3"))[0] == B
+
+    async def test_the_load_bound_spreads_a_hot_prefix(self, store_factory: StoreFactory) -> None:
+        store = store_factory(StoreSettings(prefix=PrefixSettings(balance=0.5)))
+        await store.add_node(A, ["m"])
+        await store.add_node(B, ["m"])
+        hot = chain("hot", 200)
+        picks = []
+        for i in range(8):  # held in flight: each request stays on its node
+            p = await store.pick("m", strategy=CACHED, replica="r", request_id=f"h{i}", blocks=hot)
+            assert p is not None
+            picks.append(p)
+        nodes = [p.node.id for p in picks]
+        assert nodes.count(A) == nodes.count(B) == 4
+        # The first request went where it went; the prefix followed it until the bound.
+        assert nodes[:3] == [nodes[0]] * 3 and picks[3].node.id != nodes[0]
+        assert len(await held(store, A)) == len(await held(store, B)) == 200
+
+    async def test_eviction_keeps_capacity_and_takes_the_tail_first(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"], cache_blocks=8)
+        x, y = chain("x", 6), chain("y", 6)
+        await pick_release(store, x, "x")
+        await asyncio.sleep(0.005)  # y is used later than x
+        await pick_release(store, y, "y")
+        assert sorted(await held(store, A)) == sorted(y + x[:2])
+        await asyncio.sleep(0.005)
+        assert (await pick_release(store, x, "x2"))[1] == 2  # x's head was kept
+        await asyncio.sleep(0.005)
+        # A chain longer than the capacity keeps its head.
+        z = chain("z", 20)
+        await pick_release(store, z, "z")
+        assert await held(store, A) == z[:8]
+
+    async def test_a_node_without_capacity_gets_the_default(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(StoreSettings(prefix=PrefixSettings(default_capacity_blocks=5)))
+        await store.add_node(A, ["m"])
+        await pick_release(store, chain("c", 9), "c")
+        assert len(await held(store, A)) == 5
+        with pytest.raises(InvalidInput):
+            await store.update_node(A, cache_blocks=0)
+        node = await store.update_node(A, cache_blocks=7)
+        assert node.cache_blocks == 7
+        await store.refresh()
+        await pick_release(store, chain("d", 9), "d")
+        assert len(await held(store, A)) == 7
+
+    async def test_a_retried_pick_keeps_its_one_lease(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        await store.add_node(B, ["m"])
+        blocks = chain("r", 4)
+        one = await store.pick("m", strategy=CACHED, replica="r", request_id="same", blocks=blocks)
+        two = await store.pick("m", strategy=CACHED, replica="r", request_id="same", blocks=blocks)
+        assert one is not None and two is not None
+        assert two.node.id == one.node.id and two.reused and two.in_flight == 1
+
+    async def test_without_blocks_it_balances_by_load(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        await store.add_node(B, ["m"])
+        await hold(store, A, 2)
+        for i in range(3):
+            p = await store.pick("m", strategy=CACHED, replica="r", request_id=f"e{i}")
+            assert p is not None and p.node.id == B and p.prefix_total == 0
+            await store.release(p.lease, Outcome.OK, 0.01)
+
+    async def test_a_chain_is_cut_at_the_cap(self, store_factory: StoreFactory) -> None:
+        store = store_factory(StoreSettings(prefix=PrefixSettings(default_capacity_blocks=1 << 20)))
+        await store.add_node(A, ["m"])
+        blocks = chain("huge", MAX_CHAIN_BLOCKS + 100)
+        assert (await pick_release(store, blocks, "big"))[2] == MAX_CHAIN_BLOCKS
+        assert len(await held(store, A)) == MAX_CHAIN_BLOCKS
+        assert (await pick_release(store, blocks, "again"))[1:] == (
+            MAX_CHAIN_BLOCKS,
+            MAX_CHAIN_BLOCKS,
+        )
+
+
+class TestIndexStaysTrue:
+    async def test_release_forgets_what_the_engine_did_not_hold(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        blocks = chain("f", 12)
+        await pick_release(store, blocks, "one")
+        p = await store.pick("m", strategy=CACHED, replica="r", request_id="two", blocks=blocks)
+        assert p is not None and p.prefix_matched == 12
+        result = await store.release(p.lease, Outcome.OK, 0.01, forget=blocks[5:])
+        assert result.released
+        assert sorted(await held(store, A)) == sorted(blocks[:5])
+        assert (await pick_release(store, blocks, "three"))[1] == 5
+        # Forgetting is about the engine, not the lease: an expired lease still forgets.
+        await store.release(p.lease, Outcome.OK, 0.01, forget=blocks[2:])
+        assert sorted(await held(store, A)) == sorted(blocks[:2])
+
+    async def test_failures_still_see_their_pool_when_blocks_are_forgotten(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(StoreSettings(eject_threshold=1))
+        for url in (A, B, C):
+            await store.add_node(url, ["m"])
+        await store.refresh()
+        blocks = chain("p", 3)
+        p = await store.pick("m", strategy=CACHED, replica="r", request_id="x", blocks=blocks)
+        assert p is not None
+        result = await store.release(p.lease, Outcome.FAIL, 1.0, forget=blocks)
+        assert result.ejected_now and await held(store, p.node.id) == []
+
+    async def test_removal_drops_the_blocks(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        await pick_release(store, chain("gone", 5), "g")
+        assert [s.prefix_blocks for s in await store.status()] == [5]
+        await store.remove_node(A)
+        assert not await store.client.exists(store.keys.prefix_blocks(A))
+
+    async def test_forget_one_node_all_or_some(self, store_factory: StoreFactory) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        index = PrefixIndex(store)
+        blocks = chain("s", 9)
+        await pick_release(store, blocks, "s")
+        assert await index.forget(A, blocks[6:]) == 3
+        assert await index.forget(A) == 6
+        assert await held(store, A) == []
+
+    async def test_the_checker_drops_a_recovered_or_deregistered_node(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"])
+        await store.add_node(B, ["m"])
+        ledger = HealthLedger(store, "checker")
+        token, _ = await ledger.lead(10_000)
+        for url in (A, B):
+            await pick_release(store, chain(url, 4), url)
+        # A failed long enough to be unhealthy, then recovered: probably restarted.
+        for result in (ProbeResult.FAIL, ProbeResult.OK):
+            report = await ledger.report(
+                token, A, result, fall=1, rise=1, deregister_after_ms=0, reason="probe"
+            )
+            assert report.changed
+        assert await held(store, A) == [] and len(await held(store, B)) == 4
+        # B unhealthy past the deregistration time: removed with its blocks.
+        await ledger.report(token, B, ProbeResult.FAIL, fall=1, rise=1, deregister_after_ms=1)
+        await asyncio.sleep(0.01)
+        report = await ledger.report(
+            token, B, ProbeResult.FAIL, fall=1, rise=1, deregister_after_ms=1
+        )
+        assert report.status == "removed"
+        assert not await store.client.exists(store.keys.prefix_blocks(B))
+
+
+class TestCandidates:
+    def test_past_the_limit_a_prefix_sees_the_same_nodes(self) -> None:
+        nodes = tuple(
+            Node(id=f"http://10.0.0.{i}:8000", url=f"http://10.0.0.{i}:8000", models=("m",))
+            for i in range(100)
+        )
+        view = RegistryView(Registry(1, nodes))
+        rng = random.Random(1)
+
+        def request(blocks: tuple[str, ...]) -> PickRequest:
+            return PickRequest("m", CACHED, "r:x", 0, (), None, None, blocks)
+
+        one = candidates(view, request(("aa", "bb")), 32, 8, rng)
+        two = candidates(view, request(("aa", "cc")), 32, 8, rng)
+        other = candidates(view, request(("dd",)), 32, 8, rng)
+        assert len(one) == 32 and one == two and set(other) != set(one)
+        assert len(candidates(view, request(()), 32, 8, rng)) == 8  # no prefix: sampled
