@@ -234,12 +234,28 @@ async def ask_models(url: str, api_key: str | None, insecure: bool = False) -> l
     try:
         async with httpx.AsyncClient(timeout=5.0, verify=not insecure) as client:
             response = await client.get(f"{url}/v1/models", headers=headers)
-        models = model_ids(response.json()) if response.status_code == 200 else []
+        if response.status_code != 200:
+            # llama.cpp's server answers 503 "Loading model" on every path until it is ready.
+            raise InvalidInput(
+                f"{url}/v1/models answered {response.status_code}"
+                f"{_error_message(response)}; retry when it is ready, or pass --model"
+            )
+        models = model_ids(response.json())
     except (httpx.HTTPError, ValueError) as exc:
         raise InvalidInput(f"could not ask {url} for its models ({exc}); pass --model") from None
     if not models:
         raise InvalidInput(f"{url}/v1/models lists no models; pass --model")
     return models
+
+
+def _error_message(response: httpx.Response) -> str:
+    """``: <message>`` of an OpenAI-shaped error answer, cut short; empty for anything else."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    message = error.get("message") if isinstance(error, dict) else None
+    return f": {message[:200]}" if isinstance(message, str) and message else ""
 
 
 async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:

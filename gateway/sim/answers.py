@@ -56,6 +56,19 @@ def count_words(value: object) -> int:
     return 0
 
 
+def prompt_words(value: object) -> list[str]:
+    """The words of a prompt or of chat messages, in order (what :func:`count_words` counts)."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, int):
+        return [str(value)]
+    if isinstance(value, list):
+        return [w for v in value for w in prompt_words(v)]
+    if isinstance(value, dict):
+        return prompt_words(value.get("content")) + prompt_words(value.get("text"))
+    return []
+
+
 def max_tokens(body: dict[str, Any]) -> int:
     """The tokens to generate (16 unless the body says), or a 400 :class:`ApiError`."""
     n = body.get("max_completion_tokens")
@@ -82,9 +95,15 @@ def usage(kind: str, body: dict[str, Any], n: int) -> dict[str, int]:
 
 
 def completion_body(
-    kind: str, body: dict[str, Any], model: str, n: int, seq: int
+    kind: str,
+    body: dict[str, Any],
+    model: str,
+    n: int,
+    seq: int,
+    usage_: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A whole chat or text completion of ``n`` tokens; ``seq`` numbers its id."""
+    """A whole chat or text completion of ``n`` tokens; ``seq`` numbers its id; ``usage_``
+    replaces the plain :func:`usage`."""
     text = "".join([f"tok{i} " for i in range(n)])
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
     if kind == "chat":
@@ -99,7 +118,7 @@ def completion_body(
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": usage(kind, body, n),
+        "usage": usage_ if usage_ is not None else usage(kind, body, n),
     }
 
 

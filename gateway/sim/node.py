@@ -5,7 +5,8 @@ slots with a waiting queue, deterministic output ("tok0 tok1 ..."), vLLM-style P
 gauges, and faults that can be switched on at start-up (``--fault``) or at runtime
 (``POST /sim/fault``) to exercise the gateway's failure handling. With ``--tokens-per-s 0``
 (or ``inf``) and no prefill it never sleeps, so it can serve as the "direct to backend"
-baseline in benchmarks.
+baseline in benchmarks. ``--flavor llamacpp`` makes it answer as llama.cpp's ``llama-server``
+does where that differs (``flavors``), and ``--loading-s`` gives it a model-loading phase.
 
 Run it with ``python -m gateway.sim.node --port 0``; it prints one line
 ``fleetgate-sim listening on http://HOST:PORT name=NAME models=M1,M2 slots=N``.
@@ -32,12 +33,14 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from . import flavors
 from .answers import (
     ApiError,
     completion_body,
     embeddings_body,
     error_response,
     max_tokens,
+    prompt_words,
     sse,
     usage,
 )
@@ -64,6 +67,7 @@ _POLL_S: Final = 0.05
 _MIN_SLEEP_S: Final = 0.005
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE: Final = b"data: [DONE]\n\n"
+CACHED: Final = web.RequestKey("fleetgate_sim_cached", int)  # prompt words the cache held
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,8 @@ class SimConfig:
     role: str = "Hybrid"  # Prefill or Decode: LMDeploy's DistServe engine roles
     tp: int = 1  # tensor-parallel size reported by /distserve/engine_info
     block_size: int = 64  # prompt tokens per cache block of a prefill session
+    flavor: str = "vllm"  # or "llamacpp": the engine whose HTTP it imitates (flavors.py)
+    loading_s: float = 0.0  # answers 503 "Loading model" for this long after start
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -95,6 +101,8 @@ class SimConfig:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if self.tp < 1 or self.block_size < 1:
             raise ValueError("tp and block_size must be >= 1")
+        if self.flavor not in flavors.FLAVORS or not self.loading_s >= 0:
+            raise ValueError(f"flavor must be one of {', '.join(flavors.FLAVORS)}; loading_s >= 0")
 
 
 @dataclass(slots=True)
@@ -146,6 +154,9 @@ class SimNode:
         self._created = int(time.time())
         self._ids = itertools.count()
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.llamacpp = config.flavor == "llamacpp"
+        self.loaded_at = time.monotonic() + config.loading_s
+        self.prefix = flavors.PrefixCache()
         self.pd = (
             PDEngine(config.role, config.tp, config.block_size) if config.role != "Hybrid" else None
         )
@@ -292,11 +303,9 @@ class SimNode:
             self._check_auth(request)
         except ApiError as exc:
             return exc.response
-        data = [
-            {"id": m, "object": "model", "created": self._created, "owned_by": "fleetgate-sim"}
-            for m in self.config.models
-        ]
-        return json_answer({"object": "list", "data": data})
+        return json_answer(
+            flavors.models_body(self.config.flavor, self.config.models, self._created)
+        )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
@@ -311,6 +320,9 @@ class SimNode:
         self.requests_total += 1
         try:
             body, model = await self._read(request)
+            if self.llamacpp:  # the prompt meets the cache as it arrives, whatever follows
+                prompt = body.get("messages") if kind == "chat" else body.get("prompt")
+                request[CACHED] = self.prefix.hit(prompt_words(prompt))
             n = 0 if kind == "embed" else max_tokens(body)
             fault = self.fault
             if fault.mode in ("none", "unhealthy"):
@@ -376,7 +388,9 @@ class SimNode:
         else:
             if n and dt:
                 await self._sleep(request, n * dt)
-            result = completion_body(kind, body, model, n, next(self._ids))
+            result = completion_body(
+                kind, body, model, n, next(self._ids), self._usage(request, kind, body, n)
+            )
         if cut is not None:
             _abort(request, rst=False)
             raise _ClientGone
@@ -437,6 +451,9 @@ class SimNode:
                     await resp.write(sse({"error": error}) + _DONE)
                     return resp
             t0 = loop.time()
+            if chat and self.llamacpp:  # llama-server opens with the role alone
+                delta0 = {"role": "assistant", "content": None}
+                await resp.write(sse({**head, "choices": [{"index": 0, "delta": delta0}]}))
             for i in range(n if cut is None else min(n, cut)):
                 if dt and (wait := t0 + (i + 1) * dt - loop.time()) >= _MIN_SLEEP_S:
                     await self._sleep(request, wait)
@@ -454,16 +471,33 @@ class SimNode:
                 return resp
             end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
             end["logprobs"], end["finish_reason"] = None, "length"
-            buf.append(sse({**head, "choices": [end]}))
             options = body.get("stream_options")
-            if isinstance(options, dict) and options.get("include_usage") is True:
-                buf.append(sse({**head, "choices": [], "usage": usage(kind, body, n)}))
+            if self.llamacpp and not chat:  # llama-server: usage always, on the last choice
+                buf.append(
+                    sse({**head, "choices": [end], "usage": self._usage(request, kind, body, n)})
+                )
+            else:
+                buf.append(sse({**head, "choices": [end]}))
+                if isinstance(options, dict) and options.get("include_usage") is True:
+                    usage_ = self._usage(request, kind, body, n)
+                    buf.append(sse({**head, "choices": [], "usage": usage_}))
             buf.append(_DONE)
             await resp.write(b"".join(buf))
         except (ConnectionError, _ClientGone):
             return resp  # aiohttp's write_eof then fails quietly on the dead connection
         self.served += 1
         return resp
+
+    def _usage(
+        self, request: web.Request, kind: str, body: dict[str, Any], n: int
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = usage(kind, body, n)
+        if self.llamacpp:
+            found["prompt_tokens_details"] = {"cached_tokens": request.get(CACHED, 0)}
+        return found
+
+    async def slots(self, request: web.Request) -> web.Response:
+        return json_answer(flavors.slots_body(self.config.slots, self._n_running))
 
     async def health(self, request: web.Request) -> web.Response:
         fault = self.fault
@@ -476,14 +510,22 @@ class SimNode:
         kv = self._n_running / self.config.slots
         lines: list[str] = []
         for metric, kind, values in (
-            ("vllm:num_requests_running", "gauge", self.running),
-            ("vllm:num_requests_waiting", "gauge", self.waiting),
-            ("vllm:kv_cache_usage_perc", "gauge", dict.fromkeys(self.running, kv)),
+            ()
+            if self.llamacpp
+            else (
+                ("vllm:num_requests_running", "gauge", self.running),
+                ("vllm:num_requests_waiting", "gauge", self.waiting),
+                ("vllm:kv_cache_usage_perc", "gauge", dict.fromkeys(self.running, kv)),
+            )
         ):
             lines += [f"# HELP {metric} Simulated {metric}.", f"# TYPE {metric} {kind}"]
             for model, value in values.items():
                 label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
                 lines.append(f'{metric}{{model_name="{label}"}} {float(value)}')
+        if self.llamacpp:
+            lines += flavors.llamacpp_metric_lines(
+                self._n_running, self._n_waiting, self.prefix.cached_total
+            )
         lines += [
             "# HELP sim_requests_total Generation requests received.",
             "# TYPE sim_requests_total counter",
@@ -535,7 +577,8 @@ NODE_KEY: Final = web.AppKey("fleetgate_simnode", SimNode)
 
 def build_app(config: SimConfig) -> web.Application:
     node = SimNode(config)
-    app = web.Application(client_max_size=64 * 1024**2)  # long prompts in benchmarks
+    middlewares = [flavors.loading(node.loaded_at)] if config.loading_s > 0 else []
+    app = web.Application(client_max_size=64 * 1024**2, middlewares=middlewares)
     app[NODE_KEY] = node
     app.on_response_prepare.append(node._on_prepare)
     app.on_shutdown.append(node._on_shutdown)
@@ -549,6 +592,8 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/sim/stats", node.sim_stats)
     app.router.add_post("/sim/reset", node.sim_reset)
     app.router.add_post("/terminate", node.terminate)
+    if node.llamacpp:
+        app.router.add_get("/slots", node.slots)
     if node.pd is not None:
         add_routes(app, node.pd)
     return app
@@ -613,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", default="Hybrid", choices=ROLES, help="DistServe engine role")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size it reports")
     p.add_argument("--block-size", type=int, default=64, help="prompt tokens per cache block")
+    p.add_argument("--flavor", default="vllm", choices=flavors.FLAVORS, help="engine imitated")
+    p.add_argument("--loading-s", type=float, default=0.0, help="503 'Loading model' this long")
     args = p.parse_args(argv)
     try:
         config = SimConfig(**{**vars(args), "models": tuple(args.models or ("sim-model",))})
