@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 # Run as a file, Python puts scripts/ on sys.path, not the repository root above it that holds
 # the scripts package.
@@ -82,7 +82,7 @@ def _environment(engine: str) -> dict[str, str]:
     return env
 
 
-def _start(args: argparse.Namespace) -> int:
+def _start(args: argparse.Namespace) -> NoReturn:
     if args.engine != "llama":
         command: list[str] = _function(args.engine, "start_command")(
             args.port, args.model, args.host
@@ -100,7 +100,18 @@ def _start(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     cache.say(f"engines: {shlex.join(command)}")
-    os.execv(command[0], command)
+    sys.stdout.flush()
+    try:
+        os.execv(command[0], command)
+    except OSError as exc:
+        raise cache.EngineUnavailable(f"cannot start {command[0]}: {exc.strerror}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,14 +126,14 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("name", help=f"llama: {', '.join(gguf_model.SPECS)}")
     start = sub.add_parser("start", help="start an engine in the foreground")
     start.add_argument("engine", choices=ENGINES)
-    start.add_argument("--port", type=int, required=True)
+    start.add_argument("--port", type=_positive, required=True)
     start.add_argument("--host", default="127.0.0.1")
     start.add_argument("--model", default=None, help="default: llama-tiny for llama")
-    start.add_argument("--parallel", type=int, default=llama.DEFAULT_PARALLEL, help="slots")
+    start.add_argument("--parallel", type=_positive, default=llama.DEFAULT_PARALLEL, help="slots")
     start.add_argument(
-        "--slot-context", type=int, default=llama.DEFAULT_SLOT_CONTEXT, help="tokens per slot"
+        "--slot-context", type=_positive, default=llama.DEFAULT_SLOT_CONTEXT, help="tokens/slot"
     )
-    start.add_argument("--threads", type=int, default=None, help="default: the engine's")
+    start.add_argument("--threads", type=_positive, default=None, help="default: the engine's")
     env = sub.add_parser("env", help="print shell assignments of what is prepared")
     env.add_argument("engine", nargs="?", choices=ENGINES, default="llama")
     return p
@@ -141,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "model":
             print(_model(args.name))
         elif args.command == "start":
-            return _start(args)
+            _start(args)
         else:
             for key, value in _environment(args.engine).items():
                 print(f"{key}={shlex.quote(value)}")

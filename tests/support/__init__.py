@@ -5,7 +5,8 @@
 - ``polling``: waiting for a condition, in a test or in a coroutine;
 - ``openai_errors``: what every OpenAI-shaped error answer must look like;
 - ``store``: Store clients for one test, on a real Redis or on the embedded store;
-- ``compose``: reading compose.yaml and the Dockerfile as the containers would run them.
+- ``compose``: reading compose.yaml and the Dockerfile as the containers would run them;
+- ``engines``: real llama.cpp ``llama-server`` processes, built and fed through scripts/engine.
 """
 
 from pathlib import Path
