@@ -20,9 +20,7 @@ import hmac
 import itertools
 import math
 import signal
-import socket
 import ssl
-import struct
 import sys
 import time
 import weakref
@@ -44,21 +42,9 @@ from .answers import (
     sse,
     usage,
 )
+from .faults import FAULT_MODES, STATUS_FAULTS, ClientGone, Fault, abort
 from .pd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
 
-FAULT_MODES: Final = frozenset(
-    {"none", "fail", "status_502", "status_503", "status_504", "status_429", "hang", "slow"}
-    | {"reset", "die_mid_stream", "unhealthy", "cannot_generate"}
-)
-# Faults that answer with an error status at once: (status, error type, error code).
-_STATUS_FAULTS: Final = {
-    "fail": (500, "server_error", "internal_error"),
-    "cannot_generate": (500, "server_error", "cannot_generate"),
-    "status_502": (502, "server_error", "bad_gateway"),
-    "status_503": (503, "server_error", "overloaded"),
-    "status_504": (504, "server_error", "gateway_timeout"),
-    "status_429": (429, "rate_limit_error", "rate_limit_exceeded"),
-}
 # How often blocked requests look for a client disconnect: aiohttp does not cancel handlers
 # when the peer goes away (handler_cancellation is off by default), so we must notice ourselves.
 _POLL_S: Final = 0.05
@@ -105,30 +91,6 @@ class SimConfig:
             raise ValueError(f"flavor must be one of {', '.join(flavors.FLAVORS)}; loading_s >= 0")
 
 
-@dataclass(slots=True)
-class _Fault:
-    mode: str = "none"
-    remaining: int | None = None  # None: until changed
-    delay_s: float = 1.0  # slow: extra seconds before the first byte
-    factor: float = 10.0  # slow: multiplier of prefill and per-token time
-    after_tokens: int = 3  # die_mid_stream: tokens sent before the cut
-
-
-class _ClientGone(Exception):
-    """The peer disconnected (or the server is shutting down): stop working on the request."""
-
-
-def _abort(request: web.Request, rst: bool) -> None:
-    transport = request.transport
-    if transport is None:
-        return
-    if rst:  # linger 0 turns close() into a TCP RST, the way a crashed peer looks
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
 class SimNode:
     """State and handlers of one simulated node; ``app[NODE_KEY]`` gives it to tests."""
 
@@ -147,7 +109,7 @@ class SimNode:
         self._n_waiting = 0
         self.served = 0
         self.requests_total = 0
-        self.fault = _Fault(config.fault)
+        self.fault = Fault(config.fault)
         self._fault_epoch = 0  # bumped by explicit changes only, which is what releases "hang"
         self._closing = False
         self._conns: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
@@ -174,7 +136,7 @@ class SimNode:
             raise ValueError(f"unknown fault mode {mode!r}")
         if count is not None and count < 1:
             raise ValueError("count must be >= 1")
-        fault = _Fault(mode, count)
+        fault = Fault(mode, count)
         if delay_s is not None:
             fault.delay_s = delay_s
         if factor is not None:
@@ -203,11 +165,11 @@ class SimNode:
             **({"pd": self.pd.stats()} if self.pd is not None else {}),
         }
 
-    def _consume(self, fault: _Fault) -> None:
+    def _consume(self, fault: Fault) -> None:
         if fault.remaining is not None:
             fault.remaining -= 1
             if fault.remaining <= 0 and self.fault is fault:
-                self.fault = _Fault()
+                self.fault = Fault()
 
     def _gone(self, request: web.Request) -> bool:
         transport = request.transport
@@ -219,7 +181,7 @@ class SimNode:
         while (left := end - loop.time()) > 0:
             await asyncio.sleep(min(left, _POLL_S))
             if self._gone(request):
-                raise _ClientGone
+                raise ClientGone
 
     async def _acquire(self, request: web.Request, model: str) -> None:
         if self._free > 0 and not self._queue:
@@ -235,7 +197,7 @@ class SimNode:
             while not fut.done():
                 await asyncio.wait((fut,), timeout=_POLL_S)
                 if not fut.done() and self._gone(request):
-                    raise _ClientGone
+                    raise ClientGone
         except BaseException:
             if not fut.done():
                 fut.cancel()
@@ -326,15 +288,15 @@ class SimNode:
             n = 0 if kind == "embed" else max_tokens(body)
             fault = self.fault
             if fault.mode in ("none", "unhealthy"):
-                fault = _Fault()
+                fault = Fault()
             else:
                 self._consume(fault)
             mode = fault.mode
-            if (spec := _STATUS_FAULTS.get(mode)) is not None:
+            if (spec := STATUS_FAULTS.get(mode)) is not None:
                 return error_response(spec[0], f"simulated fault: {mode}", spec[1], None, spec[2])
             if mode == "reset":
-                _abort(request, rst=True)
-                raise _ClientGone
+                abort(request, rst=True)
+                raise ClientGone
             pd = self.pd
             await self._acquire(request, model)
             self.running[model] += 1
@@ -351,7 +313,7 @@ class SimNode:
             return exc.response
         except PDError as exc:
             return refusal(exc)
-        except _ClientGone:
+        except ClientGone:
             # Usually unwritable; a client still there only sees it when the server shuts down.
             return error_response(503, "the node is shutting down", "server_error")
 
@@ -362,14 +324,14 @@ class SimNode:
         body: dict[str, Any],
         model: str,
         n: int,
-        fault: _Fault,
+        fault: Fault,
     ) -> web.StreamResponse:
         if fault.mode == "hang":
             epoch = self._fault_epoch
             while self._fault_epoch == epoch:
                 await asyncio.sleep(_POLL_S)
                 if self._gone(request):
-                    raise _ClientGone
+                    raise ClientGone
         streamed = body.get("stream") is True and kind != "embed"
         if self.pd is not None and not streamed:
             # Scheduled: the engine migrates the prefill session now, then decodes.
@@ -392,8 +354,8 @@ class SimNode:
                 kind, body, model, n, next(self._ids), self._usage(request, kind, body, n)
             )
         if cut is not None:
-            _abort(request, rst=False)
-            raise _ClientGone
+            abort(request, rst=False)
+            raise ClientGone
         self.served += 1
         return json_answer(result)
 
@@ -467,7 +429,7 @@ class SimNode:
                 # One write per token, as model servers flush each token as it is decoded.
                 await resp.write(sse({**head, "choices": [choice]}))
             if cut is not None:
-                _abort(request, rst=False)
+                abort(request, rst=False)
                 return resp
             end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
             end["logprobs"], end["finish_reason"] = None, "length"
@@ -483,7 +445,7 @@ class SimNode:
                     buf.append(sse({**head, "choices": [], "usage": usage_}))
             buf.append(_DONE)
             await resp.write(b"".join(buf))
-        except (ConnectionError, _ClientGone):
+        except (ConnectionError, ClientGone):
             return resp  # aiohttp's write_eof then fails quietly on the dead connection
         self.served += 1
         return resp
