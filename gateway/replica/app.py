@@ -25,11 +25,13 @@ from shared_state import (
     Node,
     NodeState,
     PDState,
+    PrefixSettings,
     StateError,
     Store,
     StoreRefusingWrites,
     StoreSettings,
     StoreUnavailable,
+    Strategy,
     UnknownNode,
 )
 from shared_state.registry import model_ids
@@ -62,7 +64,14 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, store: Store | None = None) -> None:
         self.settings = settings
         self.replica = settings.replica()
-        store_settings = StoreSettings(lease_ms=int(settings.lease_seconds * 1000))
+        store_settings = StoreSettings(
+            lease_ms=int(settings.lease_seconds * 1000),
+            prefix=PrefixSettings(
+                default_capacity_blocks=settings.prefix_cache_blocks,
+                balance=settings.prefix_balance,
+                request_blocks=settings.prefix_request_blocks,
+            ),
+        )
         self.store = store or Store.open(
             settings.redis_url,
             prefix=settings.prefix,
@@ -110,6 +119,9 @@ class Gateway:
             body_timeout_s=settings.body_timeout,
             access_log=self.access_log,
             distserve=self.distserve,
+            prefix_block_bytes=(
+                settings.prefix_block_bytes if settings.strategy is Strategy.CACHE_AWARE else None
+            ),
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.drain = Drain()  # the proxied requests in flight, cut at shutdown

@@ -4,6 +4,8 @@ node, and the retry loop. Shared by the Hybrid path (:meth:`Exchange.forward`) a
 A failed attempt is retried on another node only while nothing has reached the client; after
 that a failure ends the stream with an OpenAI-shaped SSE error event. Every lease taken by an
 attempt is released in a ``finally``, shielded from cancellation unless the exchange is complete.
+With cache_aware, the release carries the answer's cached prompt tokens when the node reported
+them (a stream's usage is looked for only when the pick predicted a cached prefix).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .errors import (
     sse_error_event,
 )
 from .metrics import GatewayMetrics
+from .prefix import PrefixChain
 from .routing import RetryBudget, Route, Router
 from .upstream import Upstream, UpstreamFailure, UpstreamResponse
 
@@ -100,6 +103,7 @@ class Exchange:
         "lease_name",
         "model",
         "node_id",
+        "prefix",
         "request_id",
         "route",
         "scope",
@@ -119,6 +123,7 @@ class Exchange:
         self.lease_name = os.urandom(9).hex()
         self.model = ""
         self.session_key: str | None = None
+        self.prefix: PrefixChain | None = None  # cache_aware: the prompt's chain
         self.started = False
         self.complete = False
         self.attempts = 0
@@ -179,11 +184,15 @@ class Exchange:
 
     async def _relay_stream(
         self, response: UpstreamResponse, route: Route, settle: Settle | None
-    ) -> tuple[Outcome, int]:
+    ) -> tuple[Outcome, int, bytes]:
+        """Relay an event stream: its outcome, roughly its tokens, and the last chunk that
+        carried a usage (only looked for when the pick predicted cached blocks)."""
         headers = response.relay_headers(keep_length=False)
         headers.extend(self.route_headers(route))
         await self.start(response.status, headers)
         events = 0
+        watch_usage = route.prefix_matched > 0
+        usage = previous = b""
         try:
             async for chunk in response.chunks():
                 if chunk:
@@ -191,6 +200,10 @@ class Exchange:
                         await settle(502 if _is_error_event(chunk) else 200, True)
                         settle = None
                     events += chunk.count(b"data:")
+                    if watch_usage:
+                        if b'"cached_tokens"' in chunk:  # its event may have begun before
+                            usage = previous + chunk
+                        previous = chunk
                     await self.body(chunk, more=True)
             if settle is not None:
                 await settle(None, True)  # ended without a single event
@@ -204,10 +217,10 @@ class Exchange:
                 more=True,
             )
             await self.body(b"")
-            return Outcome.FAIL, 0
+            return Outcome.FAIL, 0, b""
         await self.body(b"")
         # One event per token, then one that finishes the choice and "[DONE]": roughly.
-        return outcome_of(response.status), max(0, events - 2)
+        return outcome_of(response.status), max(0, events - 2), usage
 
     # -- towards the nodes ----------------------------------------------------------------
 
@@ -237,7 +250,11 @@ class Exchange:
 
         async def one(attempt: int) -> GatewayError | None:
             route = await router.pick(
-                self.model, f"{self.lease_name}.{attempt}", tried, session_key=self.session_key
+                self.model,
+                f"{self.lease_name}.{attempt}",
+                tried,
+                session_key=self.session_key,
+                chain=self.prefix,
             )
             if route is None:
                 raise NoNode
@@ -261,6 +278,7 @@ class Exchange:
         started_at = time.perf_counter()
         outcome = Outcome.NEUTRAL
         tokens = 0
+        cached: tuple[int, int] | None = None  # the answer's prompt and cached tokens
         response: UpstreamResponse | None = None
         try:
             try:
@@ -294,7 +312,8 @@ class Exchange:
                 return UpstreamError(f"node {node.id} answered {status}")
             self.node_id = node.id
             if response.is_event_stream:
-                outcome, tokens = await self._relay_stream(response, route, deferred)
+                outcome, tokens, last_usage = await self._relay_stream(response, route, deferred)
+                cached = _stream_cached(last_usage) if last_usage else None
             else:
                 try:
                     data = await response.read()
@@ -304,7 +323,9 @@ class Exchange:
                     return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
                 outcome = outcome_of(status)
                 generated = status == 200 and scope["path"] != "/v1/embeddings"
-                tokens = _completion_tokens(data) if generated else 0
+                usage = _usage(data) if generated else None
+                if usage is not None:
+                    tokens, cached = usage.completion_tokens, usage.cached()
                 await self.send_buffered(response, data, route)
             metrics.attempts.inc((("node", node.id), ("result", str(status))))
             return None
@@ -312,7 +333,7 @@ class Exchange:
             if response is not None:
                 response.close()
             elapsed = time.perf_counter() - started_at
-            release = forwarder.router.release(route, outcome, elapsed, tokens)
+            release = forwarder.router.release(route, outcome, elapsed, tokens, cached)
             if self.complete:
                 await release  # nothing can cancel a finished exchange: no shield task needed
             else:
@@ -332,8 +353,21 @@ def _is_json(headers: Headers) -> bool:
     return False
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+
+    def cached(self) -> tuple[int, int] | None:
+        """(prompt tokens, cached tokens) when the node reported both."""
+        details = self.prompt_tokens_details
+        if details is None or details.cached_tokens is None or self.prompt_tokens <= 0:
+            return None
+        return self.prompt_tokens, details.cached_tokens
 
 
 class _Answer(msgspec.Struct):
@@ -343,10 +377,18 @@ class _Answer(msgspec.Struct):
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def _completion_tokens(data: bytes) -> int:
-    """The tokens a buffered answer reports having generated (0 when it says nothing)."""
+def _usage(data: bytes) -> _Usage | None:
+    """The usage a buffered answer (or one stream event) reports; None when it says nothing."""
     try:
-        usage = _decode_answer(data).usage
+        return _decode_answer(data).usage
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return 0
-    return usage.completion_tokens if usage is not None else 0
+        return None
+
+
+def _stream_cached(chunk: bytes) -> tuple[int, int] | None:
+    """(prompt tokens, cached tokens) of the last event of ``chunk`` that reports them."""
+    for line in reversed(chunk.split(b"\n")):
+        if line.startswith(b"data:") and b'"cached_tokens"' in line:
+            usage = _usage(line[5:].strip())
+            return usage.cached() if usage is not None else None
+    return None

@@ -40,6 +40,11 @@ class GatewayMetrics:
         self.stream_errors = Counter(
             "fleetgate_stream_errors_total", "Streams ended by an upstream failure midway."
         )
+        self.prefix_blocks = Counter(
+            "fleetgate_prefix_blocks_total",
+            "cache_aware: prompt blocks routed (kind=total), found held by the chosen node "
+            "(matched), and forgotten after its engine reported fewer cached tokens (forgotten).",
+        )
         self.latency = Histogram(
             "fleetgate_request_duration_seconds",
             "Whole request time through the gateway, by model.",
@@ -69,6 +74,7 @@ class GatewayMetrics:
                 self.store_errors,
                 self.disconnects,
                 self.stream_errors,
+                self.prefix_blocks,
                 self.latency,
                 self.ttfb,
                 *self.extra,

@@ -3,9 +3,11 @@
 ``/nodes/add`` accepts ``lmdeploy serve api_server --proxy-url``'s self-registration payload
 unchanged: ``{"url": ..., "status": {"models": [...], "role": 1}}``, or just ``{"url"}``, in
 which case the node is asked for its models. Registering a known node changes only the fields
-the payload carries, and never its state (a drain holds). An admin may set every field; a caller
-let in by ``--register-allow`` only registers itself: a URL whose host resolves to the caller's
-own address, with its models, role (and, when new, speed) and nothing an operator sets.
+the payload carries, and never its state (a drain holds); a known node sending the ``status``
+payload again has restarted, so its prefix blocks (cache_aware) are dropped. An admin may set
+every field; a caller let in by ``--register-allow`` only registers itself: a URL whose host
+resolves to the caller's own address, with its models, role (and, when new, speed and
+prefix-cache capacity) and nothing an operator sets.
 
 Every admin body (``/nodes/*``, ``/distserve/*``) is read bounded: over ``ADMIN_BODY_MAX_BYTES``
 it is a 413, by its Content-Length before any byte, or as soon as the bytes counted pass it.
@@ -24,7 +26,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.common.pd_cleanup import PDCleaner
-from shared_state import InvalidInput, Node, NodeStatus, Role, Store, UnknownNode, normalize_url
+from shared_state import (
+    InvalidInput,
+    Node,
+    NodeStatus,
+    PrefixIndex,
+    Role,
+    Store,
+    UnknownNode,
+    normalize_url,
+)
+from shared_state.prefix import validate_capacity
 from shared_state.registry import model_ids
 
 from .auth import Authenticator
@@ -68,6 +80,8 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "consecutive_failures": node.consecutive_failures,
         "ok_total": node.ok_total,
         "fail_total": node.fail_total,
+        "cache_blocks": node.cache_blocks,
+        "prefix_blocks": status.prefix_blocks,
         "kv_cache_usage": node.kv_usage,
         "requests_waiting": node.kv_waiting,
         "probe": {
@@ -86,6 +100,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "role": int(node.role),
         "speed": node.speed,
         "weight": node.weight,
+        "cache_blocks": node.cache_blocks,
         "state": node.state.value,
     }
 
@@ -127,6 +142,15 @@ def _speed(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest("speed must be a number", param="speed")
     return float(value)
+
+
+def _cache_blocks(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        return validate_capacity(value)
+    except InvalidInput as exc:
+        raise BadRequest(str(exc), param="cache_blocks") from None
 
 
 async def read_admin_body(request: Request, timeout_s: float) -> bytes:
@@ -269,6 +293,7 @@ class NodesAPI:
         raw_role = status.get("role", payload.get("role"))
         role = None if raw_role is None else _role(raw_role)
         speed = _speed(status.get("speed", payload.get("speed")))
+        cache_blocks = _cache_blocks(status.get("cache_blocks", payload.get("cache_blocks")))
         known = await self._known(url)
         models = status.get("models") or payload.get("models")
         if not models:
@@ -291,6 +316,7 @@ class NodesAPI:
                 weight=payload.get("weight"),
                 api_key=api_key,
                 insecure=insecure,
+                cache_blocks=cache_blocks if admin else None,
             )
         except UnknownNode:
             node, created = await self.store.add_node(
@@ -302,10 +328,14 @@ class NodesAPI:
                 api_key=api_key,
                 insecure=bool(insecure),
                 reason="registered through /nodes/add",
+                cache_blocks=cache_blocks,
             )
         if not created and node.role != Role.HYBRID:
             # A DistServe engine that registers again has restarted: its connections are gone.
             await self.cleaner.drop_node(node.id)
+        if not created and payload.get("status"):
+            # So has an engine sending its registration again: its KV cache is empty.
+            await PrefixIndex(self.store).forget(node.id)
         await self.store.refresh_latest()
         return json_response(
             {"message": "Added successfully", "created": created, "node": node_json(node)}

@@ -1,7 +1,8 @@
 """The OpenAI request path, as raw ASGI: check the client, read the body once, hand the request
 to its :class:`~.exchange.Exchange`, and account for it whatever happens.
 
-Only ``model``, ``stream`` and ``user`` are decoded; the original bytes go upstream untouched.
+Only ``model``, ``stream`` and ``user`` are decoded (and, with ``cache_aware`` only, the prompt,
+for its prefix chain); the original bytes go upstream untouched.
 A client disconnect cancels the upstream work (the exchange releases every lease in a
 ``finally`` shielded from that cancellation); errors before the first byte are rendered once,
 OpenAI-shaped.
@@ -40,6 +41,7 @@ from .errors import (
     render,
 )
 from .exchange import JSON, Exchange, Forwarder, Headers
+from .prefix import PromptView, read_prompt
 
 log = logging.getLogger("fleetgate.request")
 
@@ -104,7 +106,10 @@ class ProxyHandler:
         body_timeout_s: float = 30.0,
         access_log: AccessLog | None = None,
         distserve: DistServe | None = None,
+        prefix_block_bytes: int | None = None,
     ) -> None:
+        """``prefix_block_bytes``: with cache_aware, the block size of prompts' prefix chains
+        (None: the prompt is never read)."""
         self.forwarder = forwarder
         self.router = forwarder.router
         self.metrics = forwarder.metrics
@@ -113,6 +118,7 @@ class ProxyHandler:
         self.body_timeout_s = body_timeout_s
         self.access_log = access_log
         self.distserve = distserve
+        self.prefix_block_bytes = prefix_block_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_at = time.perf_counter()
@@ -141,7 +147,7 @@ class ProxyHandler:
                 raise RequestTimeout(
                     f"the request body did not arrive within {self.body_timeout_s:g} s"
                 ) from None
-            view = _decode(body)
+            view = self._read_view(body, exchange)
             exchange.model = view.model or ""
             exchange.session_key = _session_key(headers) or view.user
             self.forwarder.budget.on_request()
@@ -169,6 +175,15 @@ class ProxyHandler:
                 self._log_access(exchange, model, elapsed)
             if slot is not None:
                 await slot.free()
+
+    def _read_view(self, body: bytes, exchange: Exchange) -> RequestView | PromptView:
+        """The request's routing fields; with cache_aware, its prompt's chain too."""
+        if self.prefix_block_bytes is not None:
+            read = read_prompt(body, exchange.scope["path"], self.prefix_block_bytes)
+            if read is not None:
+                view, exchange.prefix = read
+                return view
+        return _decode(body)
 
     async def _check_key_limits(self, digest: str, lease_name: str) -> _KeySlot | None:
         """Admit a request under its key's limits (:class:`RateLimited` when over one);
@@ -293,6 +308,11 @@ class ProxyHandler:
                 epoch=route.epoch,
                 state="local" if route.local else "shared",
             )
+            if route.chain is not None:
+                record["prefix"] = [
+                    None if route.local else route.prefix_matched,
+                    len(route.chain.blocks),
+                ]
         assert self.access_log is not None
         self.access_log.write(record)
 

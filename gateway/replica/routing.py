@@ -1,5 +1,9 @@
 """Routing for one replica: pick through the shared state, fall back to local counts when
 the store is unreachable, keep this replica's leases renewed, and budget retries.
+
+With ``cache_aware`` a pick carries the prompt's prefix chain and a release the engine's count
+of cached prompt tokens, which corrects the shared prefix index when it predicted too much.
+The local fallback is cache-blind (``min_expected_latency`` on local counts) and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from shared_state import (
 )
 
 from .metrics import GatewayMetrics
+from .prefix import PrefixChain
 
 log = logging.getLogger("fleetgate.routing")
 
@@ -40,14 +45,20 @@ class Route:
     score: float = 0.0
     epoch: int = 0
     strategy: str = ""
+    chain: PrefixChain | None = None  # cache_aware: the prompt's blocks
+    prefix_matched: int = 0  # of them, held by the node before this pick
 
     def receipt(self, attempts: int) -> str:
         """The compact why of this route, for the ``x-fleetgate-route`` header."""
         source = "local" if self.local else "shared"
-        return (
+        text = (
             f"strategy={self.strategy}; candidates={self.eligible}; score={self.score:.6g}; "
             f"epoch={self.epoch}; attempts={attempts}; state={source}"
         )
+        if self.chain is not None:
+            matched = "blind" if self.local else str(self.prefix_matched)
+            text += f"; prefix={matched}/{len(self.chain.blocks)} blocks"
+        return text
 
 
 class RetryBudget:
@@ -107,6 +118,7 @@ class Router:
         exclude: list[str],
         role: int = 0,
         session_key: str | None = None,
+        chain: PrefixChain | None = None,
     ) -> Route | None:
         try:
             pick = await self.store.pick(
@@ -117,16 +129,23 @@ class Router:
                 role=role,
                 exclude=exclude,
                 session_key=session_key,
+                blocks=chain.blocks if chain is not None else (),
             )
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc((("op", "pick"),))
             self._enter_degraded(exc)
-            return self._local_pick(model, request_id, exclude, role)
+            route = self._local_pick(model, request_id, exclude, role)
+            if route is not None:
+                route.chain = chain
+            return route
         self.degraded_since = None
         if pick is None:
             return None
         self.leases[pick.lease.member] = pick.lease
         self.local_in_flight[pick.node.id] += 1
+        if chain is not None:
+            self.metrics.prefix_blocks.inc((("kind", "total"),), len(chain.blocks))
+            self.metrics.prefix_blocks.inc((("kind", "matched"),), pick.prefix_matched)
         return Route(
             pick.node,
             pick.lease,
@@ -136,6 +155,8 @@ class Router:
             pick.score,
             pick.epoch,
             pick.strategy.value,
+            chain,
+            pick.prefix_matched,
         )
 
     def _enter_degraded(self, cause: StoreUnavailable) -> None:
@@ -184,17 +205,24 @@ class Router:
     # -- releasing -----------------------------------------------------------------------
 
     async def release(
-        self, route: Route, outcome: Outcome, latency_s: float, tokens: int = 0
+        self,
+        route: Route,
+        outcome: Outcome,
+        latency_s: float,
+        tokens: int = 0,
+        cached: tuple[int, int] | None = None,
     ) -> None:
-        """End a route's lease; never raises (a lease the store missed expires by itself)."""
+        """End a route's lease; never raises (a lease the store missed expires by itself).
+        ``cached``: the answer's (prompt tokens, cached tokens), when it reported both."""
         self.local_in_flight[route.node.id] -= 1
         if self.local_in_flight[route.node.id] <= 0:
             del self.local_in_flight[route.node.id]
         if route.local:
             return
         self.leases.pop(route.lease.member, None)
+        forget = self._forgotten(route, cached) if outcome is Outcome.OK else ()
         try:
-            result = await self.store.release(route.lease, outcome, latency_s, tokens)
+            result = await self.store.release(route.lease, outcome, latency_s, tokens, forget)
         except StoreUnavailable:
             self.metrics.store_errors.inc((("op", "release"),))
             return
@@ -203,6 +231,15 @@ class Router:
             return
         if result.ejected_now:
             self.metrics.ejections.inc((("node", route.node.id),))
+
+    def _forgotten(self, route: Route, cached: tuple[int, int] | None) -> tuple[str, ...]:
+        """The prompt blocks the node's answer says it did not hold, though the pick said so."""
+        if route.chain is None or cached is None:
+            return ()
+        forget = route.chain.forgotten(route.prefix_matched, *cached)
+        if forget:
+            self.metrics.prefix_blocks.inc((("kind", "forgotten"),), len(forget))
+        return forget
 
     # -- lease renewal -------------------------------------------------------------------
 

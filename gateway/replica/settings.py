@@ -21,6 +21,7 @@ from gateway.common.config import (
 from shared_state import Strategy, normalize_url
 from shared_state.connection import is_embedded
 from shared_state.errors import InvalidInput
+from shared_state.prefix import MAX_CAPACITY
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -68,6 +69,13 @@ def _network(text: str) -> IPNetwork:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError(f"not a network in CIDR form: {text!r}") from None
+
+
+def _balance(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _node_url(text: str) -> str:
@@ -120,6 +128,32 @@ OPTIONS: tuple[Option, ...] = (
         False,
         "DistServe: skip the Prefill nodes (the Decode node prefills itself); for testing",
         switch=True,
+    ),
+    Option(
+        "prefix-block-bytes",
+        int_range(16, 1 << 16),
+        256,
+        "cache_aware: bytes of the canonical prompt per block (about 4 per token; every "
+        "replica must use the same)",
+    ),
+    Option(
+        "prefix-cache-blocks",
+        int_range(1, MAX_CAPACITY),
+        4096,
+        "cache_aware: a node's prefix-cache capacity in blocks when its record sets none",
+    ),
+    Option(
+        "prefix-balance",
+        _balance,
+        0.5,
+        "cache_aware: a node takes a request only while its requests in flight stay within "
+        "(1 + this) x the mean of the candidates, so a hot prefix spreads",
+    ),
+    Option(
+        "prefix-request-blocks",
+        positive_float,
+        4.0,
+        "cache_aware: what one request in flight on a node costs a new one, in blocks of prefill",
     ),
     Option("node", _node_url, (), "register this node at start (repeatable)", repeatable=True),
     Option(
@@ -191,6 +225,10 @@ class GatewaySettings:
     redis_url: str | None = None
     prefix: str = "fleetgate"
     strategy: Strategy = Strategy.MIN_EXPECTED_LATENCY
+    prefix_block_bytes: int = 256
+    prefix_cache_blocks: int = 4096
+    prefix_balance: float = 0.5
+    prefix_request_blocks: float = 4.0
     node: tuple[str, ...] = ()
     api_key: tuple[str, ...] = ()
     admin_key: str | None = None
