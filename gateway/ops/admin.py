@@ -31,6 +31,7 @@ from shared_state.errors import (
     UnknownNode,
 )
 from shared_state.model import ApiKey, Node, NodeState, NodeStatus, Role
+from shared_state.prefix import MAX_CAPACITY
 from shared_state.registry import model_ids, normalize_url
 from shared_state.registry_cache import read_restore_record
 from shared_state.store import Store
@@ -68,6 +69,19 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+CACHE_BLOCKS_HELP = (
+    "cache_aware: capacity of its prefix cache in gateway blocks (--prefix-block-bytes each, "
+    "about 64 tokens): its KV-cache tokens / 64"
+)
+
+
+def _cache_blocks(text: str) -> int:
+    """A node's prefix-cache capacity in gateway blocks (cache_aware)."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"expected a whole number 1-{MAX_CAPACITY}, got {text!r}")
+    return int(text)
 
 
 def _limit(text: str) -> int:
@@ -120,6 +134,7 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         add.add_argument("--weight", type=_positive, help="new nodes' default: 1")
         add.add_argument("--api-key", help="key the gateways send to this node")
         add.add_argument("--insecure", action="store_true", help="https without certificate checks")
+        add.add_argument("--cache-blocks", type=_cache_blocks, help=CACHE_BLOCKS_HELP)
         remove = command("remove", "remove a node with its leases and history")
         remove.add_argument("url")
         drain = command("drain", "stop new requests; wait for in-flight ones")
@@ -127,7 +142,7 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         drain.add_argument("--no-wait", action="store_true")
         drain.add_argument("--timeout", type=_positive, default=600.0, help="seconds to wait")
         command("list", "every node with its state and load")
-        change = command("set", "change a node's weight, speed, key or state")
+        change = command("set", "change a node's weight, speed, key, cache blocks or state")
         change.add_argument("url")
         change.add_argument("--weight", type=_positive)
         change.add_argument("--speed", type=_positive)
@@ -135,6 +150,7 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         change.add_argument("--clear-api-key", action="store_true")
         change.add_argument("--model", action="append")
         change.add_argument("--state", choices=["active", "draining"])
+        change.add_argument("--cache-blocks", type=_cache_blocks, help=CACHE_BLOCKS_HELP)
     else:
         add = command("add", "create a client API key (printed once)")
         add.add_argument("name")
@@ -182,6 +198,8 @@ def node_row(status: NodeStatus) -> dict[str, Any]:
         "weight": node.weight,
         "api_key": node.api_key is not None,
         "mean_latency_s": round(sum(latencies) / len(latencies), 4) if latencies else None,
+        "cache_blocks": node.cache_blocks,
+        "prefix_blocks": status.prefix_blocks,
         "reason": node.state_reason,
     }
 
@@ -277,11 +295,16 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         if args.api_key is not None and args.clear_api_key:
             raise InvalidInput("--api-key and --clear-api-key contradict each other")
         api_key = "" if args.clear_api_key else args.api_key
-        fields = (args.model, args.speed, args.weight, api_key)
+        fields = (args.model, args.speed, args.weight, api_key, args.cache_blocks)
         if not args.state or any(f is not None for f in fields):
             # A state change alone is one write (one registry re-read on every replica).
             await store.update_node(
-                url, models=args.model, speed=args.speed, weight=args.weight, api_key=api_key
+                url,
+                models=args.model,
+                speed=args.speed,
+                weight=args.weight,
+                api_key=api_key,
+                cache_blocks=args.cache_blocks,
             )
         if args.state:
             await store.set_state(url, NodeState(args.state), f"set {args.state} by operator")
@@ -341,6 +364,7 @@ async def add_node(store: Store, url: str, args: argparse.Namespace) -> bool:
             weight=args.weight,
             api_key=args.api_key,
             insecure=True if args.insecure else None,
+            cache_blocks=args.cache_blocks,
         )
         return False
     _, created = await store.add_node(
@@ -352,6 +376,7 @@ async def add_node(store: Store, url: str, args: argparse.Namespace) -> bool:
         api_key=args.api_key,
         insecure=args.insecure,
         reason="added by fleetgate nodes add",
+        cache_blocks=args.cache_blocks,
     )
     return created
 

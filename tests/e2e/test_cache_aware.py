@@ -29,7 +29,7 @@ from shared_state import Outcome, StoreSettings, Strategy
 from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.harness import RedisServer
-from tests.support.processes import Gateway, Process, SimNode
+from tests.support.processes import Gateway, Process, SimNode, ops
 from tests.support.store import StoreFactory
 
 CACHE_AWARE = ("--strategy", "cache_aware")
@@ -205,6 +205,18 @@ async def test_capacity_evicts_and_removal_or_registering_again_drops(
         assert (await http.post("/nodes/remove", json={"url": node.url})).status_code == 200
         assert not await store.exists(key)
         await store.aclose()
+
+
+def test_the_ops_cli_sets_a_nodes_capacity(redis_url: str) -> None:
+    url = "http://127.0.0.1:9702"
+    added = ops(redis_url, "nodes", "add", url, "--model", MODEL, "--cache-blocks", "16")
+    assert added.returncode == 0, added.stderr
+    changed = ops(redis_url, "nodes", "set", url, "--cache-blocks", "32", "--json")
+    assert changed.returncode == 0, changed.stderr
+    row = orjson.loads(changed.stdout)["node"]
+    assert (row["cache_blocks"], row["prefix_blocks"]) == (32, 0)
+    refused = ops(redis_url, "nodes", "set", url, "--cache-blocks", "0")
+    assert refused.returncode == 2 and "cache-blocks" in refused.stderr
 
 
 class FakeEngine:
