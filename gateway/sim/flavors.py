@@ -15,7 +15,9 @@ The llama.cpp flavor, as ``llama-server`` answers with ``--metrics`` and ``--slo
 - A chat stream opens with a chunk carrying only the role (``"content": null``); a text
   completion stream carries usage on its last choice whether or not it was asked for.
 - usage carries ``prompt_tokens_details.cached_tokens``: the words of the prompt shared, as a
-  prefix, with the previous prompt (the simulated prefix cache of one slot).
+  prefix, with the previous prompt (the simulated prefix cache of one slot); with
+  ``--cache-blocks`` the node's block cache (kvcache.py) counts them instead, still reported
+  under llama-server's names.
 """
 
 from __future__ import annotations

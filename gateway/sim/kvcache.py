@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .answers import prompt_words
+from .metrics import series
 
 _SEP = "\x1f"  # between a chat token's position, role and word: none of them can forge another
 
@@ -144,6 +145,12 @@ class BlockCache:
                 self._held[block] = 1
             got.append(block)
         return got
+
+    def clear(self) -> int:
+        """Forget every block no sequence holds; returns how many."""
+        dropped = len(self._free)
+        self._free.clear()
+        return dropped
 
     def release(self, blocks: list[bytes]) -> None:
         """Let go of ``blocks`` (as :meth:`acquire` returned them); the last is freed first,
@@ -266,13 +273,13 @@ class PrefixEngine:
             "prefill_s": self.prefill_s,
         }
 
-    def metric_lines(self, label: Callable[[str], str]) -> list[str]:
-        """vLLM's prefix-cache counters, per model (``label`` escapes a model name)."""
-        lines: list[str] = []
-        for name, text in (("queries", "Prompt tokens looked up"), ("hits", "Of them cached")):
-            metric = f"vllm:prefix_cache_{name}_total"
-            lines += [f"# HELP {metric} {text}.", f"# TYPE {metric} counter"]
-            for model, counts in self.counts.items():
-                value = counts.queries if name == "queries" else counts.hits
-                lines.append(f'{metric}{{model_name="{label(model)}"}} {float(value)}')
-        return lines
+    def metric_lines(self) -> list[str]:
+        """vLLM's prefix-cache counters, per model."""
+        queries = {model: c.queries for model, c in self.counts.items()}
+        hits = {model: c.hits for model, c in self.counts.items()}
+        return [
+            *series(
+                "vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up.", queries
+            ),
+            *series("vllm:prefix_cache_hits_total", "counter", "Of them cached.", hits),
+        ]

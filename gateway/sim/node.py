@@ -43,6 +43,8 @@ from .answers import (
     usage,
 )
 from .faults import FAULT_MODES, STATUS_FAULTS, ClientGone, Fault, abort
+from .kvcache import Prefilled, PrefixEngine, answer_tokens, request_tokens
+from .metrics import page, vllm_lines
 from .pd import ROLES, PDEngine, PDError, add_routes, json_answer, refusal
 
 # How often blocked requests look for a client disconnect: aiohttp does not cancel handlers
@@ -54,6 +56,7 @@ _MIN_SLEEP_S: Final = 0.005
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE: Final = b"data: [DONE]\n\n"
 CACHED: Final = web.RequestKey("fleetgate_sim_cached", int)  # prompt words the cache held
+SEQ: Final = web.RequestKey("fleetgate_sim_seq", Prefilled)  # the request in the KV cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,9 @@ class SimConfig:
     block_size: int = 64  # prompt tokens per cache block of a prefill session
     flavor: str = "vllm"  # or "llamacpp": the engine whose HTTP it imitates (flavors.py)
     loading_s: float = 0.0  # answers 503 "Loading model" for this long after start
+    cache_blocks: int = 0  # prefix cache (kvcache.py) of this many blocks; 0: none
+    block_tokens: int = 16  # prompt tokens per prefix-cache block
+    prefill_tokens_per_s: float = 0.0  # uncached prompt tokens prefilled per s; 0 or inf: free
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -89,6 +95,14 @@ class SimConfig:
             raise ValueError("tp and block_size must be >= 1")
         if self.flavor not in flavors.FLAVORS or not self.loading_s >= 0:
             raise ValueError(f"flavor must be one of {', '.join(flavors.FLAVORS)}; loading_s >= 0")
+        if self.cache_blocks < 0 or self.block_tokens < 1 or not self.prefill_tokens_per_s >= 0:
+            raise ValueError("cache_blocks, prefill_tokens_per_s must be >= 0; block_tokens >= 1")
+
+    @property
+    def kv_engine(self) -> bool:
+        """Whether a Hybrid node models its KV cache and prefill (kvcache.py)."""
+        rate = self.prefill_tokens_per_s
+        return self.role == "Hybrid" and (self.cache_blocks > 0 or 0 < rate < math.inf)
 
 
 class SimNode:
@@ -119,6 +133,10 @@ class SimNode:
         self.llamacpp = config.flavor == "llamacpp"
         self.loaded_at = time.monotonic() + config.loading_s
         self.prefix = flavors.PrefixCache()
+        self.kv: PrefixEngine | None = None
+        if config.kv_engine:
+            size, rate = config.block_tokens, config.prefill_tokens_per_s
+            self.kv = PrefixEngine(config.cache_blocks, size, rate, config.models)
         self.pd = (
             PDEngine(config.role, config.tp, config.block_size) if config.role != "Hybrid" else None
         )
@@ -163,6 +181,7 @@ class SimNode:
             "requests_total": self.requests_total,
             "slots": self.config.slots,
             **({"pd": self.pd.stats()} if self.pd is not None else {}),
+            **({"kv": self.kv.stats()} if self.kv is not None else {}),
         }
 
     def _consume(self, fault: Fault) -> None:
@@ -228,6 +247,8 @@ class SimNode:
                 host, port = addr[:2]
                 self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         response.headers["x-sim-node"] = self.name or ""
+        if (seq := request.get(SEQ)) is not None:  # the engine's own figure, for tests
+            response.headers["x-sim-prefill-ms"] = f"{seq.prefill_s * 1000:.3f}"
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self._closing = True  # lets hung and sleeping handlers return before shutdown times out
@@ -282,7 +303,7 @@ class SimNode:
         self.requests_total += 1
         try:
             body, model = await self._read(request)
-            if self.llamacpp:  # the prompt meets the cache as it arrives, whatever follows
+            if self.llamacpp and self.kv is None:  # the one-slot cache meets it as it arrives
                 prompt = body.get("messages") if kind == "chat" else body.get("prompt")
                 request[CACHED] = self.prefix.hit(prompt_words(prompt))
             n = 0 if kind == "embed" else max_tokens(body)
@@ -306,6 +327,8 @@ class SimNode:
                     return await self._pd_prefill(request, kind, body, model, n, pd)
                 return await self._produce(request, kind, body, model, n, fault)
             finally:
+                if self.kv is not None and (seq := request.get(SEQ)) is not None:
+                    self.kv.finish(seq, None)  # unless _served cached its answer already
                 self.running[model] -= 1
                 self._n_running -= 1
                 self._release()
@@ -342,6 +365,8 @@ class SimNode:
         prefill = self._prefill * factor + (fault.delay_s if slow else 0.0)
         if prefill > 0:
             await self._sleep(request, prefill)
+        if self.kv is not None and kind != "embed":
+            await self._kv_prefill(request, self.kv, kind, body, n, factor)
         cut = fault.after_tokens if fault.mode == "die_mid_stream" else None
         if kind == "embed":
             result = embeddings_body(body, model)
@@ -356,8 +381,29 @@ class SimNode:
         if cut is not None:
             abort(request, rst=False)
             raise ClientGone
-        self.served += 1
+        self._served(request, kind, body, n)
         return json_answer(result)
+
+    async def _kv_prefill(
+        self, request: web.Request, kv: PrefixEngine, kind: str, body: Any, n: int, factor: float
+    ) -> None:
+        """The prefill of the uncached prompt, in turn with the engine's other prefills."""
+
+        async def sleep(seconds: float) -> None:
+            if self._gone(request):  # it waited for its turn: no prefill for a client gone
+                raise ClientGone
+            await self._sleep(request, seconds)
+
+        seq = await kv.prefill(body["model"], request_tokens(kind, body), n, sleep, factor)
+        request[SEQ] = seq
+        request[CACHED] = seq.cached
+
+    def _served(self, request: web.Request, kind: str, body: dict[str, Any], n: int) -> None:
+        """Count an answer sent whole; the engine caches its tokens for the next turn."""
+        self.served += 1
+        if self.kv is not None and (seq := request.get(SEQ)) is not None:
+            text = " ".join(f"tok{i}" for i in range(n))
+            self.kv.finish(seq, answer_tokens(kind, body, text))
 
     async def _pd_prefill(
         self,
@@ -447,14 +493,14 @@ class SimNode:
             await resp.write(b"".join(buf))
         except (ConnectionError, ClientGone):
             return resp  # aiohttp's write_eof then fails quietly on the dead connection
-        self.served += 1
+        self._served(request, kind, body, n)
         return resp
 
     def _usage(
         self, request: web.Request, kind: str, body: dict[str, Any], n: int
     ) -> dict[str, Any]:
         found: dict[str, Any] = usage(kind, body, n)
-        if self.llamacpp:
+        if self.llamacpp or self.kv is not None:
             found["prompt_tokens_details"] = {"cached_tokens": request.get(CACHED, 0)}
         return found
 
@@ -469,25 +515,17 @@ class SimNode:
         return json_answer({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        kv = self._n_running / self.config.slots
-        lines: list[str] = []
-        for metric, kind, values in (
-            ()
-            if self.llamacpp
-            else (
-                ("vllm:num_requests_running", "gauge", self.running),
-                ("vllm:num_requests_waiting", "gauge", self.waiting),
-                ("vllm:kv_cache_usage_perc", "gauge", dict.fromkeys(self.running, kv)),
-            )
-        ):
-            lines += [f"# HELP {metric} Simulated {metric}.", f"# TYPE {metric} {kind}"]
-            for model, value in values.items():
-                label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-                lines.append(f'{metric}{{model_name="{label}"}} {float(value)}')
-        if self.llamacpp:
-            lines += flavors.llamacpp_metric_lines(
-                self._n_running, self._n_waiting, self.prefix.cached_total
-            )
+        engine, lines = self.kv, []
+        if self.llamacpp:  # its own names, the cached tokens only
+            cached = self.prefix.cached_total if engine is None else engine.hits
+            lines += flavors.llamacpp_metric_lines(self._n_running, self._n_waiting, cached)
+        elif engine is not None and engine.cache.capacity:
+            lines += vllm_lines(self.running, self.waiting, engine.kv_usage())  # blocks in use
+            lines += engine.metric_lines()
+        else:  # a busy slot holds its whole context
+            kv = self._n_running / self.config.slots
+            lines += vllm_lines(self.running, self.waiting, kv)
+            lines += engine.metric_lines() if engine is not None else []
         lines += [
             "# HELP sim_requests_total Generation requests received.",
             "# TYPE sim_requests_total counter",
@@ -495,10 +533,7 @@ class SimNode:
         ]
         if self.pd is not None:
             lines += self.pd.metric_lines()
-        return web.Response(
-            body=("\n".join(lines) + "\n").encode(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
+        return page(lines)
 
     async def sim_fault(self, request: web.Request) -> web.Response:
         try:
@@ -516,6 +551,11 @@ class SimNode:
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
             return error_response(400, f"bad fault request: {exc!r}")
         return json_answer(self.stats())
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /reset_prefix_cache``: a cold cache, e.g. between benchmark runs."""
+        assert self.kv is not None
+        return json_answer({"dropped_blocks": self.kv.cache.clear()})
 
     async def sim_stats(self, request: web.Request) -> web.Response:
         return json_answer(self.stats())
@@ -556,6 +596,8 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/terminate", node.terminate)
     if node.llamacpp:
         app.router.add_get("/slots", node.slots)
+    if node.kv is not None:
+        app.router.add_post("/reset_prefix_cache", node.reset_prefix_cache)
     if node.pd is not None:
         add_routes(app, node.pd)
     return app
@@ -622,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64, help="prompt tokens per cache block")
     p.add_argument("--flavor", default="vllm", choices=flavors.FLAVORS, help="engine imitated")
     p.add_argument("--loading-s", type=float, default=0.0, help="503 'Loading model' this long")
+    p.add_argument("--cache-blocks", type=int, default=0, help="prefix cache in blocks; 0: none")
+    p.add_argument("--block-tokens", type=int, default=16, help="tokens per prefix-cache block")
+    p.add_argument(
+        "--prefill-tokens-per-s", type=float, default=0.0, help="uncached prompt; 0 or inf: free"
+    )
     args = p.parse_args(argv)
     try:
         config = SimConfig(**{**vars(args), "models": tuple(args.models or ("sim-model",))})
