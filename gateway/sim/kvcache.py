@@ -171,6 +171,7 @@ class Prefilled:
     model: str
     tokens: list[str]
     reserved: int  # blocks its prompt and answer take, whether cached or not
+    full: int = 0  # full blocks of its prompt
     cached: int = 0  # prompt tokens found in the cache
     prefill_s: float = 0.0  # what its prefill cost, waiting for the engine aside
     blocks: list[bytes] = field(default_factory=list)  # held in the cache
@@ -203,7 +204,7 @@ class PrefixEngine:
         self,
         model: str,
         tokens: list[str],
-        answer_tokens: int,
+        max_answer: int,
         sleep: Callable[[float], Awaitable[None]],
         factor: float = 1.0,
     ) -> Prefilled:
@@ -212,8 +213,9 @@ class PrefixEngine:
         and hold the rest. The caller must :meth:`finish` it, whatever happens later; if
         ``sleep`` raises, nothing stays held."""
         size = self.block_tokens
-        seq = Prefilled(model, tokens, -(-(len(tokens) + answer_tokens) // size))
+        seq = Prefilled(model, tokens, -(-(len(tokens) + max_answer) // size))
         blocks = block_hashes(model, tokens, size)
+        seq.full = len(blocks)
         async with self._lock:
             hit = self.cache.match(blocks[: max(len(tokens) - 1, 0) // size])
             seq.blocks = self.cache.acquire(blocks[:hit])
@@ -241,10 +243,9 @@ class PrefixEngine:
             return
         seq.done = True
         self._reserved -= seq.reserved - len(seq.blocks)
-        if answer:
+        if answer and len(seq.blocks) == seq.full:  # its answer continues a prompt all cached
             blocks = block_hashes(seq.model, seq.tokens + answer, self.block_tokens)
-            if len(seq.blocks) == len(block_hashes(seq.model, seq.tokens, self.block_tokens)):
-                seq.blocks += self.cache.acquire(blocks[len(seq.blocks) :])
+            seq.blocks += self.cache.acquire(blocks[seq.full :])
         self.cache.release(seq.blocks)
 
     def kv_usage(self) -> float:
