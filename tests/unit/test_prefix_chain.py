@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import cast
 
 import orjson
 import pytest
 
+from gateway.replica import proxy
+from gateway.replica.exchange import Exchange
 from gateway.replica.prefix import PrefixChain, canonical_prompt, derive_chain, read_prompt
+from gateway.replica.proxy import ProxyHandler
 from gateway.replica.routing import Route
 from shared_state import MAX_CHAIN_BLOCKS, Lease, Node
 
@@ -129,3 +134,25 @@ def test_the_receipt_says_the_prefix_and_a_blind_fallback() -> None:
     assert local.receipt(1).endswith("state=local; prefix=blind/4 blocks")
     plain = Route(node, Lease(node.id, "r:1"), False, 1, 2, 1.0, 7, "least_connections")
     assert "prefix" not in plain.receipt(1)
+
+
+def test_only_cache_aware_reads_the_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other strategies decode model, stream and user only: the prompt is never read."""
+
+    def never(*_: object) -> None:
+        raise AssertionError("the prompt was read")
+
+    body = chat_body([{"role": "system", "content": SYSTEM}])
+    exchange = cast(Exchange, SimpleNamespace(scope={"path": CHAT}, prefix=None))
+    handler = ProxyHandler.__new__(ProxyHandler)  # only what _read_view needs
+    handler.prefix_block_bytes = None
+    with monkeypatch.context() as patch:
+        patch.setattr(proxy, "read_prompt", never)
+        assert handler._read_view(body, exchange).model == "m"
+    assert exchange.prefix is None
+    handler.prefix_block_bytes = 256
+    assert handler._read_view(body, exchange).model == "m"
+    assert exchange.prefix == chain_of(body)
+    exchange.prefix = None
+    assert handler._read_view(b'{"model": "m", "messages": 7}', exchange).model == "m"
+    assert exchange.prefix is None  # not a prompt it reads: routed without a chain
