@@ -125,6 +125,9 @@ def slots_usage(listing: object) -> float | None:
 
     An idle slot's tokens stay in its cache for the next prompt that shares their prefix, but
     are not counted: like vLLM's freed blocks, they are given up as soon as room is needed.
+    A server started with ``--kv-unified`` (its default only when the slot count is automatic)
+    reports the whole shared pool as every slot's ``n_ctx``: its figure is then the slot count
+    times too small, but still orders its own moments rightly.
     """
     if not isinstance(listing, list) or not listing:
         return None
