@@ -12,8 +12,10 @@ then becomes the engine (exec): its signals and exit status are the engine's own
 cannot be done here (no compiler, no network) exits with status 1 and one line saying why.
 
 Engines other than llama (vLLM) live in their own module of ``scripts/engine``, which offers
-the same functions: ``build(progress)``, ``environment()``, ``start_command(port, model,
-host)`` and ``model(name, progress)`` with the names it serves in ``MODELS``.
+the same functions: ``build(progress)`` (the path of its Python), ``environment()``,
+``model(name, progress)`` with the names it serves in ``MODELS`` (the first is the default),
+and ``start_command(python, model, port, served_name=, host=)`` giving the command line and
+its whole environment.
 """
 
 from __future__ import annotations
@@ -83,9 +85,14 @@ def _environment(engine: str) -> dict[str, str]:
 
 
 def _start(args: argparse.Namespace) -> NoReturn:
+    env = dict(os.environ)
     if args.engine != "llama":
-        command: list[str] = _function(args.engine, "start_command")(
-            args.port, args.model, args.host
+        module = _module(args.engine)
+        python: Path = _function(args.engine, "build")(cache.say)
+        name = args.model or module.MODELS[0]
+        folder: Path = _function(args.engine, "model")(name, cache.say)
+        command, env = _function(args.engine, "start_command")(
+            python, folder, args.port, served_name=name, host=args.host
         )
     else:
         name = args.model or "llama-tiny"
@@ -102,7 +109,7 @@ def _start(args: argparse.Namespace) -> NoReturn:
     cache.say(f"engines: {shlex.join(command)}")
     sys.stdout.flush()
     try:
-        os.execv(command[0], command)
+        os.execve(command[0], command, env)
     except OSError as exc:
         raise cache.EngineUnavailable(f"cannot start {command[0]}: {exc.strerror}") from None
 
@@ -128,7 +135,9 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("engine", choices=ENGINES)
     start.add_argument("--port", type=_positive, required=True)
     start.add_argument("--host", default="127.0.0.1")
-    start.add_argument("--model", default=None, help="default: llama-tiny for llama")
+    start.add_argument(
+        "--model", default=None, help="default: llama-tiny for llama, vllm-tiny for vllm"
+    )
     start.add_argument("--parallel", type=_positive, default=llama.DEFAULT_PARALLEL, help="slots")
     start.add_argument(
         "--slot-context", type=_positive, default=llama.DEFAULT_SLOT_CONTEXT, help="tokens/slot"
