@@ -352,14 +352,23 @@ class Upstream:
                 return conn
         context = self._tls(origin) if origin.scheme == "https" else None
         try:
-            async with asyncio.timeout(self.timeouts.connect_s):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop),
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context else None,
-                )
+            for attempt in range(2):
+                due = loop.time() + self.timeouts.connect_s
+                try:
+                    async with asyncio.timeout(self.timeouts.connect_s):
+                        _, protocol = await loop.create_connection(
+                            lambda: _Connection(loop),
+                            origin.host,
+                            origin.port,
+                            ssl=context,
+                            server_hostname=origin.host if context else None,
+                        )
+                    break
+                except TimeoutError:
+                    # A timer this late means the process was not running (see
+                    # _Connection.wait), not that the node was slow: connect once more.
+                    if attempt or loop.time() - due < LATE_TIMER_S:
+                        raise
         except TimeoutError:
             raise UpstreamFailure("connect timed out", timeout=True, sent=False) from None
         except ssl.SSLError as exc:

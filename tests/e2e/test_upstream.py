@@ -224,6 +224,23 @@ async def test_an_answer_that_arrived_while_the_process_was_paused_is_read(
         thread.join(5)
 
 
+async def test_a_connection_made_while_the_process_was_paused_is_used(
+    upstream: Upstream,
+) -> None:
+    """A replica paused past the connect timeout while connecting (the kernel completed the
+    connection meanwhile) uses it, instead of calling the connect timed out (a 504)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawServer(answer) as node:
+        # The loop stops running as the connect starts, for longer than the 1 s timeout.
+        asyncio.get_running_loop().call_soon(time.sleep, 1.5)
+        assert await post(upstream, node) == (200, b"ok")
+
+
 async def test_large_body_is_read_whole_through_backpressure(upstream: Upstream) -> None:
     blob = bytes(range(256)) * (12 * 1024)  # 3 MiB, above the pause threshold
 
