@@ -35,12 +35,15 @@ class PrefixSettings:
     ``default_capacity_blocks``: a node's capacity when its record has no ``cache_blocks``;
     ``balance``: a node takes a request only while its requests in flight (this one included)
     stay within (1 + balance) x the candidates' mean, rounded up, so a hot prefix spreads;
-    ``request_blocks``: the cost of one request in flight on a node, in blocks of prefill.
+    ``request_blocks``: the cost of one request in flight on a node, in blocks of prefill;
+    ``evict_cost``: the cost of evicting one block of another prompt from a full node, in
+    blocks of prefill (a block held is likely asked for again: half a block by default).
     """
 
     default_capacity_blocks: int = 4096
     balance: float = 0.5
     request_blocks: float = 4.0
+    evict_cost: float = 0.5
 
 
 def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
@@ -49,6 +52,7 @@ def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
         settings.default_capacity_blocks,
         settings.balance,
         settings.request_blocks,
+        settings.evict_cost,
         *blocks[:MAX_CHAIN_BLOCKS],
     ]
 

@@ -11,12 +11,16 @@
 -- ARGV[13] load bound, balance >= 0: a node takes the request only while its requests in
 --          flight, this one included, stay within ceil((1 + balance) x the candidates' mean)
 -- ARGV[14] cost of one request in flight, in blocks of prefill
--- ARGV[15..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+-- ARGV[15] cost of evicting one block another prompt may need, in blocks of prefill
+-- ARGV[16..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, matched, total}:
 --   the first seven as pick.lua; score = the winner's expected time to first token, in blocks
---   of prefill at speed 1: (requests in flight x ARGV[14] + blocks it lacks) / speed;
---   matched = blocks of the chain the winner held before this pick, total = blocks in the chain.
+--   of prefill at speed 1, (requests in flight x ARGV[14] + blocks it lacks) / speed, plus
+--   ARGV[15] x the blocks that recording the chain there would evict (a full node's cache is
+--   worth keeping: a partial hit on it must not push out other prompts while another node has
+--   room); matched = blocks of the chain the winner held before this pick, total = blocks in
+--   the chain.
 --
 -- Invariants: a member holds at most one lease (as pick.lua). A block set is prefix-closed:
 -- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total, so a block is
@@ -32,8 +36,10 @@ local role = tonumber(ARGV[6])
 local default_capacity = tonumber(ARGV[12])
 local balance = tonumber(ARGV[13])
 local request_blocks = tonumber(ARGV[14])
+local evict_cost = tonumber(ARGV[15])
+local FIRST = 15 -- ARGV[FIRST + k] is block k
 local MAX_BLOCKS = 2048
-local total = math.min(#ARGV - 14, MAX_BLOCKS)
+local total = math.min(#ARGV - FIRST, MAX_BLOCKS)
 
 local now = now_ms()
 local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -54,7 +60,7 @@ if n == 0 then
 end
 
 local function block(k)
-  return ARGV[14 + k]
+  return ARGV[FIRST + k]
 end
 
 -- The longest prefix of the chain held in set ``key``: the set is prefix-closed, so "block k is
@@ -80,8 +86,13 @@ local bound = math.ceil((1 + balance) * (load + 1) / n)
 local within = {}
 for _, c in ipairs(eligible) do
   if c.inflight + 1 <= bound then
-    c.held = held_prefix(KEYS[3 * c.i + 2])
-    c.score = (c.inflight * request_blocks + total - c.held) / c.speed
+    local key = KEYS[3 * c.i + 2]
+    if not c.capacity or c.capacity < 1 then c.capacity = default_capacity end
+    c.held = held_prefix(key)
+    local new = total - c.held
+    local evicted = new - (c.capacity - redis.call('ZCARD', key))
+    if evicted < 0 then evicted = 0 end
+    c.score = (c.inflight * request_blocks + new) / c.speed + evict_cost * evicted
     within[#within + 1] = c
   end
 end
@@ -99,9 +110,7 @@ if total > 0 then
     end
     redis.call('ZADD', bkey, unpack(args))
   end
-  local capacity = winner.capacity
-  if not capacity or capacity < 1 then capacity = default_capacity end
-  local over = redis.call('ZCARD', bkey) - capacity
+  local over = redis.call('ZCARD', bkey) - winner.capacity
   if over > 0 then
     redis.call('ZREMRANGEBYRANK', bkey, 0, over - 1)
   end

@@ -131,6 +131,23 @@ class TestCacheAwarePick:
         assert nodes[:3] == [nodes[0]] * 3 and picks[3].node.id != nodes[0]
         assert len(await held(store, A)) == len(await held(store, B)) == 200
 
+    async def test_a_partial_hit_on_a_full_node_does_not_beat_room_elsewhere(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"], cache_blocks=12)
+        await store.add_node(B, ["m"], cache_blocks=12)
+        x = chain("x", 8)
+        other = [*x[:1], *chain("other", 12, 1)]  # shares x's first block only
+        await store.client.zadd(store.keys.prefix_blocks(A), {b: 1 for b in other})
+        # A lacks 7 blocks, B all 8, but A would evict 7 of its 12 to take x: B has room.
+        node, matched, _ = await pick_release(store, x, "x")
+        assert (node, matched) == (B, 0)
+        # Once both are full, the hit wins again.
+        await store.client.delete(store.keys.prefix_blocks(B))
+        await store.client.zadd(store.keys.prefix_blocks(B), {b: 1 for b in chain("y", 12)})
+        assert (await pick_release(store, x, "again"))[:2] == (A, 1)
+
     async def test_eviction_keeps_capacity_and_takes_the_tail_first(
         self, store_factory: StoreFactory
     ) -> None:
