@@ -37,13 +37,14 @@ class PrefixSettings:
     stay within (1 + balance) x the candidates' mean, rounded up, so a hot prefix spreads;
     ``request_blocks``: the cost of one request in flight on a node, in blocks of prefill;
     ``evict_cost``: the cost of evicting one block of another prompt from a full node, in
-    blocks of prefill (a block held is likely asked for again: half a block by default).
+    blocks of prefill (1: it will be prefilled again; a partial hit on a full node then beats
+    room elsewhere only when it covers more than half the prompt, SGLang's cache threshold).
     """
 
     default_capacity_blocks: int = 4096
     balance: float = 0.5
     request_blocks: float = 4.0
-    evict_cost: float = 0.5
+    evict_cost: float = 1.0
 
 
 def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:

@@ -11,16 +11,17 @@
 -- ARGV[13] load bound, balance >= 0: a node takes the request only while its requests in
 --          flight, this one included, stay within ceil((1 + balance) x the candidates' mean)
 -- ARGV[14] cost of one request in flight, in blocks of prefill
--- ARGV[15] cost of evicting one block another prompt may need, in blocks of prefill
+-- ARGV[15] cost of evicting one block another prompt may need, in blocks of prefill (1: it
+--          will be prefilled again)
 -- ARGV[16..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, matched, total}:
---   the first seven as pick.lua; score = the winner's expected time to first token, in blocks
---   of prefill at speed 1, (requests in flight x ARGV[14] + blocks it lacks) / speed, plus
---   ARGV[15] x the blocks that recording the chain there would evict (a full node's cache is
---   worth keeping: a partial hit on it must not push out other prompts while another node has
---   room); matched = blocks of the chain the winner held before this pick, total = blocks in
---   the chain.
+--   the first seven as pick.lua; score = the winner's expected time to first token in blocks
+--   of prefill at the candidates' mean speed, (requests in flight x ARGV[14] + blocks it
+--   lacks) x mean speed / its speed, plus ARGV[15] x the blocks that recording the chain there
+--   would evict (a full node's cache is worth keeping: with ARGV[15] = 1, a partial hit on a
+--   full node beats an empty node only when it covers more than half the prompt); matched =
+--   blocks of the chain the winner held before this pick, total = blocks in the chain.
 --
 -- Invariants: a member holds at most one lease (as pick.lua). A block set is prefix-closed:
 -- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total, so a block is
@@ -78,8 +79,12 @@ local function held_prefix(key)
 end
 
 fill_speeds(eligible)
-local load = 0
-for _, c in ipairs(eligible) do load = load + c.inflight end
+local load, speeds = 0, 0
+for _, c in ipairs(eligible) do
+  load = load + c.inflight
+  speeds = speeds + c.speed
+end
+local mean_speed = speeds / n -- speeds are relative: their scale must not weigh against evictions
 -- A node far above the mean passes the request on, so a popular prefix spreads instead of
 -- pinning its first node; the least loaded node always stays within the bound.
 local bound = math.ceil((1 + balance) * (load + 1) / n)
@@ -92,7 +97,7 @@ for _, c in ipairs(eligible) do
     local new = total - c.held
     local evicted = new - (c.capacity - redis.call('ZCARD', key))
     if evicted < 0 then evicted = 0 end
-    c.score = (c.inflight * request_blocks + new) / c.speed + evict_cost * evicted
+    c.score = (c.inflight * request_blocks + new) * mean_speed / c.speed + evict_cost * evicted
     within[#within + 1] = c
   end
 end

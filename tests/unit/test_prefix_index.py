@@ -148,6 +148,18 @@ class TestCacheAwarePick:
         await store.client.zadd(store.keys.prefix_blocks(B), {b: 1 for b in chain("y", 12)})
         assert (await pick_release(store, x, "again"))[:2] == (A, 1)
 
+    async def test_a_hit_over_half_the_prompt_wins_whatever_the_speed_scale(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory()
+        await store.add_node(A, ["m"], cache_blocks=12, speed=100)
+        await store.add_node(B, ["m"], cache_blocks=12, speed=100)
+        x = chain("x", 8)
+        full = [*x[:5], *chain("other", 12, 5)]  # A is full and holds 5 of x's 8 blocks
+        await store.client.zadd(store.keys.prefix_blocks(A), {b: 1 for b in full})
+        # Speeds are relative: 100 and 100 weigh as 1 and 1 against evictions.
+        assert (await pick_release(store, x, "x"))[:2] == (A, 5)
+
     async def test_eviction_keeps_capacity_and_takes_the_tail_first(
         self, store_factory: StoreFactory
     ) -> None:
