@@ -130,8 +130,9 @@ class Gateway:
     def _register_metrics(self) -> None:
         self.metrics.gauge(
             "fleetgate_degraded",
-            "1 while the store is unreachable and routing uses local counts.",
-            lambda: [((), 1.0 if self.router.degraded_since is not None else 0.0)],
+            "1 while the store is unreachable or refuses this replica's leases (routing then "
+            "uses local counts).",
+            lambda: [((), 1.0 if self.router.degraded else 0.0)],
         )
         self.metrics.gauge(
             "fleetgate_in_flight",
@@ -253,7 +254,7 @@ class Gateway:
         body = {
             "ready": ready,
             "store": _store_state(store_ok, renew_failure),
-            "degraded": self.router.degraded_since is not None or not store_ok,
+            "degraded": self.router.degraded or not store_ok,
             "active_nodes": active,
             "replica": self.replica,
             "reasons": reasons,

@@ -159,6 +159,13 @@ class Router:
             pick.prefix_matched,
         )
 
+    @property
+    def degraded(self) -> bool:
+        """The store failed the last pick, or refuses to renew this replica's leases (out of
+        memory, read-only): a pick that happens to pass in between does not end that, or
+        ``/ready`` and ``fleetgate_degraded`` would flicker while Redis refuses writes."""
+        return self.degraded_since is not None or self.renew_failure is not None
+
     def _enter_degraded(self, cause: StoreUnavailable) -> None:
         if self.degraded_since is None:
             self.degraded_since = time.monotonic()

@@ -4,6 +4,7 @@ self-signed certificate for TLS on loopback."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +14,15 @@ import redis.asyncio as aioredis
 from tests.support.harness import RedisServer
 from tests.support.processes import Process, make_certificate
 from tests.support.store import StoreFactory
+
+
+@pytest.fixture(autouse=True)
+def leaks_stay_with_their_test() -> Iterator[None]:
+    """Collect garbage after each test, so a socket or client it left open (often one that
+    failed before closing it) is reported by that test, not by whichever later test the
+    collector happens to run in (warnings are errors here)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
