@@ -38,13 +38,16 @@ class PrefixSettings:
     ``request_blocks``: the cost of one request in flight on a node, in blocks of prefill;
     ``evict_cost``: the cost of evicting one block of another prompt from a full node, in
     blocks of prefill (1: it will be prefilled again; a partial hit on a full node then beats
-    room elsewhere only when it covers more than half the prompt, SGLang's cache threshold).
+    room elsewhere only when it covers more than half the prompt, SGLang's cache threshold);
+    ``touch_ms``: blocks used more recently than this keep their last-use time when a pick
+    finds them held (LRU to within a second; a hot prefix then costs a pick O(new blocks)).
     """
 
     default_capacity_blocks: int = 4096
     balance: float = 0.5
     request_blocks: float = 4.0
     evict_cost: float = 1.0
+    touch_ms: int = 1000
 
 
 def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
@@ -54,6 +57,7 @@ def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
         settings.balance,
         settings.request_blocks,
         settings.evict_cost,
+        settings.touch_ms,
         *blocks[:MAX_CHAIN_BLOCKS],
     ]
 

@@ -13,7 +13,9 @@
 -- ARGV[14] cost of one request in flight, in blocks of prefill
 -- ARGV[15] cost of evicting one block another prompt may need, in blocks of prefill (1: it
 --          will be prefilled again)
--- ARGV[16..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+-- ARGV[16] touch interval, ms: blocks the winner held that were used more recently than this
+--          keep their scores (a hot prefix costs O(new blocks) per pick, not O(all blocks))
+-- ARGV[17..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, matched, total}:
 --   the first seven as pick.lua; score = the winner's expected time to first token in blocks
@@ -24,8 +26,10 @@
 --   blocks of the chain the winner held before this pick, total = blocks in the chain.
 --
 -- Invariants: a member holds at most one lease (as pick.lua). A block set is prefix-closed:
--- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total, so a block is
--- always more recent than the blocks after it in its chain, and eviction (lowest score first,
+-- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total (or, when the
+-- held ones were used within the touch interval, only the new blocks, each 1/2048 below the
+-- block before it), so a block is always more recent than the blocks after it in its chain,
+-- and eviction (lowest score first,
 -- down to the node's capacity) takes a chain's tail first, as engines evict; the longest held
 -- prefix is then found by binary search, O(log total) lookups per node. Scores stay exact:
 -- doubles hold ms + k/2048 exactly while TIME in ms is below 2^42 (the year 2109).
@@ -38,7 +42,8 @@ local default_capacity = tonumber(ARGV[12])
 local balance = tonumber(ARGV[13])
 local request_blocks = tonumber(ARGV[14])
 local evict_cost = tonumber(ARGV[15])
-local FIRST = 15 -- ARGV[FIRST + k] is block k
+local touch_ms = tonumber(ARGV[16])
+local FIRST = 16 -- ARGV[FIRST + k] is block k
 local MAX_BLOCKS = 2048
 local total = math.min(#ARGV - FIRST, MAX_BLOCKS)
 
@@ -64,18 +69,21 @@ local function block(k)
   return ARGV[FIRST + k]
 end
 
--- The longest prefix of the chain held in set ``key``: the set is prefix-closed, so "block k is
--- held" is true up to some k and false after it. A node without the first block costs one look.
+-- The longest prefix of the chain held in set ``key``, and the score of its last block: the
+-- set is prefix-closed, so "block k is held" is true up to some k and false after it. A node
+-- without the first block costs one look.
 local function held_prefix(key)
-  if total == 0 or not redis.call('ZSCORE', key, block(1)) then
-    return 0
+  local at = total > 0 and redis.call('ZSCORE', key, block(1))
+  if not at then
+    return 0, 0
   end
-  local lo, hi = 1, total -- block lo is held; the answer lies in [lo, hi]
+  local lo, hi = 1, total -- block lo is held, scored at; the answer lies in [lo, hi]
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
-    if redis.call('ZSCORE', key, block(mid)) then lo = mid else hi = mid - 1 end
+    local score = redis.call('ZSCORE', key, block(mid))
+    if score then lo, at = mid, score else hi = mid - 1 end
   end
-  return lo
+  return lo, tonumber(at)
 end
 
 fill_speeds(eligible)
@@ -93,7 +101,7 @@ for _, c in ipairs(eligible) do
   if c.inflight + 1 <= bound then
     local key = KEYS[3 * c.i + 2]
     if not c.capacity or c.capacity < 1 then c.capacity = default_capacity end
-    c.held = held_prefix(key)
+    c.held, c.held_at = held_prefix(key)
     local new = total - c.held
     local evicted = new - (c.capacity - redis.call('ZCARD', key))
     if evicted < 0 then evicted = 0 end
@@ -105,12 +113,18 @@ local winner = argmin(within, rnd)
 
 local lkey, bkey = KEYS[3 * winner.i + 1], KEYS[3 * winner.i + 2]
 redis.call('ZADD', lkey, now + lease_ms, member)
-if total > 0 then
+if total > winner.held or winner.held_at < now - touch_ms then
+  -- The held blocks were used a while ago: all are touched now. Else only the new ones are
+  -- added, just below the last held block, as recent as it.
+  local from, top = 1, now + total / 2048
+  if winner.held > 0 and winner.held_at >= now - touch_ms then
+    from, top = winner.held + 1, winner.held_at + winner.held / 2048
+  end
   -- In batches: a Lua call takes a bounded number of arguments.
-  for first = 1, total, 256 do
+  for first = from, total, 256 do
     local args = {}
     for k = first, math.min(first + 255, total) do
-      args[#args + 1] = now + (total - k) / 2048
+      args[#args + 1] = top - k / 2048
       args[#args + 1] = block(k)
     end
     redis.call('ZADD', bkey, unpack(args))

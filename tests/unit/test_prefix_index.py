@@ -45,6 +45,14 @@ async def held(store: Store, node: str) -> list[str]:
     return [str(b) for b in blocks]
 
 
+async def scores_of(store: Store, node: str, blocks: list[str]) -> list[float]:
+    """The last-use scores of ``blocks`` in the node's set (each must be held)."""
+    key = store.keys.prefix_blocks(node)
+    found = [await store.client.zscore(key, b) for b in blocks]
+    assert all(score is not None for score in found)
+    return [float(score or 0) for score in found]
+
+
 async def hold(store: Store, node: str, count: int) -> None:
     """``count`` live leases on ``node``, as requests of another replica."""
     sec, usec = await store.client.time()
@@ -177,6 +185,27 @@ class TestCacheAwarePick:
         z = chain("z", 20)
         await pick_release(store, z, "z")
         assert await held(store, A) == z[:8]
+
+    async def test_a_hot_prefix_is_touched_once_per_interval(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(StoreSettings(prefix=PrefixSettings(touch_ms=60_000)))
+        await store.add_node(A, ["m"])
+        hot = chain("hot", 10)
+        await pick_release(store, hot[:6], "one")
+        before = await scores_of(store, A, hot[:6])
+        await asyncio.sleep(0.005)
+        assert (await pick_release(store, hot, "two"))[1] == 6
+        after = dict(zip(hot, await scores_of(store, A, hot), strict=True))
+        assert [after[b] for b in hot[:6]] == before  # kept, not touched again
+        scores = [after[b] for b in hot]
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == 10
+        # Past the interval every block is touched again.
+        touching = store_factory(StoreSettings(prefix=PrefixSettings(touch_ms=0)))
+        await pick_release(touching, hot, "three")
+        newest = await scores_of(store, A, hot)
+        assert all(n > s for n, s in zip(newest, scores, strict=True))
+        assert newest == sorted(newest, reverse=True)
 
     async def test_a_node_without_capacity_gets_the_default(
         self, store_factory: StoreFactory
