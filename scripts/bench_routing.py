@@ -87,6 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redis.exceptions import RedisError
 
+from scripts.bench.engine_cli import add_engine_arguments, engine_main, replot_engines
 from scripts.bench.harness import (
     ROOT,
     Interrupted,
@@ -108,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="run r uses seed + r (default 1)")
     p.add_argument("--duration", type=float, help="measured seconds per run (default 8)")
     p.add_argument("--warmup", type=float, help="seconds of load before measuring (default 1)")
-    p.add_argument("--load", type=float, default=0.7, help="fraction of capacity (default 0.7)")
+    p.add_argument(
+        "--load", type=float, help="fraction of capacity (default 0.7; engines: 0.8 of the cold)"
+    )
     p.add_argument("--out", type=Path, help="where to write (default docs/benchmarks)")
     p.add_argument(
         "--parts", default="compare,scale,drills", help="comma list of compare,scale,drills"
@@ -141,23 +144,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="measure nothing: redraw the charts and results.md of a results.json into --out",
     )
     p.add_argument("--serve-instant-nodes", type=int, metavar="N", help=argparse.SUPPRESS)
+    add_engine_arguments(p)
     args = p.parse_args(argv)
     if args.serve_instant_nodes is not None:
         return serve_instant_nodes(args.serve_instant_nodes)
     if args.replot is not None:
-        replot(args.replot, args.out or args.replot.parent)
+        saved = json.loads(args.replot.read_text())
+        if saved.get("bench") == "routing-engines":
+            replot_engines(saved, args.out or args.replot.parent)
+        else:
+            replot(args.replot, args.out or args.replot.parent)
         return 0
     quick = args.quick
+    args.only = [x.strip() for x in (args.only or "").split(",") if x.strip()]
+    if args.engines:
+        if args.duration is not None or args.warmup is not None:
+            p.error("--engines runs are counted in turns: --engine-requests, --engine-warmup")
+        if (args.runs is not None and args.runs < 1) or args.engine_replicas < 1:
+            p.error("--runs >= 1, --engine-replicas >= 1")
+        return engine_main(args, args.out if args.out or quick else ROOT / "docs" / "benchmarks")
     for name, full, small in (
         ("runs", 3, 1),
         ("duration", 8.0, 4.0),
         ("warmup", 1.0, 0.5),
         ("scale_duration", 4.0, 2.0),
         ("drill_duration", 12.0, 8.0),
+        ("load", 0.7, 0.7),
     ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
-    args.only = [x.strip() for x in (args.only or "").split(",") if x.strip()]
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not set(args.parts) <= {"compare", "scale", "drills"} or not args.parts:
         p.error("--parts is a comma list of compare, scale, drills")

@@ -136,9 +136,14 @@ class Fleet:
                         raise StartupError(f"{gw.name}: /nodes/add answered {resp.status}: {text}")
 
     async def wait_ready(
-        self, session: aiohttp.ClientSession, gateways: Sequence[Child], nodes: int
+        self,
+        session: aiohttp.ClientSession,
+        gateways: Sequence[Child],
+        nodes: int,
+        model: str = MODEL,
     ) -> None:
-        """Wait until every gateway sees all ``nodes`` active (it follows the registry)."""
+        """Wait until every gateway sees all ``nodes`` active (it follows the registry) and
+        lists ``model``."""
         deadline = time.monotonic() + START_TIMEOUT_S
         for gw in gateways:
             while True:
@@ -148,7 +153,7 @@ class Fleet:
                 if active >= nodes:
                     async with session.get(gw.url + "/v1/models") as resp:
                         listing = await resp.json()
-                    if any(m.get("id") == MODEL for m in listing.get("data", [])):
+                    if any(m.get("id") == model for m in listing.get("data", [])):
                         break
                 if time.monotonic() > deadline or not gw.alive():
                     raise StartupError(f"{gw.name} never saw {nodes} active nodes:\n{gw.tail()}")
