@@ -185,13 +185,12 @@ class Exchange:
     async def _relay_stream(
         self, response: UpstreamResponse, route: Route, settle: Settle | None
     ) -> tuple[Outcome, int, bytes]:
-        """Relay an event stream: its outcome, roughly its tokens, and the last chunk that
-        carried a usage (only looked for when the pick predicted cached blocks)."""
+        """Relay an event stream: its outcome, its tokens, and the last chunk that carried a
+        usage (with its event's start, which may have come in the chunk before)."""
         headers = response.relay_headers(keep_length=False)
         headers.extend(self.route_headers(route))
         await self.start(response.status, headers)
         events = 0
-        watch_usage = route.prefix_matched > 0
         usage = previous = b""
         try:
             async for chunk in response.chunks():
@@ -200,10 +199,9 @@ class Exchange:
                         await settle(502 if _is_error_event(chunk) else 200, True)
                         settle = None
                     events += chunk.count(b"data:")
-                    if watch_usage:
-                        if b'"cached_tokens"' in chunk:  # its event may have begun before
-                            usage = previous + chunk
-                        previous = chunk
+                    if b'"usage"' in chunk:  # its event may have begun in the chunk before
+                        usage = previous + chunk
+                    previous = chunk
                     await self.body(chunk, more=True)
             if settle is not None:
                 await settle(None, True)  # ended without a single event
@@ -219,8 +217,13 @@ class Exchange:
             await self.body(b"")
             return Outcome.FAIL, 0, b""
         await self.body(b"")
-        # One event per token, then one that finishes the choice and "[DONE]": roughly.
-        return outcome_of(response.status), max(0, events - 2), usage
+        # The node's own count when it sent a usage (stream_options.include_usage; llama.cpp's
+        # completions always do); else one event per token, then one that finishes the
+        # choice and "[DONE]": roughly (engines that open with a role-only event count one
+        # more).
+        counted = _stream_usage(usage) if usage else None
+        tokens = counted.completion_tokens if counted is not None else max(0, events - 2)
+        return outcome_of(response.status), tokens, usage
 
     # -- towards the nodes ----------------------------------------------------------------
 
@@ -313,7 +316,8 @@ class Exchange:
             self.node_id = node.id
             if response.is_event_stream:
                 outcome, tokens, last_usage = await self._relay_stream(response, route, deferred)
-                cached = _stream_cached(last_usage) if last_usage else None
+                counted = _stream_usage(last_usage) if last_usage else None
+                cached = counted.cached() if counted is not None else None
             else:
                 try:
                     data = await response.read()
@@ -385,10 +389,11 @@ def _usage(data: bytes) -> _Usage | None:
         return None
 
 
-def _stream_cached(chunk: bytes) -> tuple[int, int] | None:
-    """(prompt tokens, cached tokens) of the last event of ``chunk`` that reports them."""
+def _stream_usage(chunk: bytes) -> _Usage | None:
+    """The usage of the last event of ``chunk`` that reports one (None when none does)."""
     for line in reversed(chunk.split(b"\n")):
-        if line.startswith(b"data:") and b'"cached_tokens"' in line:
+        if line.startswith(b"data:") and b'"usage"' in line:
             usage = _usage(line[5:].strip())
-            return usage.cached() if usage is not None else None
+            if usage is not None and (usage.completion_tokens or usage.prompt_tokens):
+                return usage
     return None
