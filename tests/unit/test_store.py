@@ -652,12 +652,11 @@ class TestWeightedAndAffinity:
                 *(s.release(p.lease, Outcome.NEUTRAL, 0) for p in picked if p for s in (store,))
             )
 
-        for k in range(50):  # 10,000 picks, the two replicas interleaved
+        for k in range(8):  # 1,600 picks, the two replicas interleaved
             await asyncio.gather(batch(one, 200 * k), batch(two, 200 * k + 100))
-        total = sum(counts.values())
-        assert total == 10_000
-        for url, weight in weights.items():
-            assert abs(counts[url] / total - weight / 8) < 0.02 * weight / 8, counts
+        # Each pick is one atomic step of the shared smooth weighted round robin: over whole
+        # cycles of 8 the shares are exact, however the replicas' picks interleave.
+        assert counts == {url: 1_600 * weight / 8 for url, weight in weights.items()}, counts
 
     async def test_weighted_least_connections(self, store_factory: StoreFactory) -> None:
         store = store_factory()
