@@ -162,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--engines runs are counted in turns: --engine-requests, --engine-warmup")
         if (args.runs is not None and args.runs < 1) or args.engine_replicas < 1:
             p.error("--runs >= 1, --engine-replicas >= 1")
+        if args.engine_rate is not None and args.engine_rate <= 0:
+            p.error("--engine-rate > 0")
+        if args.load is not None and not 0 < args.load < 1.5:
+            p.error("0 < --load < 1.5")
         return engine_main(args, args.out if args.out or quick else ROOT / "docs" / "benchmarks")
     for name, full, small in (
         ("runs", 3, 1),

@@ -42,11 +42,16 @@ def write_engine_charts(result: dict[str, Any], out: Path) -> list[str]:
     colors = [_ONE if r["replicas"] == 1 else _SHARED for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.6), gridspec_kw={"width_ratios": [4, 4, 3]})
     for ax, figures, title, ylabel in (
-        (axes[0], ("mean_ms", "p50_ms", "p90_ms", "p99_ms"), "Latency (send to last byte)", "ms"),
+        (
+            axes[0],
+            ("mean_ms", "p50_ms", "p90_ms", "p99_ms"),
+            "Latency, send to last byte (bar: mean)",
+            "ms",
+        ),
         (
             axes[1],
             ("ttft_p50_ms", None, "ttft_p90_ms", None),
-            "Time to first token (streams)",
+            "Time to first token of streams (bar: p50)",
             "ms",
         ),
     ):

@@ -52,6 +52,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         + ")",
     )
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
+    g.add_argument(
+        "--engine-rate", type=float, help="turns/s (default: --load x the measured cold capacity)"
+    )
     g.add_argument("--engine-requests", type=int, help="turns per run (48; --quick 16)")
     g.add_argument("--engine-warmup", type=int, help="of them not counted (12; --quick 4)")
     g.add_argument("--chat-prompts", type=int, default=8, help="system prompts (8)")

@@ -8,6 +8,8 @@ Invariants:
 
 - The offered rate is a fraction (``--load``) of the fleet's cold capacity, measured first
   (scripts/bench/calibration.py): every strategy can serve it, however few prefixes it reuses.
+  ``--engine-rate`` sets it in turns/s instead (the same load from one invocation to the next
+  on a machine whose calibration varies with what else runs on it).
 - Every set-up starts on engines restarted empty, an emptied Redis, a new checker and new
   gateways; run r offers every set-up the same turns (seed ``--seed + r``), and the order of the
   set-ups rotates by one each run, so none always runs first on a machine that drifts.
@@ -216,7 +218,6 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
         "requests": args.engine_requests,
         "warmup_requests": args.engine_warmup,
         "seed": args.seed,
-        "load": args.load,
         "model": build.model,
         "engines": [spec.describe() for spec in args.llamas],
         "workload": workload.describe(),
@@ -231,15 +232,17 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
             await llamas.start(session, args.llamas)
             progress(f"calibrating {len(llamas.specs)} engines ({build.model})")
             calibration = await calibrate(session, llamas, workload)
-            rate = args.load * calibration.cold_capacity_rps
+            rate = args.engine_rate or args.load * calibration.cold_capacity_rps
             result["calibration"] = calibration.describe()
             result["rate_rps"] = rate
+            result["rate_given"] = bool(args.engine_rate)
+            result["load"] = rate / calibration.cold_capacity_rps
             for spec in args.llamas:
                 blocks = calibration.cache_blocks(spec, build.model, DEFAULT_BLOCK_BYTES)
                 result["calibration"]["engines"][spec.name]["cache_blocks"] = blocks
             progress(
                 f"cold capacity {calibration.cold_capacity_rps:.2f} turns/s; offering "
-                f"{rate:.2f}/s ({args.load:.0%}) to {len(setups)} set-ups x {args.runs} runs"
+                f"{rate:.2f}/s ({result['load']:.0%}) to {len(setups)} set-ups x {args.runs} runs"
             )
             span = args.engine_requests / rate  # so the schedule has exactly that many turns
             result["span_s"] = span
