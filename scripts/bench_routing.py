@@ -58,6 +58,18 @@ Redis CPU at 256 nodes at most 1.25x that at 64 (flat past the 32-candidate full
 Two set-ups are compared run by run, on the same arrivals: the figure is the median of the
 per-run ratios of their mean latencies (the table shows the medians of each set-up's runs).
 
+``--engines llama`` runs another scenario instead, on real engines (scripts/bench/engine_*.py):
+llama.cpp ``llama-server``s with the ``llama-big`` random model (built once into the engines
+cache by scripts/engines.py), each on its own CPU thread with a bounded prompt cache, whose
+prefill time depends on what that cache holds; multi-turn chats sharing long system prompts
+(scripts/bench/chats.py), a conversation's turns spread over the replicas, at ``--load``
+(default 0.65) of the fleet's cold capacity measured first; every strategy on
+``--engine-replicas`` (4) replicas sharing Redis with a health-checker, and ``cache_aware``
+also on one; mean/p50/p90/p99 latency, TTFT, errors, node shares and the prefix hit rate the
+engines themselves report, medians of ``--runs`` runs of ``--engine-requests`` turns, with
+ratios to ``round_robin`` in the same run. It writes ``engines.json``, ``engines.md`` and
+``engines.png`` (about 15 minutes on 2 cores; ``--quick``, one run of two set-ups, about 1).
+
 Outputs: a table and one JSON line on stdout (progress on stderr) and, in ``--out``
 (default ``docs/benchmarks``; nothing is written with ``--quick`` unless ``--out`` is
 given): ``results.json`` (every run), ``results.md`` (the figures, the command, the date),
@@ -68,6 +80,7 @@ the charts and results.md from saved figures.
 
     python scripts/bench_routing.py [--quick] [--runs 3] [--seed 1] [--duration 8]
                                     [--load 0.7] [--out docs/benchmarks]
+    python scripts/bench_routing.py --engines llama [--quick] [--runs 3] [--load 0.65]
 """
 
 from __future__ import annotations

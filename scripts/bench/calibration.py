@@ -1,9 +1,10 @@
 """What the real engines can take, measured before the engine scenario runs, and what follows:
 the rate it offers, and the speed and prefix-cache capacity the gateways are told.
 
-Each engine answers, all engines at once as they will run under load, a few first turns whose
-system prompt it does not hold (a cold prefill of the whole prompt) and, after each, a first
-turn of another conversation on the same system prompt (the prompt found in its cache).
+Each engine answers, all engines at once as they will run under load, after one turn not
+counted, a few first turns whose system prompt it does not hold (a cold prefill of the whole
+prompt) and, after each, a first turn of another conversation on the same system prompt (the
+prompt found in its cache).
 
 Invariants:
 
@@ -113,6 +114,13 @@ async def _engine(
 ) -> tuple[EngineCalibration, list[tuple[int, int]]]:
     cal = EngineCalibration(name)
     sizes: list[tuple[int, int]] = []
+    # A first request pays for what an engine sets up once (buffers, the chat template): not
+    # what a turn costs.
+    warm = ChatTurn(0.0, 0, 0, first_prompt + rounds, False, 0.0)
+    res = ChatResult(warm, 0)
+    await send_turn(session, base, request_body(model, workload, 999, warm, []), res)
+    if not res.ok:
+        raise StartupError(f"calibrating {name}: {res.error}: {res.detail}")
     for i in range(rounds):
         for chat, kind in ((0, "miss"), (1, "hit")):
             turn = ChatTurn(0.0, chat, 0, first_prompt + i, False, 0.0)
@@ -144,7 +152,7 @@ async def calibrate(
                 session,
                 fleet.url(name),
                 name,
-                CALIBRATION_PROMPTS + i * rounds,
+                CALIBRATION_PROMPTS + i * (rounds + 1),
                 workload,
                 fleet.build.model,
                 rounds,
