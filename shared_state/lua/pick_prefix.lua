@@ -29,10 +29,10 @@
 -- the blocks of one pick are scored now + (total - k) / 2048 for k = 1..total (or, when the
 -- held ones were used within the touch interval, only the new blocks, each 1/2048 below the
 -- block before it), so a block is always more recent than the blocks after it in its chain,
--- and eviction (lowest score first,
--- down to the node's capacity) takes a chain's tail first, as engines evict; the longest held
--- prefix is then found by binary search, O(log total) lookups per node. Scores stay exact:
--- doubles hold ms + k/2048 exactly while TIME in ms is below 2^42 (the year 2109).
+-- and eviction (lowest score first, down to the node's capacity) takes a chain's tail first,
+-- as engines evict; the longest held prefix is then found by binary search, O(log total)
+-- lookups per node. Scores stay exact: doubles hold ms + k/2048 exactly while TIME in ms is
+-- below 2^42 (the year 2109).
 local member = ARGV[1]
 local lease_ms = tonumber(ARGV[3])
 local seed = tonumber(ARGV[4])
