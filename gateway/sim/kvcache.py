@@ -20,7 +20,9 @@
   next turn sends back as an assistant message.
 - **Hits**: the leading blocks of a prompt found in the cache when its prefill starts, at most
   ``prompt_tokens - 1`` tokens (the engine computes the last token again to have logits to
-  sample from), so a repeated prompt hits its block-aligned prefix.
+  sample from), so a repeated prompt hits its block-aligned prefix. The full blocks its
+  prefill then caches that were not there are its ``created`` tokens (vLLM's
+  ``created_cache_tokens``).
 - **Prefill**: the uncached tokens over ``prefill_tokens_per_s`` seconds, one prefill at a time
   in arrival order (prefills compete for the engine); decoding follows as without the cache.
 - **Counters**, in tokens as vLLM counts them: every prompt token queried, every cached token a
@@ -173,6 +175,7 @@ class Prefilled:
     reserved: int  # blocks its prompt and answer take, whether cached or not
     full: int = 0  # full blocks of its prompt
     cached: int = 0  # prompt tokens found in the cache
+    created: int = 0  # prompt tokens its prefill cached anew (whole blocks)
     prefill_s: float = 0.0  # what its prefill cost, waiting for the engine aside
     blocks: list[bytes] = field(default_factory=list)  # held in the cache
     done: bool = False
@@ -230,7 +233,10 @@ class PrefixEngine:
             except BaseException:
                 self.cache.release(seq.blocks)
                 raise
-            seq.blocks += self.cache.acquire(blocks[hit:])
+            fresh = [block not in self.cache for block in blocks[hit:]]
+            added = self.cache.acquire(blocks[hit:])
+            seq.created = sum(fresh[: len(added)]) * size
+            seq.blocks += added
             self.prefill_s += seq.prefill_s
             self.prefill_tokens += uncached
         self._reserved += seq.reserved - len(seq.blocks)

@@ -5,8 +5,9 @@ slots with a waiting queue, deterministic output ("tok0 tok1 ..."), vLLM-style P
 gauges, and faults that can be switched on at start-up (``--fault``) or at runtime
 (``POST /sim/fault``) to exercise the gateway's failure handling. With ``--tokens-per-s 0``
 (or ``inf``) and no prefill it never sleeps, so it can serve as the "direct to backend"
-baseline in benchmarks. ``--flavor llamacpp`` makes it answer as llama.cpp's ``llama-server``
-does where that differs (``flavors``), and ``--loading-s`` gives it a model-loading phase.
+baseline in benchmarks. ``--flavor vllm`` or ``--flavor llamacpp`` makes it answer as vLLM or
+llama.cpp's ``llama-server`` does where that differs (``flavors``), and ``--loading-s`` gives it
+a model-loading phase.
 
 Run it with ``python -m gateway.sim.node --port 0``; it prints one line
 ``fleetgate-sim listening on http://HOST:PORT name=NAME models=M1,M2 slots=N``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import itertools
 import math
@@ -37,7 +39,6 @@ from .answers import (
     completion_body,
     embeddings_body,
     error_response,
-    max_tokens,
     prompt_words,
     sse,
     usage,
@@ -76,8 +77,8 @@ class SimConfig:
     role: str = "Hybrid"  # Prefill or Decode: LMDeploy's DistServe engine roles
     tp: int = 1  # tensor-parallel size reported by /distserve/engine_info
     block_size: int = 64  # prompt tokens per cache block of a prefill session
-    flavor: str = "vllm"  # or "llamacpp": the engine whose HTTP it imitates (flavors.py)
-    loading_s: float = 0.0  # answers 503 "Loading model" for this long after start
+    flavor: str = "sim"  # or "vllm", "llamacpp": the engine whose HTTP it imitates (flavors.py)
+    loading_s: float = 0.0  # loads this long after start, as its flavor shows it
     cache_blocks: int = 0  # prefix cache (kvcache.py) of this many blocks; 0: none
     block_tokens: int = 16  # prompt tokens per prefix-cache block
     prefill_tokens_per_s: float = 0.0  # uncached prompt tokens prefilled per s; 0 or inf: free
@@ -99,10 +100,17 @@ class SimConfig:
             raise ValueError("cache_blocks, prefill_tokens_per_s must be >= 0; block_tokens >= 1")
 
     @property
+    def cache_capacity(self) -> int:
+        """The prefix cache's blocks: ``cache_blocks``, else what its flavor has by default."""
+        return self.cache_blocks or flavors.of(self.flavor).cache_blocks(
+            self.slots, self.block_tokens
+        )
+
+    @property
     def kv_engine(self) -> bool:
         """Whether a Hybrid node models its KV cache and prefill (kvcache.py)."""
         rate = self.prefill_tokens_per_s
-        return self.role == "Hybrid" and (self.cache_blocks > 0 or 0 < rate < math.inf)
+        return self.role == "Hybrid" and (self.cache_capacity > 0 or 0 < rate < math.inf)
 
 
 class SimNode:
@@ -130,13 +138,14 @@ class SimNode:
         self._created = int(time.time())
         self._ids = itertools.count()
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.flavor = flavors.of(config.flavor)
         self.llamacpp = config.flavor == "llamacpp"
         self.loaded_at = time.monotonic() + config.loading_s
         self.prefix = flavors.PrefixCache()
         self.kv: PrefixEngine | None = None
         if config.kv_engine:
             size, rate = config.block_tokens, config.prefill_tokens_per_s
-            self.kv = PrefixEngine(config.cache_blocks, size, rate, config.models)
+            self.kv = PrefixEngine(config.cache_capacity, size, rate, config.models)
         self.pd = (
             PDEngine(config.role, config.tp, config.block_size) if config.role != "Hybrid" else None
         )
@@ -207,7 +216,9 @@ class SimNode:
             self._free -= 1
             return
         if self._n_waiting >= self.config.max_queue:
-            raise ApiError(error_response(503, "queue is full", "server_error", None, "queue_full"))
+            raise ApiError(
+                self.flavor.error(503, "queue is full", "server_error", None, "queue_full")
+            )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(fut)
         self.waiting[model] += 1
@@ -259,36 +270,25 @@ class SimNode:
         if self._auth is not None:
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, self._auth):
-                raise ApiError(
-                    error_response(401, "Incorrect API key provided.", code="invalid_api_key")
-                )
+                msg = "Incorrect API key provided."
+                raise ApiError(self.flavor.error(401, msg, code="invalid_api_key"))
 
     async def _read(self, request: web.Request) -> tuple[dict[str, Any], str]:
         self._check_auth(request)
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            raise ApiError(error_response(400, f"Invalid JSON body: {exc}")) from None
+            raise ApiError(self.flavor.error(400, f"Invalid JSON body: {exc}")) from None
         if not isinstance(body, dict):
-            raise ApiError(error_response(400, "The request body must be a JSON object."))
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise ApiError(
-                error_response(400, "You must provide a model parameter.", param="model")
-            )
-        if model not in self.running:
-            msg = f"The model `{model}` does not exist."
-            raise ApiError(error_response(404, msg, param="model", code="model_not_found"))
-        return body, model
+            raise ApiError(self.flavor.error(400, "The request body must be a JSON object."))
+        return body, self.flavor.model_of(body, self.running)
 
     async def models(self, request: web.Request) -> web.Response:
         try:
             self._check_auth(request)
         except ApiError as exc:
             return exc.response
-        return json_answer(
-            flavors.models_body(self.config.flavor, self.config.models, self._created)
-        )
+        return json_answer(self.flavor.models_body(self.config.models, self._created))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
@@ -306,7 +306,7 @@ class SimNode:
             if self.llamacpp and self.kv is None:  # the one-slot cache meets it as it arrives
                 prompt = body.get("messages") if kind == "chat" else body.get("prompt")
                 request[CACHED] = self.prefix.hit(prompt_words(prompt))
-            n = 0 if kind == "embed" else max_tokens(body)
+            n = 0 if kind == "embed" else self.flavor.max_tokens(kind, body)
             fault = self.fault
             if fault.mode in ("none", "unhealthy"):
                 fault = Fault()
@@ -314,7 +314,8 @@ class SimNode:
                 self._consume(fault)
             mode = fault.mode
             if (spec := STATUS_FAULTS.get(mode)) is not None:
-                return error_response(spec[0], f"simulated fault: {mode}", spec[1], None, spec[2])
+                msg = f"simulated fault: {mode}"
+                return self.flavor.error(spec[0], msg, spec[1], None, spec[2])
             if mode == "reset":
                 abort(request, rst=True)
                 raise ClientGone
@@ -338,7 +339,7 @@ class SimNode:
             return refusal(exc)
         except ClientGone:
             # Usually unwritable; a client still there only sees it when the server shuts down.
-            return error_response(503, "the node is shutting down", "server_error")
+            return self.flavor.error(503, "the node is shutting down", "server_error")
 
     async def _produce(
         self,
@@ -366,7 +367,7 @@ class SimNode:
         if prefill > 0:
             await self._sleep(request, prefill)
         if self.kv is not None and kind != "embed":
-            await self._kv_prefill(request, self.kv, kind, body, n, factor)
+            await self._kv_prefill(request, self.kv, kind, body, model, n, factor)
         cut = fault.after_tokens if fault.mode == "die_mid_stream" else None
         if kind == "embed":
             result = embeddings_body(body, model)
@@ -375,8 +376,9 @@ class SimNode:
         else:
             if n and dt:
                 await self._sleep(request, n * dt)
-            result = completion_body(
-                kind, body, model, n, next(self._ids), self._usage(request, kind, body, n)
+            usage_ = self._usage(request, kind, body, n, streamed=False)
+            result = self.flavor.answer(
+                kind, completion_body(kind, body, model, n, next(self._ids), usage_)
             )
         if cut is not None:
             abort(request, rst=False)
@@ -385,7 +387,14 @@ class SimNode:
         return json_answer(result)
 
     async def _kv_prefill(
-        self, request: web.Request, kv: PrefixEngine, kind: str, body: Any, n: int, factor: float
+        self,
+        request: web.Request,
+        kv: PrefixEngine,
+        kind: str,
+        body: Any,
+        model: str,
+        n: int,
+        factor: float,
     ) -> None:
         """The prefill of the uncached prompt, in turn with the engine's other prefills."""
 
@@ -394,7 +403,7 @@ class SimNode:
                 raise ClientGone
             await self._sleep(request, seconds)
 
-        seq = await kv.prefill(body["model"], request_tokens(kind, body), n, sleep, factor)
+        seq = await kv.prefill(model, request_tokens(kind, body), n, sleep, factor)
         request[SEQ] = seq
         request[CACHED] = seq.cached
 
@@ -446,7 +455,6 @@ class SimNode:
             "model": model,
         }
         loop = asyncio.get_running_loop()
-        buf: list[bytes] = []
         try:
             await resp.prepare(request)
             if self.pd is not None:
@@ -459,50 +467,36 @@ class SimNode:
                     await resp.write(sse({"error": error}) + _DONE)
                     return resp
             t0 = loop.time()
-            if chat and self.llamacpp:  # llama-server opens with the role alone
-                delta0 = {"role": "assistant", "content": None}
-                await resp.write(sse({**head, "choices": [{"index": 0, "delta": delta0}]}))
+            shape = self.flavor
+            for event in shape.opening(chat, head):
+                await resp.write(sse(event))
+            options = body.get("stream_options")
+            asked = isinstance(options, dict) and options.get("include_usage") is True
             for i in range(n if cut is None else min(n, cut)):
                 if dt and (wait := t0 + (i + 1) * dt - loop.time()) >= _MIN_SLEEP_S:
                     await self._sleep(request, wait)
-                tok = f"tok{i} "
-                if chat:
-                    delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
-                    choice: dict[str, Any] = {"index": 0, "delta": delta}
-                else:
-                    choice = {"index": 0, "text": tok}
-                choice["logprobs"] = choice["finish_reason"] = None
                 # One write per token, as model servers flush each token as it is decoded.
-                await resp.write(sse({**head, "choices": [choice]}))
+                await resp.write(sse(shape.token(chat, head, i, f"tok{i} ", i == n - 1, asked)))
             if cut is not None:
                 abort(request, rst=False)
                 return resp
-            end: dict[str, Any] = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-            end["logprobs"], end["finish_reason"] = None, "length"
-            options = body.get("stream_options")
-            if self.llamacpp and not chat:  # llama-server: usage always, on the last choice
-                buf.append(
-                    sse({**head, "choices": [end], "usage": self._usage(request, kind, body, n)})
-                )
-            else:
-                buf.append(sse({**head, "choices": [end]}))
-                if isinstance(options, dict) and options.get("include_usage") is True:
-                    usage_ = self._usage(request, kind, body, n)
-                    buf.append(sse({**head, "choices": [], "usage": usage_}))
-            buf.append(_DONE)
-            await resp.write(b"".join(buf))
+            closing = shape.closing(
+                chat, head, lambda: self._usage(request, kind, body, n, streamed=True), asked
+            )
+            await resp.write(b"".join([*map(sse, closing), _DONE]))
         except (ConnectionError, ClientGone):
             return resp  # aiohttp's write_eof then fails quietly on the dead connection
         self._served(request, kind, body, n)
         return resp
 
     def _usage(
-        self, request: web.Request, kind: str, body: dict[str, Any], n: int
+        self, request: web.Request, kind: str, body: dict[str, Any], n: int, streamed: bool
     ) -> dict[str, Any]:
+        """The answer's usage, with what the cache held of its prompt when there is one."""
+        seq = request.get(SEQ)
+        created = seq.created if seq is not None else 0
         found: dict[str, Any] = usage(kind, body, n)
-        if self.llamacpp or self.kv is not None:
-            found["prompt_tokens_details"] = {"cached_tokens": request.get(CACHED, 0)}
-        return found
+        return self.flavor.usage(kind, found, request.get(CACHED), created, streamed)
 
     async def slots(self, request: web.Request) -> web.Response:
         return json_answer(flavors.slots_body(self.config.slots, self._n_running))
@@ -512,13 +506,19 @@ class SimNode:
         if fault.mode == "unhealthy":
             self._consume(fault)
             return json_answer({"status": "unhealthy"}, status=503)
-        return json_answer({"status": "ok"})
+        return self.flavor.health()
 
     async def metrics(self, request: web.Request) -> web.Response:
         engine, lines = self.kv, []
         if self.llamacpp:  # its own names, the cached tokens only
             cached = self.prefix.cached_total if engine is None else engine.hits
             lines += flavors.llamacpp_metric_lines(self._n_running, self._n_waiting, cached)
+        elif self.flavor.name == "vllm" and engine is not None:
+            counts = engine.counts
+            queries = {model: c.queries for model, c in counts.items()}
+            hits = {model: c.hits for model, c in counts.items()}
+            kv = engine.kv_usage()  # the blocks running requests take
+            lines += flavors.vllm_metric_lines(self.running, self.waiting, kv, queries, hits)
         elif engine is not None and engine.cache.capacity:
             lines += vllm_lines(self.running, self.waiting, engine.kv_usage())  # blocks in use
             lines += engine.metric_lines()
@@ -579,7 +579,7 @@ NODE_KEY: Final = web.AppKey("fleetgate_simnode", SimNode)
 
 def build_app(config: SimConfig) -> web.Application:
     node = SimNode(config)
-    middlewares = [flavors.loading(node.loaded_at)] if config.loading_s > 0 else []
+    middlewares = node.flavor.middlewares(config.loading_s, node.loaded_at)
     app = web.Application(client_max_size=64 * 1024**2, middlewares=middlewares)
     app[NODE_KEY] = node
     app.on_response_prepare.append(node._on_prepare)
@@ -612,28 +612,30 @@ async def serve(config: SimConfig) -> None:
     if config.certfile and config.keyfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(config.certfile, config.keyfile)
+    node = app[NODE_KEY]
+    stop = node.stop
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(runner, config.host, config.port, ssl_context=context).start()
-        port = runner.addresses[0][1]
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        node = app[NODE_KEY]
-        node.name = config.name or f"{host}:{port}"
-        print(
-            f"fleetgate-sim listening on {'https' if context else 'http'}://{host}:{port} "
-            f"name={node.name} "
-            f"models={','.join(config.models)} slots={config.slots}",
-            flush=True,
-        )
-        stop = node.stop
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
+        if not node.flavor.listens_while_loading and config.loading_s > 0:
+            # vLLM binds its socket only once its model is loaded: until then, refused.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.loading_s)
+        if not stop.is_set():
+            await web.TCPSite(runner, config.host, config.port, ssl_context=context).start()
+            port = runner.addresses[0][1]
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            node.name = config.name or f"{host}:{port}"
+            print(
+                f"fleetgate-sim listening on {'https' if context else 'http'}://{host}:{port} "
+                f"name={node.name} models={','.join(config.models)} slots={config.slots}",
+                flush=True,
+            )
             await stop.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 
@@ -662,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", default="Hybrid", choices=ROLES, help="DistServe engine role")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size it reports")
     p.add_argument("--block-size", type=int, default=64, help="prompt tokens per cache block")
-    p.add_argument("--flavor", default="vllm", choices=flavors.FLAVORS, help="engine imitated")
-    p.add_argument("--loading-s", type=float, default=0.0, help="503 'Loading model' this long")
+    p.add_argument("--flavor", default="sim", choices=flavors.FLAVORS, help="engine imitated")
+    p.add_argument("--loading-s", type=float, default=0.0, help="seconds loading (see --flavor)")
     p.add_argument("--cache-blocks", type=int, default=0, help="prefix cache in blocks; 0: none")
     p.add_argument("--block-tokens", type=int, default=16, help="tokens per prefix-cache block")
     p.add_argument(
