@@ -1,0 +1,193 @@
+"""The cache benchmark's scenarios on simulated nodes (scripts/bench_cache.py): each set-up's
+gateways started on the scenario's nodes, one schedule of chats driven through them, the
+figures of the run, and every set-up run ``--runs`` times.
+
+Invariants:
+
+- Every set-up of a run gets the same turns (seed ``--seed + r``) and starts cold: an emptied
+  Redis (or new private stores), new gateways, and nodes whose prefix caches were emptied
+  (``POST /reset_prefix_cache``) once the gateways were ready, so neither side remembers an
+  earlier set-up. The order of the set-ups rotates by one each run, so none always runs first
+  on a machine that drifts.
+- A turn goes to a gateway replica drawn uniformly (an L4 balancer): a conversation's turns
+  spread over the replicas. Where replicas share Redis a health-checker runs beside them.
+- The nodes' counters are read before and after a run: their difference is the run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from scripts.bench.cache_figures import median_cache_runs, summarize_cache_run
+from scripts.bench.cache_nodes import CacheNode, CacheNodes, slow_names
+from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
+from scripts.bench.chat_load import drive_chats, request_body
+from scripts.bench.chats import ChatTurn
+from scripts.bench.fleet import EXPECTED_LOG, Fleet
+from scripts.bench.harness import Child, log_findings, progress
+from scripts.bench.load import MODEL, client_session
+from scripts.bench.scenario import Setup
+
+CHAT_SETUPS = (
+    Setup("cache_aware", 1, True),
+    Setup("cache_aware", 4, True),
+    Setup("cache_aware", 4, False),
+    Setup("session_affinity", 4, True),
+    Setup("min_expected_latency", 4, True),
+    Setup("round_robin", 4, True),
+)
+UNEQUAL_SETUPS = (
+    Setup("cache_aware", 4, True),
+    Setup("min_expected_latency", 4, True),
+    Setup("round_robin", 4, True),
+)
+QUICK_SETUPS = (Setup("cache_aware", 1, True), Setup("cache_aware", 4, True))
+
+
+def rotated(setups: Sequence[Setup], run: int) -> list[Setup]:
+    """``setups`` starting at position ``run`` (mod their number)."""
+    k = run % len(setups) if setups else 0
+    return [*setups[k:], *setups[:k]]
+
+
+def warmup_at(schedule: Sequence[ChatTurn], turns: int) -> float:
+    """When the measured window opens: at the first turn past the first ``turns``."""
+    return schedule[turns].at if len(schedule) > turns else float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class SimScenario:
+    """A scenario on simulated nodes: its name, nodes, set-ups, and the offered load."""
+
+    name: str
+    nodes: tuple[CacheNode, ...]
+    setups: tuple[Setup, ...]
+    load: float  # fraction of the fleet's cold capacity
+
+    def cold_capacity_rps(self, workload: CacheWorkload) -> float:
+        return sum(n.cold_capacity_rps(workload) for n in self.nodes)
+
+
+async def run_sim_setup(
+    fleet: Fleet,
+    nodes: CacheNodes,
+    session: aiohttp.ClientSession,
+    setup: Setup,
+    schedule: Sequence[ChatTurn],
+    seed: int,
+    workload: CacheWorkload,
+    warmup_turns: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """Start the set-up's gateways (and checker), drive one schedule, stop them; the run's
+    figures and what the started processes logged."""
+    started: list[Child] = []
+    fleet.check()
+    chats = workload.chats()
+    try:
+        if setup.shared:
+            await fleet.reset_redis()
+            started.append(fleet.start_checker())
+        gateways = fleet.start_gateways(setup)
+        started += gateways
+        await nodes.register(session, gateways if not setup.shared else gateways[:1])
+        await fleet.wait_ready(session, gateways, len(nodes.specs))
+        await nodes.wait_idle(session)
+        await nodes.reset_caches(session)
+        before = await nodes.counters(session)
+        t0 = asyncio.get_running_loop().time() + 0.1
+
+        def body_of(turn: ChatTurn, answers: Sequence[str]) -> dict[str, Any]:
+            return request_body(MODEL, chats, seed, turn, answers)
+
+        results = await drive_chats(session, schedule, body_of, [g.url for g in gateways], t0)
+        idle = await nodes.wait_idle(session)
+        counted = nodes.between(before, await nodes.counters(session))
+        summary = summarize_cache_run(
+            results,
+            warmup_at(schedule, warmup_turns),
+            nodes.names(),
+            counted,
+            slow_names(list(nodes.specs.values())),
+        )
+        summary.update(
+            seed=seed,
+            node_tokens={n: [t.prompt, t.cached] for n, t in counted.items()},
+            nodes_idle_after=idle,
+        )
+        dead = [c.name for c in started if not c.alive()]
+        if dead:
+            summary["died"] = dead
+    finally:
+        fleet.procs.stop(started)
+    return summary, log_findings(started, EXPECTED_LOG)
+
+
+async def run_sim_scenario(
+    fleet: Fleet,
+    scenario: SimScenario,
+    workload: CacheWorkload,
+    per_token: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Start the scenario's nodes, run each set-up ``args.runs`` times, stop the nodes; the
+    scenario's description and, by set-up key, its runs and their medians."""
+    cold = scenario.cold_capacity_rps(workload)
+    rate = scenario.load * cold
+    nodes = CacheNodes(fleet.procs, scenario.nodes, per_token)
+    out: dict[str, Any] = {
+        "nodes": [n.describe() for n in scenario.nodes],
+        "gateway_cache_blocks": {},
+        "cold_capacity_rps": cold,
+        "load": scenario.load,
+        "rate_rps": rate,
+        "setups": [s.key for s in scenario.setups],
+    }
+    per_setup: dict[str, list[dict[str, Any]]] = {s.key: [] for s in scenario.setups}
+    findings: dict[str, list[str]] = {s.key: [] for s in scenario.setups}
+    nodes.start()
+    out["gateway_cache_blocks"] = {name: nodes.gateway_blocks(name) for name in nodes.specs}
+    try:
+        async with client_session() as session:
+            for run in range(args.runs):
+                seed = args.seed + run
+                schedule = make_cache_schedule(seed, rate, workload)
+                out["span_s"] = schedule[-1].at if schedule else 0.0
+                out["turns"] = len(schedule)
+                for setup in rotated(scenario.setups, run):
+                    t = time.monotonic()
+                    summary, found = await run_sim_setup(
+                        fleet, nodes, session, setup, schedule, seed, workload, args.warmup_turns
+                    )
+                    per_setup[setup.key].append(summary)
+                    findings[setup.key] += found
+                    progress(
+                        f"{scenario.name} run {run + 1}/{args.runs} {setup.strategy:<21} "
+                        f"{setup.mode:<10} hits {summary['hit_rate']:6.1%}  TTFT mean "
+                        f"{summary['ttft_mean_ms']:6.0f} ms  p90 {summary['ttft_p90_ms']:6.0f} ms"
+                        f"  latency mean {summary['mean_ms']:6.0f} ms  errors "
+                        f"{summary['errors']}  ({time.monotonic() - t:.0f} s)"
+                    )
+        out["log_findings_nodes"] = log_findings(nodes.children.values(), EXPECTED_LOG)[:20]
+    finally:
+        nodes.stop()
+    out["comparison"] = {
+        setup.key: {
+            "strategy": setup.strategy,
+            "mode": setup.mode,
+            "replicas": setup.replicas,
+            "shared": setup.shared,
+            "median": median_cache_runs(per_setup[setup.key]),
+            "runs": per_setup[setup.key],
+            "log_findings": findings[setup.key][:20],
+            "log_findings_count": len(findings[setup.key]),
+        }
+        for setup in scenario.setups
+    }
+    return out
