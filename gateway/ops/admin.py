@@ -259,6 +259,12 @@ async def ask_models(url: str, api_key: str | None, insecure: bool = False) -> l
                 f"{_error_message(response)}; retry when it is ready, or pass --model"
             )
         models = model_ids(response.json())
+    except httpx.ConnectError:
+        # vLLM binds its port only once its model is loaded: refused is how it says loading.
+        raise InvalidInput(
+            f"nothing listens at {url} yet (an engine loading its model, as vLLM does, does not "
+            "listen); retry when it is ready, or pass --model"
+        ) from None
     except (httpx.HTTPError, ValueError) as exc:
         raise InvalidInput(f"could not ask {url} for its models ({exc}); pass --model") from None
     if not models:

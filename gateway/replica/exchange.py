@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -44,6 +45,10 @@ Settle = Callable[[int | None, bool], Awaitable[None]]
 Attempt = Callable[[int], Awaitable[GatewayError | None]]
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 JSON = b"application/json"
+# A stream event's text, not empty: one per generated token in every engine's stream, whatever
+# comes around them (vLLM's and llama.cpp's role-only opening chunk, an empty finishing chunk
+# or none, a usage chunk). "reasoning_content" does not match: its quote is not before "content".
+_TOKEN_TEXT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')
 
 
 def outcome_of(status: int) -> Outcome:
@@ -190,7 +195,7 @@ class Exchange:
         headers = response.relay_headers(keep_length=False)
         headers.extend(self.route_headers(route))
         await self.start(response.status, headers)
-        events = 0
+        texts = 0
         usage = previous = b""
         try:
             async for chunk in response.chunks():
@@ -198,7 +203,7 @@ class Exchange:
                     if settle is not None:
                         await settle(502 if _is_error_event(chunk) else 200, True)
                         settle = None
-                    events += chunk.count(b"data:")
+                    texts += _token_texts(chunk)
                     if b'"usage"' in chunk:  # its event may have begun in the chunk before
                         usage = previous + chunk
                     previous = chunk
@@ -218,11 +223,12 @@ class Exchange:
             return Outcome.FAIL, 0, b""
         await self.body(b"")
         # The node's own count when it sent a usage (stream_options.include_usage; llama.cpp's
-        # completions always do); else one event per token, then one that finishes the
-        # choice and "[DONE]": roughly (engines that open with a role-only event count one
-        # more).
+        # completions always do); else the events that carried text, one per token (events
+        # alone would count vLLM's role-only opening, and miss its completions' absent
+        # finishing event). Roughly: a text cut between two chunks right after its quote is
+        # missed.
         counted = _stream_usage(usage) if usage else None
-        tokens = counted.completion_tokens if counted is not None else max(0, events - 2)
+        tokens = counted.completion_tokens if counted is not None else texts
         return outcome_of(response.status), tokens, usage
 
     # -- towards the nodes ----------------------------------------------------------------
@@ -387,6 +393,11 @@ def _usage(data: bytes) -> _Usage | None:
         return _decode_answer(data).usage
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
+
+
+def _token_texts(chunk: bytes) -> int:
+    """The texts a stream's ``chunk`` carries, about one per generated token."""
+    return len(_TOKEN_TEXT.findall(chunk))
 
 
 def _stream_usage(chunk: bytes) -> _Usage | None:

@@ -83,6 +83,7 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "cache_blocks": node.cache_blocks,
         "prefix_blocks": status.prefix_blocks,
         "kv_cache_usage": node.kv_usage,
+        "requests_running": node.kv_running,
         "requests_waiting": node.kv_waiting,
         "probe": {
             "failures": node.probe_failures,

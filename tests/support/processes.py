@@ -75,15 +75,18 @@ class Process:
 
 
 class SimNode(Process):
-    """``python -m gateway.sim.node`` on a free loopback port, started and listening."""
+    """``python -m gateway.sim.node`` on a free loopback port, started and listening (unless
+    ``listening`` is False: a node still loading, say ``--flavor vllm --loading-s 2``, whose
+    port refuses connections until it has loaded)."""
 
-    def __init__(self, *flags: str, name: str = "sim") -> None:
+    def __init__(self, *flags: str, name: str = "sim", listening: bool = True) -> None:
         self.port = free_port()
         super().__init__(
             [sys.executable, "-m", "gateway.sim.node", "--port", str(self.port), *flags],
             f"{name}-{self.port}",
         )
-        wait_for_port(self.port)
+        if listening:
+            wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def fault(self, mode: str, **extra: object) -> None:
