@@ -278,11 +278,55 @@ async def test_the_health_checker_reads_vllms_load(
         await store.close()
 
 
+def _shape(value: object) -> object:
+    """``value`` with every scalar replaced by its type's name."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return type(value).__name__
+
+
+def _parsed(text: str) -> object:
+    """A JSON answer, or an event stream's events before ``[DONE]``."""
+    if not text.startswith("data: "):
+        return json.loads(text)
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.strip() and e != "data: [DONE]"]
+
+
 def test_saved_samples_match_this_vllm(vllm_server: VllmServer) -> None:
-    """The answers saved for the unit tests (tests/unit/data) have this server's shapes."""
-    saved = json.loads((ROOT / "tests" / "unit" / "data" / "vllm_models.json").read_text())
+    """The answers saved for the unit tests (tests/unit/data), which the simulated node's
+    vLLM flavor is held to (tests/e2e/test_sim_vllm.py), have this server's shapes."""
+    data = ROOT / "tests" / "unit" / "data"
+    saved = json.loads((data / "vllm_models.json").read_text())
     listing = httpx.get(f"{vllm_server.url}/v1/models", timeout=10).json()
     assert sorted(listing["data"][0]) == sorted(saved["data"][0])
+    hi = [{"role": "user", "content": "hi"}]
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    for path, body, sample in (
+        ("/v1/chat/completions", {"messages": hi}, "vllm_chat.json"),
+        ("/v1/completions", {"prompt": "hi there"}, "vllm_completion.json"),
+        ("/v1/chat/completions", {"messages": hi, "stream": True}, "vllm_chat_stream.txt"),
+        ("/v1/chat/completions", {"messages": hi, **usage}, "vllm_chat_stream_usage.txt"),
+        ("/v1/completions", {"prompt": "hi there", **usage}, "vllm_completion_stream_usage.txt"),
+    ):
+        asked = {"model": MODEL, "max_tokens": 3, "temperature": 0, **body}
+        answer = httpx.post(f"{vllm_server.url}{path}", json=asked, timeout=60).text
+        text = (data / sample).read_text()
+        assert _shape(_parsed(answer)) == _shape(_parsed(text)), sample
+    long_prompt = " ".join(f"item{i} of the list" for i in range(1100))
+    errors = json.loads((data / "vllm_errors.json").read_text())
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("unknown_model", "/v1/chat/completions", {"model": "x", "messages": hi, "max_tokens": 2}),
+        ("empty_messages", "/v1/chat/completions", {"messages": []}),
+        ("max_tokens_over_context", "/v1/chat/completions", {"messages": hi, "max_tokens": 5000}),
+        ("max_tokens_zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}),
+        ("prompt_over_context", "/v1/completions", {"prompt": long_prompt, "max_tokens": 2}),
+        ("unknown_path", "/v1/nope", {}),
+    ]
+    for case, path, body in cases:
+        refused = httpx.post(f"{vllm_server.url}{path}", json={"model": MODEL, **body}, timeout=60)
+        assert {"status": refused.status_code, "body": refused.json()} == errors[case], case
     names = {
         line.split("{", 1)[0].split(" ", 1)[0]
         for line in httpx.get(f"{vllm_server.url}/metrics", timeout=10).text.splitlines()
