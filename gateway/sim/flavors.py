@@ -521,6 +521,7 @@ def vllm_metric_lines(
         "# TYPE vllm:num_requests_waiting_by_reason gauge",
     ]
     for model, value in waiting.items():
+        # The simulated queue waits for a slot only: vLLM's "capacity"; nothing is "deferred".
         for reason, count in (("capacity", value), ("deferred", 0)):
             lines.append(
                 f'vllm:num_requests_waiting_by_reason{{engine="0",model_name="{label(model)}",'

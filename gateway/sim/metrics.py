@@ -1,7 +1,7 @@
 """The simulated node's Prometheus text: vLLM's series, one per model under its ``model_name``
 label (requests running and waiting, KV-cache use, the prefix cache's counters), so the checker
-reads the node as it reads a vLLM engine; the llama.cpp flavor's own names are in flavors.py,
-the DistServe figures in pd.py."""
+reads the node as it reads a vLLM engine; the vLLM flavor's series (labelled as vLLM labels
+them) and the llama.cpp flavor's own names are in flavors.py, the DistServe figures in pd.py."""
 
 from __future__ import annotations
 
