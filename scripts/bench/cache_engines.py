@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from scripts.bench.cache_figures import median_cache_runs, summarize_cache_run
-from scripts.bench.cache_runs import rotated, warmup_at
+from scripts.bench.cache_runs import read_gateways, rotated, warmup_at
 from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
 from scripts.bench.calibration import DEFAULT_BLOCK_BYTES, Calibration, calibrate
 from scripts.bench.chat_load import drive_chats, request_body
@@ -116,7 +116,11 @@ async def run_engine_setup(
         idle = await llamas.wait_idle(session)
         counted = await llamas.tokens(session)  # since the restart: this run alone
         summary = summarize_cache_run(
-            results, warmup_at(schedule, warmup_turns), llamas.names(), counted
+            results,
+            warmup_at(schedule, warmup_turns),
+            llamas.names(),
+            counted,
+            gateway=await read_gateways(session, gateways),
         )
         summary.update(
             seed=seed,

@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,8 +48,17 @@ NUMERIC = (
     "errors",
     "requests",
     "held",
+    "index_hit_rate",
+    "store_errors",
 )
 CLASS_FIGURES = ("p99_ms", "ttft_p99_ms", "mean_ms", "turns")
+# The gateways' own counters worth a run's record: what the prefix index predicted and corrected,
+# store calls that failed (a pick that failed routed blind), retries.
+GATEWAY_COUNTERS = {
+    "fleetgate_store_errors_total": "store_errors",
+    "fleetgate_retries_total": "retries",
+}
+_KIND = re.compile(r'kind="(\w+)"')
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -90,10 +100,13 @@ def summarize_cache_run(
     names: Mapping[str, str],
     node_tokens: Mapping[str, PromptTokens] | None = None,
     slow: Iterable[str] = (),
+    gateway: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Figures of one run: the turns scheduled from ``lo`` on, the usage of every answered turn,
-    the nodes' counters over the run (``node_tokens``, by node name) and, with ``slow`` node
-    names, the figures of the turns the slow and the other (fast) nodes answered."""
+    the nodes' counters over the run (``node_tokens``, by node name), the gateways' counters
+    (``gateway``, :func:`gateway_counters`: the index's own hit rate, in blocks, and the store
+    calls that failed) and, with ``slow`` node names, the figures of the turns the slow and the
+    other (fast) nodes answered."""
     measured = [r for r in results if r.turn.at >= lo]
     ok = [r for r in measured if r.ok]
     errors = Counter(r.error for r in measured if not r.ok)
@@ -125,7 +138,12 @@ def summarize_cache_run(
             n: total(r.tokens for r in ok if names.get(r.node) == n).hit_rate
             for n in names.values()
         },
+        "gateway": dict(gateway or {}),
+        "index_hit_rate": math.nan,
+        "store_errors": gateway.get("store_errors", math.nan) if gateway else math.nan,
     }
+    if gateway and gateway.get("prefix_total"):
+        out["index_hit_rate"] = gateway["prefix_matched"] / gateway["prefix_total"]
     slow = set(slow)
     if slow:
         classes: dict[str, dict[str, float]] = {}
@@ -135,6 +153,27 @@ def summarize_cache_run(
             classes[label] = {k: figures[k] for k in CLASS_FIGURES if k in figures}
             classes[label]["turns"] = len(part)
         out["classes"] = classes
+    return out
+
+
+def gateway_counters(pages: Iterable[str]) -> dict[str, float]:
+    """The gateways' counters added up over their ``/metrics`` ``pages``: failed store calls,
+    retries, and cache_aware's prompt blocks routed (``prefix_total``), found held by the chosen
+    node (``prefix_matched``) and forgotten after an engine's count (``prefix_forgotten``)."""
+    out = dict.fromkeys(
+        [*GATEWAY_COUNTERS.values(), "prefix_total", "prefix_matched", "prefix_forgotten"], 0.0
+    )
+    for page in pages:
+        for line in page.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            try:
+                number = float(line.rpartition(" ")[2])
+            except ValueError:
+                continue
+            if name == "fleetgate_prefix_blocks_total" and (kind := _KIND.search(line)):
+                out[f"prefix_{kind.group(1)}"] = out.get(f"prefix_{kind.group(1)}", 0.0) + number
+            elif name in GATEWAY_COUNTERS:
+                out[GATEWAY_COUNTERS[name]] += number
     return out
 
 

@@ -35,7 +35,7 @@ def scenario_rows(scenario: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     names = [n["name"] for n in scenario.get("nodes") or scenario.get("engines") or []]
     head = ["strategy", "set-up", "hit rate", "nodes' hit rate", "TTFT mean", "TTFT p50"]
     head += ["TTFT p90", "latency mean", "latency p90", "latency p99", "turns/s", "tokens/s"]
-    head += ["errors", *names]
+    head += ["errors", "index's hit rate", "store errors", *names]
     classes = any("classes" in row["median"] for row in scenario["comparison"].values())
     if classes:
         head += ["slow p99", "fast p99", "slow TTFT p99", "fast TTFT p99"]
@@ -52,6 +52,8 @@ def scenario_rows(scenario: dict[str, Any]) -> tuple[list[str], list[list[str]]]
             _rate(m["turns_per_s"]),
             f"{m['tokens_per_s']:.0f}" if not math.isnan(m["tokens_per_s"]) else "-",
             f"{m['errors']:g}",
+            _pct(m.get("index_hit_rate")),
+            "-" if math.isnan(m.get("store_errors", math.nan)) else f"{m['store_errors']:g}",
             *(f"{m['shares'].get(n, 0.0):.0%}" for n in names),
         ]
         if classes:
@@ -180,6 +182,11 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
         "`usage.prompt_tokens_details.cached_tokens`; nodes' hit rate: from their "
         "`vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` (llama.cpp: "
         "`llamacpp:prompt_tokens_cached_total` over it plus `llamacpp:prompt_tokens_total`). "
+        "Index's hit rate: the blocks of the routed prompts that the gateways' shared index "
+        "said the chosen node held (`fleetgate_prefix_blocks_total`, matched over total; "
+        "`cache_aware` only); store errors: the gateways' failed store calls "
+        "(`fleetgate_store_errors_total`: a pick that failed was routed blind, by the "
+        "replica's local fallback). "
         "TTFT: send to the first content chunk of a stream; latency: send to last byte; "
         "throughput: turns (answer tokens) answered over the time from the first measured "
         'turn sent to the last answered. Set-ups: "1 replica" is one gateway on Redis; '

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from scripts.bench.cache_figures import median_cache_runs, summarize_cache_run
+from scripts.bench.cache_figures import gateway_counters, median_cache_runs, summarize_cache_run
 from scripts.bench.cache_nodes import CacheNode, CacheNodes, slow_names
 from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
 from scripts.bench.chat_load import drive_chats, request_body
@@ -55,6 +55,17 @@ def rotated(setups: Sequence[Setup], run: int) -> list[Setup]:
     """``setups`` starting at position ``run`` (mod their number)."""
     k = run % len(setups) if setups else 0
     return [*setups[k:], *setups[:k]]
+
+
+async def read_gateways(
+    session: aiohttp.ClientSession, gateways: Sequence[Child]
+) -> dict[str, float]:
+    """The gateways' counters of the run (:func:`gateway_counters`), read before they stop."""
+    pages = []
+    for gw in gateways:
+        async with session.get(gw.url + "/metrics") as resp:
+            pages.append(await resp.text())
+    return gateway_counters(pages)
 
 
 def warmup_at(schedule: Sequence[ChatTurn], turns: int) -> float:
@@ -115,6 +126,7 @@ async def run_sim_setup(
             nodes.names(),
             counted,
             slow_names(list(nodes.specs.values())),
+            await read_gateways(session, gateways),
         )
         summary.update(
             seed=seed,

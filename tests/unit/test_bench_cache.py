@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from scripts.bench.cache_figures import paired_ratio, summarize_cache_run, within_run_ratio
+from scripts.bench.cache_figures import (
+    gateway_counters,
+    paired_ratio,
+    summarize_cache_run,
+    within_run_ratio,
+)
 from scripts.bench.cache_nodes import CacheNode, parse_cache_nodes, slow_names
 from scripts.bench.cache_targets import evaluate_cache
 from scripts.bench.cache_workload import (
@@ -122,6 +127,22 @@ def test_hit_rates_are_token_weighted_over_the_measured_window() -> None:
     assert s["classes"]["fast"]["turns"] == 1
     nothing = summarize_cache_run([], 0.0, names)
     assert math.isnan(nothing["hit_rate"]) and math.isnan(nothing["node_hit_rate"])
+
+
+def test_the_gateways_counters_add_up_over_replicas() -> None:
+    page = """# HELP fleetgate_prefix_blocks_total cache_aware: prompt blocks routed
+fleetgate_prefix_blocks_total{kind="total"} 200
+fleetgate_prefix_blocks_total{kind="matched"} 150
+fleetgate_store_errors_total{op="pick"} 2
+fleetgate_store_errors_total{op="release"} 1
+fleetgate_requests_total{node="a",model="m",code="200"} 9
+"""
+    found = gateway_counters([page, page.replace("150", "50")])
+    assert found["prefix_total"] == 400 and found["prefix_matched"] == 200
+    assert found["store_errors"] == 6 and found["retries"] == 0
+    s = summarize_cache_run([], 0.0, {}, gateway=found)
+    assert s["index_hit_rate"] == 0.5 and s["store_errors"] == 6
+    assert math.isnan(summarize_cache_run([], 0.0, {})["index_hit_rate"])
 
 
 def runs(values: list[float], seeds: list[int], key: str = "ttft_mean_ms") -> list[dict[str, Any]]:
