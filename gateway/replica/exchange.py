@@ -5,7 +5,7 @@ A failed attempt is retried on another node only while nothing has reached the c
 that a failure ends the stream with an OpenAI-shaped SSE error event. Every lease taken by an
 attempt is released in a ``finally``, shielded from cancellation unless the exchange is complete.
 With cache_aware, the release carries the answer's cached prompt tokens when the node reported
-them (a stream's usage is looked for only when the pick predicted a cached prefix).
+them (a buffered answer's usage, or a stream's usage event).
 """
 
 from __future__ import annotations
