@@ -147,6 +147,22 @@ class CacheNodes:
         for child in self.children.values():
             self.procs.wait_port(child)
 
+    def dead(self) -> list[str]:
+        """``name (exit status)`` of every node that is no longer running."""
+        return [
+            f"{name} ({child.proc.returncode})"
+            for name, child in self.children.items()
+            if not child.alive()
+        ]
+
+    def restart_dead(self) -> None:
+        """Start every node that died again, on its port, and wait until it listens."""
+        for name, child in list(self.children.items()):
+            if not child.alive():
+                argv = self.specs[name].argv(child.port)
+                self.children[name] = self.procs.start(f"node-{name}", argv, child.port)
+                self.procs.wait_port(self.children[name])
+
     def stop(self) -> None:
         self.procs.stop(self.children.values())
 

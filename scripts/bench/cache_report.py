@@ -124,6 +124,9 @@ def print_cache_report(result: dict[str, Any]) -> None:
             if row["log_findings_count"]:
                 first = row["log_findings"][0][:240]
                 print(f"  {key}: {row['log_findings_count']} warning/error log line(s): {first}")
+            for run in row["runs"]:
+                if "retried" in run:
+                    print(f"  {key}: seed {run['seed']} run again after {run['retried']}")
     if result.get("targets"):
         print()
         print(text_table(*target_rows(result), left=1))

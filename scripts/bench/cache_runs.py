@@ -31,7 +31,7 @@ from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
 from scripts.bench.chat_load import drive_chats, request_body
 from scripts.bench.chats import ChatTurn
 from scripts.bench.fleet import EXPECTED_LOG, Fleet
-from scripts.bench.harness import Child, log_findings, progress
+from scripts.bench.harness import Child, StartupError, log_findings, progress
 from scripts.bench.load import MODEL, client_session
 from scripts.bench.scenario import Setup
 
@@ -141,6 +141,37 @@ async def run_sim_setup(
     return summary, log_findings(started, EXPECTED_LOG)
 
 
+async def _run_twice(
+    fleet: Fleet,
+    nodes: CacheNodes,
+    session: aiohttp.ClientSession,
+    setup: Setup,
+    schedule: Sequence[ChatTurn],
+    seed: int,
+    workload: CacheWorkload,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[str]]:
+    """:func:`run_sim_setup`, once more if a process it needed went away (on a shared machine,
+    a node can be killed from outside): the dead nodes started again, the failure recorded in
+    the run's ``retried``; a second failure is raised."""
+    try:
+        return await run_sim_setup(
+            fleet, nodes, session, setup, schedule, seed, workload, args.warmup_turns
+        )
+    except (aiohttp.ClientError, StartupError) as exc:
+        if fleet.interrupted:
+            raise
+        failure = f"{type(exc).__name__}: {exc}"[:300]
+        dead = nodes.dead()
+        progress(f"{setup.key} seed {seed} failed ({failure}); dead nodes: {dead}; once more")
+        nodes.restart_dead()
+    summary, found = await run_sim_setup(
+        fleet, nodes, session, setup, schedule, seed, workload, args.warmup_turns
+    )
+    summary["retried"] = {"failure": failure, "dead_nodes": dead}
+    return summary, found
+
+
 async def run_sim_scenario(
     fleet: Fleet,
     scenario: SimScenario,
@@ -174,8 +205,8 @@ async def run_sim_scenario(
                 out["turns"] = len(schedule)
                 for setup in rotated(scenario.setups, run):
                     t = time.monotonic()
-                    summary, found = await run_sim_setup(
-                        fleet, nodes, session, setup, schedule, seed, workload, args.warmup_turns
+                    summary, found = await _run_twice(
+                        fleet, nodes, session, setup, schedule, seed, workload, args
                     )
                     per_setup[setup.key].append(summary)
                     findings[setup.key] += found
