@@ -85,6 +85,22 @@ def describe_scenario(result: dict[str, Any]) -> str:
     )
 
 
+def machine_load(result: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the end of the set-up runs: median and max."""
+    loads = sorted(
+        r["loadavg_1m"]
+        for row in result["comparison"].values()
+        for r in row["runs"]
+        if r.get("loadavg_1m") is not None
+    )
+    if not loads:
+        return ""
+    return (
+        f"1-minute load average at the end of each set-up's run: median "
+        f"{loads[len(loads) // 2]:.1f}, max {loads[-1]:.1f} on {result['machine']['cpus']} CPUs"
+    )
+
+
 def print_engine_report(result: dict[str, Any]) -> None:
     """The engine scenario's report on stdout."""
     print(f"fleetgate routing on real engines: {describe_scenario(result)}")
@@ -93,6 +109,8 @@ def print_engine_report(result: dict[str, Any]) -> None:
             f"  {name}: first turn {e['prompt_tokens']} tokens, cold {e['miss_median_ms']:.0f} "
             f"ms, system prompt cached {e['hit_median_ms']:.0f} ms"
         )
+    if machine_load(result):
+        print(f"  {machine_load(result)}")
     print()
     print(text_table(*engine_rows(result)))
     for key, row in result["comparison"].items():
@@ -195,7 +213,9 @@ def write_engine_markdown(result: dict[str, Any], out: Path, charts: list[str]) 
         "last byte; TTFT: to the first content chunk of a stream. Each figure is the median "
         f"of {result['runs']} runs of {result['requests']} turns over {result['span_s']:.0f} s "
         f"(the first {result['warmup_requests']}, the warm-up, sent but not counted); in a run "
-        "every set-up gets the same turns.",
+        "every set-up gets the same turns. The machine is shared: its "
+        f"{machine_load(result) or 'load was not recorded'} (the engines alone make about "
+        "one per busy engine).",
         "",
         "## Strategies",
         "",

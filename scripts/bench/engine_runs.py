@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import datetime as dt
 import math
+import os
 import signal
 import statistics
 import sys
@@ -254,6 +255,9 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
                     summary, found = await run_engine_setup(
                         fleet, llamas, session, setup, schedule, seed, workload, calibration, args
                     )
+                    # The 1-minute load average as the run ends: what else ran meanwhile (the
+                    # engines alone make about one per busy engine).
+                    summary["loadavg_1m"] = os.getloadavg()[0]
                     per_setup[setup.key].append(summary)
                     findings[setup.key] += found
                     progress(

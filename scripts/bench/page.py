@@ -26,6 +26,10 @@ def write_markdown(result: dict[str, Any], out: Path, charts: list[str]) -> None
         "`python scripts/bench_routing.py` (`--quick` for a smoke run that writes nothing; "
         "`--replot docs/benchmarks/results.json` redraws the charts without measuring).",
         "",
+        "Every figure on this page comes from simulated nodes. The same strategies on real "
+        "llama.cpp `llama-server`s, whose prefix caches decide what a turn costs: "
+        "[engines.md](engines.md) (`python scripts/bench_routing.py --engines llama`).",
+        "",
         "## Scenario",
         "",
         "Simulated nodes (`gateway.sim.node`, continuous batching with a waiting queue), "
