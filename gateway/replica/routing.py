@@ -282,7 +282,9 @@ class Router:
                 self._enter_degraded(exc)
             except Exception:
                 log.exception("lease renewal failed")
-            await asyncio.sleep(interval)
+            # While renewals fail, try every second: /ready says the store is back within a
+            # second of it, not a third of a lease later (10 s with the default lease).
+            await asyncio.sleep(min(interval, 1.0) if self.renew_failure else interval)
 
     async def stop(self) -> None:
         """Stop renewing and give back every lease this replica still holds."""

@@ -368,3 +368,31 @@ async def test_an_admin_write_refused_for_want_of_memory_changed_nothing(
         await free_memory(oom_client)
         await store.close()
     assert "Traceback" not in gateway.output()
+
+
+async def test_ready_follows_the_store_within_seconds_with_the_default_lease(
+    oom_redis: RedisServer, oom_client: aioredis.Redis, procs: list[Process]
+) -> None:
+    """With the default 30 s lease, renewals run every 10 s; while they fail they are tried
+    every second, so /ready is 200 again within seconds of Redis taking writes again, not up
+    to 10 s later."""
+    node = SimNode("--tokens-per-s", "inf")
+    procs.append(node)
+    gateway = Gateway("--redis-url", oom_redis.url, "--node", node.url)
+    procs.append(gateway)
+    gateway.wait_models(MODEL)
+    async with httpx.AsyncClient(timeout=10) as http:
+        await fill_until_oom(oom_client)
+
+        async def not_ready() -> bool:
+            return (await http.get(f"{gateway.url}/ready")).status_code == 503
+
+        # The first renewal after the fill fails (within 10 s); then the store comes back.
+        assert await eventually(not_ready, timeout_s=15)
+        await free_memory(oom_client)
+
+        async def ready() -> bool:
+            return (await http.get(f"{gateway.url}/ready")).status_code == 200
+
+        assert await eventually(ready, timeout_s=4), (await http.get(f"{gateway.url}/ready")).text
+    assert "Traceback" not in gateway.output()
