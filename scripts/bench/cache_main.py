@@ -71,6 +71,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma list: run only set-ups whose key has one of these")
     p.add_argument("--out", type=Path, help="where to write (default docs/benchmarks)")
     p.add_argument("--replot", type=Path, metavar="CACHE_JSON", help="redraw from a cache.json")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other parts of the cache.json in --out (same workload), replace these",
+    )
     w = CacheWorkload()
     g = p.add_argument_group("chats")
     g.add_argument("--conversations", type=int, help=f"per run ({w.conversations}; quick 16)")
@@ -201,11 +206,13 @@ async def measure_cache(args: argparse.Namespace, log_dir: Path) -> dict[str, An
         fleet.start_redis()
         for scenario in _scenarios(args):
             progress(f"{scenario.name}: {len(scenario.setups)} set-ups x {args.runs} runs")
+            t = time.monotonic()
             found = await run_sim_scenario(fleet, scenario, args.workload, per_token, args)
-            result["scenarios"][scenario.name] = found
+            result["scenarios"][scenario.name] = {**found, **_stamp(result, t)}
         if "engines" in args.parts:
+            t = time.monotonic()
             found = await run_engine_scenario(fleet, args.llamas, args)
-            result["scenarios"]["engines"] = found
+            result["scenarios"]["engines"] = {**found, **_stamp(result, t)}
     except Exception:
         if fleet.interrupted:  # the children got the signal too: what failed next is no news
             raise Interrupted from None
@@ -217,6 +224,25 @@ async def measure_cache(args: argparse.Namespace, log_dir: Path) -> dict[str, An
     result["targets"] = evaluate_cache(result)
     result["elapsed_s"] = time.monotonic() - started
     return result
+
+
+def _stamp(result: dict[str, Any], started: float) -> dict[str, Any]:
+    """When and how a scenario was measured (an update keeps the others' own)."""
+    elapsed = time.monotonic() - started
+    return {"date": result["date"], "command": result["command"], "elapsed_s": elapsed}
+
+
+def merged(result: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the scenarios of ``saved`` it did not measure (an earlier cache.json of
+    the same workload and warm-up); ValueError if they differ."""
+    for key in ("workload", "warmup_turns", "seed"):
+        if saved.get(key) != result[key]:
+            raise ValueError(f"{key} differs from the saved one: {saved.get(key)!r}")
+    old = {k: v for k, v in _nan(saved["scenarios"]).items() if k not in result["scenarios"]}
+    out = {**result, "scenarios": {**old, **result["scenarios"]}}
+    out["elapsed_s"] = result["elapsed_s"] + sum(s.get("elapsed_s", 0.0) for s in old.values())
+    out["targets"] = evaluate_cache(out)
+    return out
 
 
 def write_cache_files(result: dict[str, Any], out: Path) -> list[str]:
@@ -269,6 +295,12 @@ def cache_main(doc: str, argv: list[str] | None = None) -> int:
         except (StartupError, RuntimeError, TimeoutError, OSError, RedisError) as exc:
             print(f"bench_cache: failed: {exc}", file=sys.stderr)
             return 1
+        if args.update and out is not None and (out / "cache.json").exists():
+            try:
+                result = merged(result, json.loads((out / "cache.json").read_text()))
+            except ValueError as exc:
+                print(f"bench_cache: cannot update {out / 'cache.json'}: {exc}", file=sys.stderr)
+                return 1
         print_cache_report(result)
         if out is not None:
             written = write_cache_files(result, out)

@@ -200,10 +200,16 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
         "",
     ]
     for name, scenario in result["scenarios"].items():
+        stamp = ""
+        if "date" in scenario:
+            stamp = (
+                f" Measured on {scenario['date']} by `{scenario['command']}` "
+                f"({scenario['elapsed_s'] / 60:.1f} minutes)."
+            )
         lines += [
             f"## {TITLES.get(name, name)}",
             "",
-            describe(result, name) + ".",
+            describe(result, name) + "." + stamp,
             "",
             md_table(*scenario_rows(scenario)),
             "",
