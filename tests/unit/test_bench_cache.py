@@ -16,6 +16,7 @@ from scripts.bench.cache_figures import (
     summarize_cache_run,
     within_run_ratio,
 )
+from scripts.bench.cache_main import merged
 from scripts.bench.cache_nodes import CacheNode, parse_cache_nodes, slow_names
 from scripts.bench.cache_targets import evaluate_cache
 from scripts.bench.cache_workload import (
@@ -202,3 +203,16 @@ def test_targets_pass_and_fail_on_the_paired_figures() -> None:
         "figure"
     ] == pytest.approx(90 / 52)  # of 90/52, 100/58, 160/70
     assert evaluate_cache({"scenarios": {}}) == {}  # nothing ran, nothing judged
+
+
+def test_an_update_keeps_the_parts_it_did_not_measure_of_the_same_workload() -> None:
+    chats = {"comparison": {}, "elapsed_s": 100.0, "turns": None}
+    saved = {"workload": {"prompts": 8}, "warmup_turns": 32, "seed": 1}
+    result = {**saved, "scenarios": {"engines": {"comparison": {}}}, "elapsed_s": 10.0}
+    both = merged(result, {**saved, "scenarios": {"chats": chats, "engines": {"old": 1}}})
+    assert list(both["scenarios"]) == ["chats", "engines"]
+    assert both["scenarios"]["engines"] == {"comparison": {}}  # the new one replaces the old
+    assert math.isnan(both["scenarios"]["chats"]["turns"])  # saved nulls are NaN again
+    assert both["elapsed_s"] == 110.0 and both["targets"] == {}
+    with pytest.raises(ValueError, match="workload"):
+        merged(result, {**saved, "workload": {"prompts": 4}, "scenarios": {}})
