@@ -122,6 +122,7 @@ def _chart(plt: Any, name: str, result: dict[str, Any], out: Path) -> str:
         Patch(color=_COLORS["private"], label="replicas on private stores"),
         Line2D([], [], marker="o", color="black", ls="", ms=4, label="p50"),
         Line2D([], [], marker="_", color="black", ls="", ms=12, mew=2, label="p90"),
+        Line2D([], [], marker="v", color="black", ls="", ms=5, label="p99"),
     ]
     axes[2].legend(handles=handles, fontsize=7, loc="upper left")
     w = result["workload"] if name != "engines" else scenario["workload"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -126,6 +127,7 @@ async def run_engine_setup(
             seed=seed,
             node_tokens={n: [t.prompt, t.cached] for n, t in counted.items()},
             nodes_idle_after=idle,
+            loadavg_1m=os.getloadavg()[0],  # how busy the shared machine was
         )
         dead = [c.name for c in started if not c.alive()]
         if dead:

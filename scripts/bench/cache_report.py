@@ -105,6 +105,17 @@ def _runs(scenario: dict[str, Any]) -> list[Any]:
     return list(rows[0]["runs"]) if rows else []
 
 
+def busy(scenario: dict[str, Any]) -> str:
+    """The machine's 1-minute load average over a scenario's runs, as a range."""
+    loads = [
+        run["loadavg_1m"]
+        for row in scenario["comparison"].values()
+        for run in row["runs"]
+        if isinstance(run.get("loadavg_1m"), float) and not math.isnan(run["loadavg_1m"])
+    ]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "-"
+
+
 def print_cache_report(result: dict[str, Any]) -> None:
     """The benchmark's tables and targets on stdout."""
     w = result["workload"]
@@ -115,7 +126,7 @@ def print_cache_report(result: dict[str, Any]) -> None:
     )
     for name, scenario in result["scenarios"].items():
         print()
-        print(f"{TITLES.get(name, name)}: {describe(result, name)}")
+        print(f"{TITLES.get(name, name)}: {describe(result, name)}; load average {busy(scenario)}")
         print(text_table(*scenario_rows(scenario)))
         for key, row in scenario["comparison"].items():
             kinds = row["median"].get("error_kinds_total", {})
@@ -209,7 +220,8 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
         lines += [
             f"## {TITLES.get(name, name)}",
             "",
-            describe(result, name) + "." + stamp,
+            describe(result, name) + "." + stamp + " The machine's 1-minute load average "
+            f"at the end of the runs: {busy(scenario)} ({result['machine']['cpus']} CPUs, shared).",
             "",
             md_table(*scenario_rows(scenario)),
             "",
