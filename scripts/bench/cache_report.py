@@ -217,11 +217,15 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
                 f" Measured on {scenario['date']} by `{scenario['command']}` "
                 f"({scenario['elapsed_s'] / 60:.1f} minutes)."
             )
+        load = ""
+        if busy(scenario) != "-":
+            cpus = result["machine"]["cpus"]
+            load = f" The machine's 1-minute load average after the runs: {busy(scenario)} "
+            load += f"({cpus} CPUs, shared with other work)."
         lines += [
             f"## {TITLES.get(name, name)}",
             "",
-            describe(result, name) + "." + stamp + " The machine's 1-minute load average "
-            f"at the end of the runs: {busy(scenario)} ({result['machine']['cpus']} CPUs, shared).",
+            describe(result, name) + "." + stamp + load,
             "",
             md_table(*scenario_rows(scenario)),
             "",
