@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from scripts.bench.cache_figures import median_cache_runs, summarize_cache_run
-from scripts.bench.cache_runs import read_gateways, rotated, warmup_at
+from scripts.bench.cache_runs import read_gateways, rotated, scrub, warmup_at
 from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
 from scripts.bench.calibration import DEFAULT_BLOCK_BYTES, Calibration, calibrate
 from scripts.bench.chat_load import drive_chats, request_body
@@ -134,7 +134,7 @@ async def run_engine_setup(
             summary["died"] = dead
     finally:
         fleet.procs.stop(started)
-    return summary, log_findings(started, EXPECTED_LOG)
+    return summary, scrub(log_findings(started, EXPECTED_LOG))
 
 
 async def run_engine_scenario(

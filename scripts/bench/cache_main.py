@@ -32,6 +32,7 @@ from scripts.bench.cache_runs import (
     UNEQUAL_SETUPS,
     SimScenario,
     run_sim_scenario,
+    scrub,
 )
 from scripts.bench.cache_targets import evaluate_cache
 from scripts.bench.cache_workload import CacheWorkload, bytes_per_token
@@ -245,8 +246,19 @@ def merged(result: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def scrubbed(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with every log line it keeps made fit to publish (:func:`scrub`)."""
+    for scenario in result.get("scenarios", {}).values():
+        if "log_findings_nodes" in scenario:
+            scenario["log_findings_nodes"] = scrub(scenario["log_findings_nodes"])
+        for row in scenario.get("comparison", {}).values():
+            row["log_findings"] = scrub(row.get("log_findings", []))
+    return result
+
+
 def write_cache_files(result: dict[str, Any], out: Path) -> list[str]:
     """Write the charts, cache.json and cache.md into ``out``; the names written."""
+    result = scrubbed(result)
     out.mkdir(parents=True, exist_ok=True)
     charts = write_cache_charts(result, out)
     (out / "cache.json").write_text(json.dumps(clean(result), indent=1) + "\n")

@@ -81,20 +81,28 @@ def describe(result: dict[str, Any], name: str) -> str:
     s = result["scenarios"][name]
     if name == "engines":
         cal = s["calibration"]
+        engines = ", ".join(
+            f"{e['name']} ({e['threads']} thread, {e['parallel']} slot, {e['cache_mib']} MiB of "
+            "prompt cache)"
+            for e in s["engines"]
+        )
         return (
-            f"{len(s['engines'])} real llama-servers ({s['model']}, 1 thread and 1 slot each), "
+            f"Real engines: llama.cpp llama-servers serving the random {s['model']}, {engines}; "
             f"{s['replicas']} gateway replicas sharing Redis; {s['turns']} turns at "
             f"{s['rate_rps']:.2f}/s ({s['load']:.0%} of the cold capacity, "
             f"{cal['cold_capacity_rps']:.2f}/s, measured); medians of {len(_runs(s))} run(s)"
         )
-    nodes = ", ".join(
-        f"{n['name']} ({n['slots']} slots, {n['tokens_per_s']:g} tok/s, prefill "
-        f"{n['prefill_tokens_per_s']:g} tok/s, {n['cache_blocks']} x {n['block_tokens']}-word "
-        f"blocks = {s['gateway_cache_blocks'][n['name']]} gateway blocks)"
-        for n in s["nodes"]
-    )
+    kinds: dict[str, list[str]] = {}
+    for n in s["nodes"]:
+        kind = (
+            f"{n['slots']} slots, decode {n['tokens_per_s']:g} tokens/s, prefill "
+            f"{n['prefill_tokens_per_s']:,.0f} tokens/s, a cache of {n['cache_blocks']} blocks of "
+            f"{n['block_tokens']} words = {s['gateway_cache_blocks'][n['name']]} gateway blocks"
+        )
+        kinds.setdefault(kind, []).append(n["name"])
+    nodes = "; ".join(f"{', '.join(names)}: {kind}" for kind, names in kinds.items())
     return (
-        f"simulated nodes: {nodes}; {s['turns']} turns at {s['rate_rps']:.2f}/s "
+        f"Simulated nodes ({nodes}); {s['turns']} turns at {s['rate_rps']:.2f}/s "
         f"({s['load']:.0%} of the cold capacity, {s['cold_capacity_rps']:.2f}/s) over "
         f"{s['span_s']:.0f} s; medians of {len(_runs(s))} run(s)"
     )
@@ -170,8 +178,8 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
         f"{result['machine']['cpu_model']}, Python {result['machine']['python']}). Raw figures "
         'of every run: [cache.json](cache.json). Regenerate with `pip install -e ".[bench]"` '
         "and `python scripts/bench_cache.py` (`--replot docs/benchmarks/cache.json` redraws "
-        "the charts and this page). The first two tables come from simulated nodes "
-        "(`gateway.sim.node` with its prefix cache); the third from real llama.cpp "
+        "the charts and this page). Each section says whether its figures come from "
+        "simulated nodes (`gateway.sim.node` with its prefix cache) or from real llama.cpp "
         "`llama-server`s, whose prefix caches, tokenizer and counters are their own.",
         "",
         "## Workload",

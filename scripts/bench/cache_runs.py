@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,16 @@ UNEQUAL_SETUPS = (
     Setup("round_robin", 4, True),
 )
 QUICK_SETUPS = (Setup("cache_aware", 1, True), Setup("cache_aware", 4, True))
+
+
+_ID = re.compile(re.escape(socket.gethostname()) + r"-[0-9a-f]{8}\b")
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.+-]+){2,}")
+
+
+def scrub(lines: Sequence[str]) -> list[str]:
+    """Log lines fit for the saved results: a process id made of this machine's host name, and
+    file paths, replaced."""
+    return [_PATH.sub("<path>", _ID.sub("<host>-<id>", line)) for line in lines]
 
 
 def rotated(setups: Sequence[Setup], run: int) -> list[Setup]:
@@ -140,7 +152,7 @@ async def run_sim_setup(
             summary["died"] = dead
     finally:
         fleet.procs.stop(started)
-    return summary, log_findings(started, EXPECTED_LOG)
+    return summary, scrub(log_findings(started, EXPECTED_LOG))
 
 
 async def _run_twice(
@@ -219,7 +231,7 @@ async def run_sim_scenario(
                         f"  latency mean {summary['mean_ms']:6.0f} ms  errors "
                         f"{summary['errors']}  ({time.monotonic() - t:.0f} s)"
                     )
-        out["log_findings_nodes"] = log_findings(nodes.children.values(), EXPECTED_LOG)[:20]
+        out["log_findings_nodes"] = scrub(log_findings(nodes.children.values(), EXPECTED_LOG))[:20]
     finally:
         nodes.stop()
     out["comparison"] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from scripts.bench.cache_figures import (
 )
 from scripts.bench.cache_main import merged
 from scripts.bench.cache_nodes import CacheNode, parse_cache_nodes, slow_names
+from scripts.bench.cache_runs import scrub
 from scripts.bench.cache_targets import evaluate_cache
 from scripts.bench.cache_workload import (
     CacheWorkload,
@@ -216,3 +218,17 @@ def test_an_update_keeps_the_parts_it_did_not_measure_of_the_same_workload() -> 
     assert both["elapsed_s"] == 110.0 and both["targets"] == {}
     with pytest.raises(ValueError, match="workload"):
         merged(result, {**saved, "workload": {"prompts": 4}, "scenarios": {}})
+
+
+def test_log_lines_kept_in_the_results_name_no_host_and_no_path() -> None:
+    host = socket.gethostname()
+    lines = [
+        f"checker: WARNING checker {host}-30bc2d63 stops leading: a write was fenced",
+        'gw-0: Traceback: File "/srv/fleetgate/gateway/replica/routing.py", line 3',
+        "gw-1: POST http://127.0.0.1:8080/v1/chat/completions 1/2 done",
+    ]
+    assert scrub(lines) == [
+        "checker: WARNING checker <host>-<id> stops leading: a write was fenced",
+        'gw-0: Traceback: File "<path>", line 3',
+        lines[2],
+    ]
