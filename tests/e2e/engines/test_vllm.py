@@ -220,11 +220,16 @@ async def test_usage_and_cached_tokens_are_relayed_as_vllm_wrote_them(
     assert answer.headers["x-fleetgate-node"] == vllm_server.url
 
 
+REQUESTS = 5
+MAX_TOKENS = 1200  # with the 1,229-token prompt: 5 x 2,429 of the cache's 16,384 tokens
+
+
 async def test_the_health_checker_reads_vllms_load(
     gateway: Gateway, vllm_server: VllmServer, redis_url: str, procs: list[Process]
 ) -> None:
-    """Six long requests on a KV cache of 16,384 tokens: each grows to about 4,000 tokens, so
-    vLLM runs what fits (and may preempt some back to waiting); the checker's metrics probe
+    """Five long requests on a KV cache of 16,384 tokens: each grows to about 2,400 tokens, so
+    together they take three quarters of it (vLLM may preempt some back to waiting); the
+    checker's metrics probe
     records KV use, running and waiting in the registry, and all three fall back to zero."""
     checker = Checker(redis_url, "vllm", "--timeout", "5")
     procs.append(checker)
@@ -244,12 +249,12 @@ async def test_the_health_checker_reads_vllms_load(
                         json={
                             "model": MODEL,
                             "prompt": f"{i} {prompt}",
-                            "max_tokens": 2800,
+                            "max_tokens": MAX_TOKENS,
                             "temperature": 0,  # sampled, an end token would come early
                         },
                     )
                 )
-                for i in range(6)  # distinct first blocks: no blocks shared between them
+                for i in range(REQUESTS)  # distinct first blocks: no blocks shared
             ]
             seen: dict[str, float] = {"kv": 0.0, "running": 0, "waiting": 0}
 
@@ -266,9 +271,9 @@ async def test_the_health_checker_reads_vllms_load(
             status = (await http.get(f"{gateway.url}/nodes/status")).json()[vllm_server.url]
             assert status["kv_cache_usage"] is not None and status["state"] == "active"
             answers = await asyncio.gather(*loads)
-        assert [a.status_code for a in answers] == [200] * 6
+        assert [a.status_code for a in answers] == [200] * REQUESTS
         usages = [a.json()["usage"] for a in answers]
-        assert all(u["completion_tokens"] == 2800 for u in usages), usages
+        assert all(u["completion_tokens"] == MAX_TOKENS for u in usages), usages
 
         async def idle() -> bool:
             node = await store.get_node(vllm_server.url)
