@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,50 @@ from scripts.bench.harness import Child, StartupError, log_findings, progress
 from scripts.bench.load import MODEL, client_session
 from scripts.bench.scenario import Setup
 
+
+@dataclass(frozen=True, slots=True)
+class Variant(Setup):
+    """A set-up whose gateways run with settings of their own, given as ``FLEETGATE_*``
+    variables (``env``), and named by ``label``."""
+
+    label: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def mode(self) -> str:
+        replicas = "1 replica" if self.replicas == 1 else f"{self.replicas} "
+        if self.replicas > 1:
+            replicas += "shared" if self.shared else "private"
+        return f"{replicas}, {self.label}" if self.label else replicas
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}/{self.mode.replace(', ', '-').replace(' ', '-')}"
+
+
+# cache_aware with its load bound out of reach: what the bound is worth on unequal nodes.
+UNBOUNDED = Variant(
+    "cache_aware", 4, True, "no load bound", (("FLEETGATE_PREFIX_BALANCE", "1000000"),)
+)
+
+
+@contextlib.contextmanager
+def gateway_env(setup: Setup) -> Iterator[None]:
+    """The set-up's own ``FLEETGATE_*`` variables in this process's environment, which the
+    gateways it starts inherit, while the block runs."""
+    env = dict(setup.env) if isinstance(setup, Variant) else {}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 CHAT_SETUPS = (
     Setup("cache_aware", 1, True),
     Setup("cache_aware", 4, True),
@@ -48,6 +93,7 @@ CHAT_SETUPS = (
 )
 UNEQUAL_SETUPS = (
     Setup("cache_aware", 4, True),
+    UNBOUNDED,
     Setup("min_expected_latency", 4, True),
     Setup("round_robin", 4, True),
 )
@@ -118,7 +164,8 @@ async def run_sim_setup(
         if setup.shared:
             await fleet.reset_redis()
             started.append(fleet.start_checker())
-        gateways = fleet.start_gateways(setup)
+        with gateway_env(setup):
+            gateways = fleet.start_gateways(setup)
         started += gateways
         await nodes.register(session, gateways if not setup.shared else gateways[:1])
         await fleet.wait_ready(session, gateways, len(nodes.specs))
