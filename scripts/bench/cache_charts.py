@@ -51,8 +51,16 @@ def _bars(ax: Any, rows: list[dict[str, Any]], bar: str, marks: list[tuple[str, 
         m = row["median"]
         height = _v(m[bar])
         ax.bar(xi, 0 if math.isnan(height) else height, color=_color(row), alpha=0.85, width=0.7)
-        if not math.isnan(height):
-            _annotate(ax, xi, height, f"{height:,.0f}")
+        if not math.isnan(height):  # at the bar's foot, clear of the quantile marks
+            ax.annotate(
+                f"{height:,.0f}",
+                (xi, 0),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         for key, marker, size in marks:
             if not math.isnan(_v(m[key])):
                 ax.plot(xi, _v(m[key]), marker, color="black", ms=size, mew=2)
