@@ -62,8 +62,8 @@ per-run ratios of their mean latencies (the table shows the medians of each set-
 llama.cpp ``llama-server``s with the ``llama-big`` random model (built once into the engines
 cache by scripts/engines.py), each on its own CPU thread with a bounded prompt cache, whose
 prefill time depends on what that cache holds; multi-turn chats sharing long system prompts
-(scripts/bench/chats.py), a conversation's turns spread over the replicas, at ``--load``
-(default 0.65) of the fleet's cold capacity measured first; every strategy on
+(scripts/bench/chats.py), every turn streamed, a conversation's turns spread over the
+replicas, at ``--load`` (default 0.8) of the fleet's cold capacity measured first; every strategy on
 ``--engine-replicas`` (4) replicas sharing Redis with a health-checker, and ``cache_aware``
 also on one; mean/p50/p90/p99 latency, TTFT, errors, node shares and the prefix hit rate the
 engines themselves report, medians of ``--runs`` runs of ``--engine-requests`` turns, with
@@ -80,7 +80,7 @@ the charts and results.md from saved figures.
 
     python scripts/bench_routing.py [--quick] [--runs 3] [--seed 1] [--duration 8]
                                     [--load 0.7] [--out docs/benchmarks]
-    python scripts/bench_routing.py --engines llama [--quick] [--runs 3] [--load 0.65]
+    python scripts/bench_routing.py --engines llama [--quick] [--runs 3] [--load 0.8]
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="measured seconds per run (default 8)")
     p.add_argument("--warmup", type=float, help="seconds of load before measuring (default 1)")
     p.add_argument(
-        "--load", type=float, help="fraction of capacity (default 0.7; engines: 0.8 of the cold)"
+        "--load",
+        type=float,
+        help="fraction of capacity (default 0.7; engines: 0.8 of the cold one)",
     )
     p.add_argument("--out", type=Path, help="where to write (default docs/benchmarks)")
     p.add_argument(
@@ -143,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--median-tokens", type=float, default=32.0, help="output length median")
     p.add_argument("--sigma", type=float, default=0.5, help="output length lognormal sigma")
     p.add_argument("--max-tokens", type=int, default=128, help="output length cap")
-    p.add_argument("--stream-fraction", type=float, default=0.5, help="share of SSE requests")
+    p.add_argument(
+        "--stream-fraction", type=float, help="share of SSE requests (default 0.5; engines: 1)"
+    )
     p.add_argument("--scale-rate", type=float, default=100.0, help="req/s in the scale part")
     p.add_argument("--scale-duration", type=float, help="seconds per scale run (default 4)")
     p.add_argument("--drill-load", type=float, default=0.5, help="fraction of capacity")
@@ -187,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("scale_duration", 4.0, 2.0),
         ("drill_duration", 12.0, 8.0),
         ("load", 0.7, 0.7),
+        ("stream_fraction", 0.5, 0.5),
     ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)

@@ -41,7 +41,7 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     base = result["baseline"]
     head = ["strategy", "set-up", "mean ms", "p50 ms", "p90 ms", "p99 ms", "TTFT p50"]
     head += ["TTFT p90", "hit rate", "engines' hit rate", "mostly uncached", "errors", *names]
-    head += [f"mean / {base}", f"TTFT p50 / {base}"]
+    head += [f"mean / {base}", f"TTFT p50 / {base}", "mean / base, each run"]
     rows = []
     for row in result["comparison"].values():
         m = row["median"]
@@ -59,6 +59,7 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 *(_pct(m["shares"].get(n, 0.0)) for n in names),
                 _x(vs.get("mean_ms")),
                 _x(vs.get("ttft_p50_ms")),
+                "/".join(f"{x:.2f}" for x in vs.get("mean_ms_runs", [])) or "-",
             ]
         )
     return head, rows
