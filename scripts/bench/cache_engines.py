@@ -160,14 +160,15 @@ async def run_engine_scenario(
             await llamas.start(session, specs)
             progress(f"engines: calibrating {len(specs)} llama-servers ({build.model})")
             calibration = await calibrate(session, llamas, workload.chats())
-            rate = args.engine_load * calibration.cold_capacity_rps
+            rate = args.engine_rate or args.engine_load * calibration.cold_capacity_rps
             out["calibration"] = calibration.describe()
             for spec in specs:
                 blocks = calibration.cache_blocks(spec, build.model, DEFAULT_BLOCK_BYTES)
                 out["calibration"]["engines"][spec.name]["cache_blocks"] = blocks
             out.update(
                 cold_capacity_rps=calibration.cold_capacity_rps,
-                load=args.engine_load,
+                load=rate / calibration.cold_capacity_rps,
+                rate_given=bool(args.engine_rate),
                 rate_rps=rate,
             )
             progress(

@@ -98,6 +98,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
     g.add_argument("--engine-runs", type=int, help="runs per set-up (3; quick 1)")
     g.add_argument("--engine-load", type=float, default=0.65, help="of cold capacity (0.65)")
+    g.add_argument("--engine-rate", type=float, help="turns/s instead of --engine-load")
     g.add_argument(
         "--engine-conversations",
         type=int,
@@ -129,6 +130,8 @@ def settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--runs, --engine-runs >= 1; 0 < --load < 1.5")
     if not 0 < args.engine_load < 1.5 or args.engine_replicas < 1:
         p.error("0 < --engine-load < 1.5; --engine-replicas >= 1")
+    if args.engine_rate is not None and args.engine_rate <= 0:
+        p.error("--engine-rate > 0")
     try:
         args.workload = CacheWorkload(
             args.prompts,
