@@ -68,7 +68,8 @@ replicas, at ``--load`` (default 0.8) of the fleet's cold capacity measured firs
 also on one; mean/p50/p90/p99 latency, TTFT, errors, node shares and the prefix hit rate the
 engines themselves report, medians of ``--runs`` runs of ``--engine-requests`` turns, with
 ratios to ``round_robin`` in the same run. It writes ``engines.json``, ``engines.md`` and
-``engines.png`` (about 15 minutes on 2 cores; ``--quick``, one run of two set-ups, about 1).
+``engines.png`` (15 to 25 minutes on 2 cores: the rate, and so the time, follows the
+calibration; ``--quick``, one run of two set-ups, about 1).
 
 Outputs: a table and one JSON line on stdout (progress on stderr) and, in ``--out``
 (default ``docs/benchmarks``; nothing is written with ``--quick`` unless ``--out`` is

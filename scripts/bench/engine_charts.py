@@ -52,6 +52,9 @@ def _bars(ax: Any, rows: list[dict[str, Any]], figures: tuple[str, ...], title: 
             if key and not math.isnan(_v(m[key])):
                 ax.plot(xi, _v(m[key]), marker, color="black", ms=size, mew=2)
     ax.set_xticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
+    tops = [_v(r["median"][key]) for r in rows for key in figures if key]
+    top = max((t for t in tops if not math.isnan(t)), default=1.0)
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the marks
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("ms")
     ax.grid(axis="y", alpha=0.3)
@@ -85,6 +88,7 @@ def write_engine_charts(result: dict[str, Any], out: Path) -> list[str]:
         ],
         fontsize=7,
         loc="upper left",
+        ncol=3,
     )
     axes[0][1].legend(
         handles=[

@@ -41,7 +41,7 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     base = result["baseline"]
     head = ["strategy", "set-up", "mean ms", "p50 ms", "p90 ms", "p99 ms", "TTFT p50"]
     head += ["TTFT p90", "hit rate", "engines' hit rate", "mostly uncached", "errors", *names]
-    head += [f"mean / {base}", f"TTFT p50 / {base}", "mean / base, each run"]
+    head += [f"mean / {base}", f"TTFT p50 / {base}", f"mean / {base}, each run"]
     rows = []
     for row in result["comparison"].values():
         m = row["median"]
@@ -189,15 +189,16 @@ def write_engine_markdown(result: dict[str, Any], out: Path, charts: list[str]) 
             left=1,
         ),
         "",
-        f"Each engine serves the random `{result['model']}` (8 layers x 512, f16) on its own "
-        "CPU thread; a first turn's prompt is about "
+        f"Each engine serves the random `{result['model']}` ({result.get('model_shape', '?')}) "
+        "on its own CPU thread; a first turn's prompt is about "
         f"{next(iter(cal['engines'].values()))['prompt_tokens']} tokens. Before the runs, "
         "every engine answered three first turns whose system prompt it did not hold (cold) "
         "and, after each, one on the same system prompt (cached), all engines at once; the "
         "fleet's cold capacity is the sum of one over the cold times: what it serves if no "
         "prefix were ever reused. Nodes are registered with their cold prompt tokens/s as "
         "`speed` and, for `cache_aware`, the prompt text their KV memory holds as "
-        "`cache_blocks` (prompt-cache RAM over 16 KiB of KV per token, plus a prompt per "
+        f"`cache_blocks` (prompt-cache RAM over {result.get('kv_bytes_per_token', 0) / 1024:g} "
+        "KiB of KV per token, plus a prompt per "
         f"slot, at {cal['bytes_per_token']:.1f} bytes of text per token, in 256-byte blocks).",
         "",
         f"Chats: {w['prompts']} system prompts of {w['prompt_words']} common English words "

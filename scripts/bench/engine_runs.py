@@ -31,6 +31,7 @@ import datetime as dt
 import math
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -46,7 +47,7 @@ from scripts.bench.chats import ChatTurn, ChatWorkload, make_chat_schedule
 from scripts.bench.fleet import EXPECTED_LOG, Fleet
 from scripts.bench.harness import Child, Interrupted, StartupError, log_findings, progress
 from scripts.bench.hits import total
-from scripts.bench.llama_nodes import LlamaFleet, prepare
+from scripts.bench.llama_nodes import LlamaFleet, kv_bytes_per_token, model_shape, prepare
 from scripts.bench.load import client_session
 from scripts.bench.routing import machine
 from scripts.bench.scenario import Setup
@@ -78,6 +79,21 @@ def engine_setups(replicas: int, quick: bool, only: Sequence[str] = ()) -> list[
     if only:
         setups = [s for s in setups if s.strategy == BASELINE or any(w in s.key for w in only)]
     return setups
+
+
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command line the results record: ``argv`` less ``--out`` and its folder (where the
+    files went changes no figure, and a folder of this machine belongs in no published page)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join(["python scripts/bench_routing.py", *kept])
 
 
 def rotated(setups: Sequence[Setup], run: int) -> list[Setup]:
@@ -213,13 +229,15 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
     result: dict[str, Any] = {
         "bench": "routing-engines",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python scripts/bench_routing.py", *sys.argv[1:]]).strip(),
+        "command": recorded_command(sys.argv[1:]),
         "machine": machine(),
         "runs": args.runs,
         "requests": args.engine_requests,
         "warmup_requests": args.engine_warmup,
         "seed": args.seed,
         "model": build.model,
+        "model_shape": model_shape(build.model),
+        "kv_bytes_per_token": kv_bytes_per_token(build.model),
         "engines": [spec.describe() for spec in args.llamas],
         "workload": workload.describe(),
         "baseline": BASELINE,
@@ -259,7 +277,8 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
                     # engines alone make about one per busy engine).
                     summary["loadavg_1m"] = os.getloadavg()[0]
                     per_setup[setup.key].append(summary)
-                    findings[setup.key] += found
+                    host = socket.gethostname()
+                    findings[setup.key] += [line.replace(host, "<host>") for line in found]
                     progress(
                         f"run {run + 1}/{args.runs} {setup.strategy:<21} {setup.mode:<10} "
                         f"mean {summary['mean_ms']:7.1f} ms  TTFT p50 "

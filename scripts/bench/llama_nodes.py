@@ -78,6 +78,12 @@ def kv_bytes_per_token(model: str) -> int:
     return 2 * spec.layers * kv_width * KV_BYTES
 
 
+def model_shape(model: str) -> str:
+    """``model``'s layers and width, and its weights' type, in words."""
+    spec = gguf_model.SPECS[model]
+    return f"{spec.layers} layers x {spec.width}, f16"
+
+
 @dataclass(frozen=True, slots=True)
 class LlamaBuild:
     """The engine binary and the model file it serves, under the name ``model``."""

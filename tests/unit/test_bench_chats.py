@@ -13,7 +13,13 @@ import pytest
 from scripts.bench.calibration import Calibration, EngineCalibration
 from scripts.bench.chat_load import ChatResult, summarize_chats
 from scripts.bench.chats import ChatTurn, ChatWorkload, make_chat_schedule, messages
-from scripts.bench.engine_runs import BASELINE, engine_setups, ratios_vs_baseline, rotated
+from scripts.bench.engine_runs import (
+    BASELINE,
+    engine_setups,
+    ratios_vs_baseline,
+    recorded_command,
+    rotated,
+)
 from scripts.bench.hits import (
     CounterReset,
     PromptTokens,
@@ -169,6 +175,11 @@ def test_setups_cover_every_strategy_and_cache_aware_on_one_replica() -> None:
     assert only == ["round_robin/4-shared", "session_affinity/4-shared"]  # the baseline stays
     setups = engine_setups(2, quick=True)
     assert [s.key for s in rotated(setups, 1)] == [s.key for s in setups[1:] + setups[:1]]
+
+
+def test_the_recorded_command_leaves_out_where_the_files_went() -> None:
+    argv = ["--engines", "llama", "--out", "/somewhere/here", "--runs", "3", "--out=/x"]
+    assert recorded_command(argv) == "python scripts/bench_routing.py --engines llama --runs 3"
 
 
 def test_the_cache_capacity_told_to_the_gateways_follows_the_engines_memory() -> None:
