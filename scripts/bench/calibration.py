@@ -13,8 +13,12 @@ Invariants:
 - The fleet's cold capacity, the sum over engines of one over the median cold-turn time, is what
   it serves if no prefix were ever reused: a rate below it is one every strategy can serve,
   however it routes. Rates are fractions of it.
-- A node's registered ``speed`` is its cold prompt tokens per second (what dominates a turn's
-  cost); its ``cache_blocks`` is the prompt text its KV memory holds, in the gateway's blocks:
+- A node's registered ``speed`` is what an operator would register: its CPU threads times the
+  engines' median cold prompt tokens per second per thread (what dominates a turn's cost).
+  Engines given the same threads get the same speed: a calibration's noise of a few percent
+  must not rank alike engines, or ``min_expected_latency`` would send an idle fleet's every
+  request to the one measured faster.
+- A node's ``cache_blocks`` is the prompt text its KV memory holds, in the gateway's blocks:
   its prompt cache's RAM over the model's KV bytes per token, plus one prompt per slot, times
   the measured bytes of prompt text per token. It counts tokens as a GPU's memory would;
   llama-server keeps whole prompts, so prompts sharing a system prompt each take it again.
@@ -73,6 +77,13 @@ class Calibration:
     def cold_capacity_rps(self) -> float:
         """Turns/s the fleet answers when no prefix is ever reused."""
         return sum(1 / e.miss_median_s for e in self.engines.values())
+
+    def speed(self, spec: LlamaSpec, specs: Sequence[LlamaSpec]) -> float:
+        """The ``speed`` engine ``spec`` is registered with (see the module's docstring)."""
+        per_thread = statistics.median(
+            self.engines[s.name].cold_tokens_per_s / s.threads for s in specs
+        )
+        return round(spec.threads * per_thread, 1)
 
     def cache_blocks(self, spec: LlamaSpec, model: str, block_bytes: int) -> int:
         """The prompt blocks engine ``spec`` holds (see the module's docstring)."""

@@ -17,7 +17,7 @@ ENGINE_HEAD = (
     "prompt cache MiB",
     "cold first turn ms",
     "cached first turn ms",
-    "speed (tokens/s)",
+    "registered speed",
     "cache blocks",
 )
 
@@ -181,7 +181,7 @@ def write_engine_markdown(result: dict[str, Any], out: Path, charts: list[str]) 
                     str(e["cache_mib"]),
                     f"{cal['engines'][e['name']]['miss_median_ms']:,.0f}",
                     f"{cal['engines'][e['name']]['hit_median_ms']:,.0f}",
-                    f"{cal['engines'][e['name']]['cold_tokens_per_s']:,.0f}",
+                    f"{cal['engines'][e['name']].get('speed', 0):,.0f}",
                     str(cal["engines"][e["name"]].get("cache_blocks", "-")),
                 ]
                 for e in result["engines"]
@@ -190,13 +190,15 @@ def write_engine_markdown(result: dict[str, Any], out: Path, charts: list[str]) 
         ),
         "",
         f"Each engine serves the random `{result['model']}` ({result.get('model_shape', '?')}) "
-        "on its own CPU thread; a first turn's prompt is about "
+        "with the CPU threads above; a first turn's prompt is about "
         f"{next(iter(cal['engines'].values()))['prompt_tokens']} tokens. Before the runs, "
         "every engine answered three first turns whose system prompt it did not hold (cold) "
         "and, after each, one on the same system prompt (cached), all engines at once; the "
         "fleet's cold capacity is the sum of one over the cold times: what it serves if no "
-        "prefix were ever reused. Nodes are registered with their cold prompt tokens/s as "
-        "`speed` and, for `cache_aware`, the prompt text their KV memory holds as "
+        "prefix were ever reused. Nodes are registered with a `speed`, their threads times the "
+        "engines' median cold prompt tokens/s per thread (alike engines alike: a calibration's "
+        "noise must not rank them), and, for `cache_aware`, the prompt text their KV memory "
+        "holds as "
         f"`cache_blocks` (prompt-cache RAM over {result.get('kv_bytes_per_token', 0) / 1024:g} "
         "KiB of KV per token, plus a prompt per "
         f"slot, at {cal['bytes_per_token']:.1f} bytes of text per token, in 256-byte blocks).",

@@ -134,7 +134,7 @@ async def _register(
             "url": llamas.url(name),
             "status": {
                 "models": [llamas.build.model],
-                "speed": round(calibration.engines[name].cold_tokens_per_s, 1),
+                "speed": calibration.speed(spec, list(llamas.specs.values())),
             },
             "cache_blocks": calibration.cache_blocks(spec, llamas.build.model, block_bytes),
         }
@@ -259,6 +259,9 @@ async def measure_engines(args: argparse.Namespace, log_dir: Path) -> dict[str, 
             for spec in args.llamas:
                 blocks = calibration.cache_blocks(spec, build.model, DEFAULT_BLOCK_BYTES)
                 result["calibration"]["engines"][spec.name]["cache_blocks"] = blocks
+                result["calibration"]["engines"][spec.name]["speed"] = calibration.speed(
+                    spec, args.llamas
+                )
             progress(
                 f"cold capacity {calibration.cold_capacity_rps:.2f} turns/s; offering "
                 f"{rate:.2f}/s ({result['load']:.0%}) to {len(setups)} set-ups x {args.runs} runs"

@@ -189,6 +189,16 @@ def test_the_cache_capacity_told_to_the_gateways_follows_the_engines_memory() ->
     tokens = 96 * 64 + 2 * 900  # the prompt cache's tokens, and one prompt per slot
     assert cal.cache_blocks(spec, "llama-big", 256) == round(tokens * 4.0 / 256)
     assert cal.cold_capacity_rps == pytest.approx(1 / 0.8)
+
+
+def test_alike_engines_are_registered_alike_whatever_their_calibration_says() -> None:
+    specs = [LlamaSpec("a", 1, 1, 96), LlamaSpec("b", 1, 1, 96), LlamaSpec("c", 2, 1, 96)]
+    # a measured 3% faster than b, and c (two threads) 1.8x a's speed.
+    timings = {"a": 0.97, "b": 1.0, "c": 0.55}
+    cal = Calibration({n: EngineCalibration(n, [t], [0.2], 1000) for n, t in timings.items()}, 4.0)
+    a, b, c = (cal.speed(spec, specs) for spec in specs)
+    assert a == b == pytest.approx(1000 / 1.0 / 1, abs=0.1)  # the median per thread
+    assert c == pytest.approx(2 * a)
     assert parse_llamas("a:1:1:96, b:2:4:0") == (
         LlamaSpec("a", 1, 1, 96),
         LlamaSpec("b", 2, 4, 0),
