@@ -157,8 +157,9 @@ def write_cache_charts(result: dict[str, Any], out: Path) -> list[str]:
     except ImportError:
         progress("matplotlib is not installed (pip install -e '.[bench]'): no charts")
         return []
+    scenarios = result.get("scenarios", {})
     return [
         _chart(plt, name, result, out)
-        for name, scenario in result.get("scenarios", {}).items()
-        if name in FILES and scenario.get("comparison")
+        for name in FILES
+        if name in scenarios and scenarios[name].get("comparison")
     ]

@@ -23,6 +23,7 @@ from scripts.bench.cache_engines import ENGINE_WORKLOAD, run_engine_scenario
 from scripts.bench.cache_nodes import EQUAL_NODES, UNEQUAL_NODES, parse_cache_nodes
 from scripts.bench.cache_report import (
     cache_summary_line,
+    ordered,
     print_cache_report,
     write_cache_markdown,
 )
@@ -243,7 +244,7 @@ def merged(result: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
         if saved.get(key) != result[key]:
             raise ValueError(f"{key} differs from the saved one: {saved.get(key)!r}")
     old = {k: v for k, v in _nan(saved["scenarios"]).items() if k not in result["scenarios"]}
-    out = {**result, "scenarios": {**old, **result["scenarios"]}}
+    out = {**result, "scenarios": ordered({**old, **result["scenarios"]})}
     out["elapsed_s"] = result["elapsed_s"] + sum(s.get("elapsed_s", 0.0) for s in old.values())
     out["targets"] = evaluate_cache(out)
     return out

@@ -18,6 +18,12 @@ TITLES = {
 }
 
 
+def ordered(scenarios: dict[str, Any]) -> dict[str, Any]:
+    """The scenarios in the order of :data:`TITLES`, any other last."""
+    rank = {name: i for i, name in enumerate(TITLES)}
+    return dict(sorted(scenarios.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
 
@@ -132,7 +138,7 @@ def print_cache_report(result: dict[str, Any]) -> None:
         f"{w['max_turns']} turns sharing {w['prompts']} system prompts of {w['prompt_words']} "
         f"words; {w['user_words']}-word questions, {w['answer_tokens']}-token answers"
     )
-    for name, scenario in result["scenarios"].items():
+    for name, scenario in ordered(result["scenarios"]).items():
         print()
         print(f"{TITLES.get(name, name)}: {describe(result, name)}; load average {busy(scenario)}")
         print(text_table(*scenario_rows(scenario)))
@@ -173,12 +179,14 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
     lines = [
         "# Cache-aware routing benchmark",
         "",
-        f"Measured on {result['date']} by `{result['command']}` "
-        f"({result['elapsed_s'] / 60:.1f} minutes; {result['machine']['cpus']} CPUs, "
-        f"{result['machine']['cpu_model']}, Python {result['machine']['python']}). Raw figures "
-        'of every run: [cache.json](cache.json). Regenerate with `pip install -e ".[bench]"` '
-        "and `python scripts/bench_cache.py` (`--replot docs/benchmarks/cache.json` redraws "
-        "the charts and this page). Each section says whether its figures come from "
+        f"Measured on {result['date'][:10]} in {result['elapsed_s'] / 60:.0f} minutes "
+        f"({result['machine']['cpus']} CPUs, {result['machine']['cpu_model']}, Python "
+        f"{result['machine']['python']}; each section says when and by which command). Raw "
+        "figures of every run: [cache.json](cache.json). Regenerate with "
+        '`pip install -e ".[bench]"` and `python scripts/bench_cache.py` (`--parts` to '
+        "measure some, `--update` to keep the others; `--replot docs/benchmarks/cache.json` "
+        "redraws the charts and this page). "
+        "Each section says whether its figures come from "
         "simulated nodes (`gateway.sim.node` with its prefix cache) or from real llama.cpp "
         "`llama-server`s, whose prefix caches, tokenizer and counters are their own.",
         "",
@@ -218,7 +226,7 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
         "of the answered turns.",
         "",
     ]
-    for name, scenario in result["scenarios"].items():
+    for name, scenario in ordered(result["scenarios"]).items():
         stamp = ""
         if "date" in scenario:
             stamp = (
@@ -242,7 +250,9 @@ def write_cache_markdown(result: dict[str, Any], out: Path, charts: list[str]) -
             lines += [
                 "Slow and fast p99: latency (and TTFT) p99 of the turns the slow and the "
                 "fast nodes answered, medians of the runs. The slow nodes are 1.5x slower in "
-                "prefill and decode alike, so 1.5x is their ratio without queueing.",
+                'prefill and decode alike, so 1.5x is their ratio without queueing. "no load '
+                'bound": `cache_aware` with its load bound out of reach '
+                "(`FLEETGATE_PREFIX_BALANCE=1000000`), to see what the bound does.",
                 "",
             ]
     if result.get("targets"):
