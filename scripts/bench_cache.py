@@ -28,9 +28,10 @@ Parts (``--parts``, all by default):
   canonical prompt; the words' bytes measured on the workload). ``cache_aware`` on 1 replica, 4
   replicas sharing Redis and 4 on private embedded stores; ``session_affinity``,
   ``min_expected_latency`` and ``round_robin`` on 4 sharing.
-* ``unequal``: two fast nodes and two 1.5x slower in prefill and decode; ``cache_aware``,
-  ``min_expected_latency`` and ``round_robin`` on 4 sharing replicas, with the p99 of the
-  turns the slow and the fast nodes answered.
+* ``unequal``: two fast nodes and two 1.5x slower in prefill and decode; ``cache_aware`` (also
+  with its load bound out of reach, to see what the bound does), ``min_expected_latency`` and
+  ``round_robin`` on 4 sharing replicas, with the p99 of the turns the slow and the fast nodes
+  answered.
 * ``engines``: the same chats, fewer (12 conversations of 800-word system prompts), on real
   llama.cpp ``llama-server``s serving the random ``llama-big`` model (scripts/engines.py; the
   routing benchmark's engine scenario: one thread, one slot and a 96 MiB prompt cache each,
