@@ -74,7 +74,8 @@ async def _register(
             "url": llamas.url(name),
             "status": {
                 "models": [llamas.build.model],
-                "speed": round(calibration.engines[name].cold_tokens_per_s, 1),
+                # Alike engines alike: a calibration's noise must not rank them.
+                "speed": calibration.speed(spec, list(llamas.specs.values())),
             },
             "cache_blocks": calibration.cache_blocks(spec, llamas.build.model, DEFAULT_BLOCK_BYTES),
         }
@@ -165,6 +166,7 @@ async def run_engine_scenario(
             for spec in specs:
                 blocks = calibration.cache_blocks(spec, build.model, DEFAULT_BLOCK_BYTES)
                 out["calibration"]["engines"][spec.name]["cache_blocks"] = blocks
+                out["calibration"]["engines"][spec.name]["speed"] = calibration.speed(spec, specs)
             out.update(
                 cold_capacity_rps=calibration.cold_capacity_rps,
                 load=rate / calibration.cold_capacity_rps,
