@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,16 @@ import httpx
 
 from tests.support import MODEL, ROOT
 from tests.support.harness import free_port, wait_for_port
+
+# A test process gets SIGKILL when the thread that started it ends: a pytest run killed (or
+# timed out) before its fixtures could stop the processes leaves none of them serving. Linux's
+# parent-death signal, set by util-linux's setpriv before it execs the command; only from the
+# main thread, whose end is the run's (a worker thread's would end the child too early).
+_DIE_WITH_TESTS = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def die_with_tests() -> list[str]:
+    return _DIE_WITH_TESTS if threading.current_thread() is threading.main_thread() else []
 
 
 class Process:
@@ -36,7 +48,7 @@ class Process:
         self.log = self.log_path.open("wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            self.args,
+            [*die_with_tests(), *self.args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
