@@ -54,6 +54,7 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str | None = None
     insecure: bool = False  # https without certificate checks
     cache_blocks: int | None = None  # prefix-cache capacity in blocks; None: the default
+    max_inflight: int | None = None  # requests it runs at once at most; None: unlimited
     state: NodeState = NodeState.ACTIVE
     state_reason: str = ""
     state_since_ms: int = 0
@@ -82,6 +83,24 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     prefix_blocks: int = 0  # prompt blocks the prefix index says it holds (cache_aware)
 
 
+class Priority(enum.IntEnum):
+    """A request's place in the fleet's queue: every waiting ``HIGH`` request is admitted
+    before any ``NORMAL`` one, every ``NORMAL`` before any ``LOW``."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class KeyAdmission(msgspec.Struct, frozen=True):
+    """A client key's admission settings: the priority of its requests that name none, the
+    highest priority they may ask for (``None``: any), and its weight in the fair share."""
+
+    priority: Priority = Priority.NORMAL
+    max_priority: Priority | None = None
+    share: int = 1
+
+
 class Registry(msgspec.Struct, frozen=True):
     """A consistent-enough snapshot of the registry, tagged with the epoch it was read at,
     with the digests of the client API keys kept in the store."""
@@ -92,6 +111,9 @@ class Registry(msgspec.Struct, frozen=True):
     # Only the keys that carry limits: hex digest -> (requests per minute, concurrent
     # requests), 0 meaning unlimited. A key absent here costs no limit check.
     key_limits: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    # Only the keys that carry admission settings (a priority, a cap, a share other than 1):
+    # hex digest -> its settings. A key absent here is normal priority, uncapped, share 1.
+    key_admission: dict[str, KeyAdmission] = msgspec.field(default_factory=dict)
     # Keys were stored once (the keys-required marker): the OpenAI API needs a key even when
     # none is left, until an operator opens it on purpose.
     keys_required: bool = False
@@ -135,6 +157,9 @@ class ApiKey(msgspec.Struct, frozen=True):
     created_ms: int
     rpm: int = 0  # requests per minute, across all replicas; 0: unlimited
     concurrency: int = 0  # requests in flight at once, across all replicas; 0: unlimited
+    priority: Priority = Priority.NORMAL  # of its requests that ask for none
+    max_priority: Priority | None = None  # the highest its requests may ask for; None: any
+    share: int = 1  # its weight in the fair share of a queue
 
 
 class Lease(msgspec.Struct, frozen=True):

@@ -14,6 +14,7 @@ MODELS_SEPARATOR = "\n"
 MAX_MODELS = 4096
 MAX_MODEL_CHARS = 512
 MAX_API_KEY_CHARS = 4096
+MAX_INFLIGHT = 1_000_000
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]*")
 _HOST = re.compile(r"[a-z0-9._\-]+|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
 
@@ -94,6 +95,13 @@ def validate_positive(name: str, value: object) -> float:
     return number
 
 
+def validate_max_inflight(value: object) -> int:
+    """A node's capacity: the requests it runs at once at most, a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INFLIGHT:
+        raise InvalidInput(f"max_inflight must be an integer from 1 to {MAX_INFLIGHT}")
+    return value
+
+
 def validate_role(role: object) -> Role:
     if isinstance(role, int) and not isinstance(role, bool) and role in Role._value2member_map_:
         return Role(role)
@@ -141,6 +149,7 @@ def decode_node(fields: Mapping[str, str]) -> Node:
         api_key=fields.get("api_key") or None,
         insecure=fields.get("insecure") == "1",
         cache_blocks=_int(fields, "cache_blocks") or None,
+        max_inflight=_int(fields, "max_inflight") or None,
         state=NodeState(state) if state in NodeState._value2member_map_ else NodeState.UNHEALTHY,
         state_reason=fields.get("state_reason", ""),
         state_since_ms=_int(fields, "state_since_ms"),
@@ -183,6 +192,8 @@ def registry_fields(node: Node) -> dict[str, str]:
         fields["insecure"] = "1"
     if node.cache_blocks:
         fields["cache_blocks"] = str(node.cache_blocks)
+    if node.max_inflight:
+        fields["max_inflight"] = str(node.max_inflight)
     return fields
 
 

@@ -1,7 +1,7 @@
 """The typed async API over the shared state: registry, pick-and-reserve, release, renew.
 
 This is the only module that issues Redis commands: the other modules of ``shared_state``
-(health, pd, limits, prefix_index) build keys and arguments and go through
+(health, pd, limits, prefix_index, key_store) build keys and arguments and go through
 :meth:`Store.run_script` and the plain reads below. Replies become msgspec Structs, ints or
 strings before they leave it; Redis failures become :class:`StoreUnavailable` within the short
 socket timeout, and a breaker then fails fast until the store answers again.
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
@@ -33,15 +32,14 @@ from .errors import (
     StoreReadOnly,
     StoreRefusingWrites,
     StoreUnavailable,
-    UnknownKey,
     UnknownNode,
     UnknownStrategy,
     brief,
     refusal_of,
 )
-from .key_records import api_key_record, key_digest, key_limits, limit_arg, stored_json
+from .key_records import key_admission, key_limits, stored_json
+from .key_store import KeyStore
 from .model import (
-    ApiKey,
     Lease,
     Node,
     NodeState,
@@ -61,6 +59,7 @@ from .registry import (
     encode_models,
     normalize_url,
     validate_api_key,
+    validate_max_inflight,
     validate_models,
     validate_positive,
     validate_role,
@@ -94,7 +93,7 @@ class StoreSettings:
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
 
 
-class Store:
+class Store(KeyStore):
     """Shared routing state of one gateway replica (or of an ops tool)."""
 
     def __init__(
@@ -229,9 +228,12 @@ class Store:
         state: NodeState = NodeState.ACTIVE,
         reason: str = "registered",
         cache_blocks: int | None = None,
+        max_inflight: int | None = None,
     ) -> tuple[Node, bool]:
-        """Register a node, or update it if its URL is known; returns it and whether it is new."""
+        """Register a node, or update it if its URL is known; returns it and whether it is new.
+        ``max_inflight`` caps the requests it runs at once across the fleet (``None``: none)."""
         node_id = normalize_url(url)
+        most = None if max_inflight is None else validate_max_inflight(max_inflight)
         fields: dict[str, str] = {
             "url": node_id,
             "models": encode_models(validate_models(models)),
@@ -243,6 +245,7 @@ class Store:
             "state": NodeState(state).value,
             "state_reason": reason,
             "cache_blocks": "" if cache_blocks is None else str(validate_capacity(cache_blocks)),
+            "max_inflight": "" if most is None else str(most),
         }
         created = await self._upsert(node_id, fields, create=True)
         return await self.get_node(node_id), created
@@ -258,8 +261,10 @@ class Store:
         api_key: str | None = None,
         insecure: bool | None = None,
         cache_blocks: int | None = None,
+        max_inflight: int | None = None,
     ) -> Node:
-        """Change some fields of a known node (``api_key=""`` removes its key)."""
+        """Change some fields of a known node (``api_key=""`` removes its key, ``max_inflight=0``
+        its capacity: unlimited again)."""
         node_id = normalize_url(url)
         fields: dict[str, str] = {}
         if models is not None:
@@ -276,6 +281,10 @@ class Store:
             fields["insecure"] = "1" if insecure else ""
         if cache_blocks is not None:
             fields["cache_blocks"] = str(validate_capacity(cache_blocks))
+        if max_inflight == 0 and type(max_inflight) is int:
+            fields["max_inflight"] = ""  # unlimited again
+        elif max_inflight is not None:
+            fields["max_inflight"] = str(validate_max_inflight(max_inflight))
         await self._upsert(node_id, fields, create=False)
         return await self.get_node(node_id)
 
@@ -354,11 +363,20 @@ class Store:
             replies = replies[:-2]
         nodes = tuple(decode_node(f) for f in replies[5:] if f)
         api_keys = cast(dict[str, str], replies[1])
-        limits = {digest: key_limits(stored_json(raw)) for digest, raw in api_keys.items()}
+        records = {digest: stored_json(raw) for digest, raw in api_keys.items()}
+        limits = {digest: key_limits(meta) for digest, meta in records.items()}
         limited = {digest: pair for digest, pair in limits.items() if pair != (0, 0)}
-        required = bool(api_keys) or bool(replies[2])
-        epoch, digests, generation = int(replies[0] or 0), frozenset(api_keys), replies[3] or ""
-        return Registry(epoch, nodes, digests, limited, required, api_keys, str(generation))
+        admission = {digest: key_admission(meta) for digest, meta in records.items()}
+        return Registry(
+            epoch=int(replies[0] or 0),
+            nodes=nodes,
+            key_digests=frozenset(api_keys),
+            key_limits=limited,
+            key_admission={d: a for d, a in admission.items() if a is not None},
+            keys_required=bool(api_keys) or bool(replies[2]),
+            key_entries=api_keys,
+            generation=str(replies[3] or ""),
+        )
 
     async def view(self) -> RegistryView:
         """The cached registry view, read from the store on first use."""
@@ -420,65 +438,6 @@ class Store:
         return {str(row[0]): int(row[1]) for row in rows}
 
     # -- client API keys (stored as SHA-256 digests only) -------------------------------
-
-    async def add_key(
-        self, name: str, key: str, *, rpm: int | None = None, concurrency: int | None = None
-    ) -> tuple[ApiKey, bool]:
-        """Store a client key under a unique name; returns it and whether it is new.
-
-        ``rpm`` (requests per minute) and ``concurrency`` (requests in flight) limit the key
-        across all replicas; ``None`` leaves a stored key's limit as it is (a new key: none),
-        0 removes it.
-        """
-        name = name.strip() if isinstance(name, str) else ""
-        if not name or len(name) > 100 or any(c.isspace() for c in name):
-            raise InvalidInput("key name must be 1-100 characters without spaces")
-        if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
-            raise InvalidInput("an API key must be at least 16 characters without spaces")
-        digest = key_digest(key)
-        limits = [limit_arg("rpm", rpm), limit_arg("concurrency", concurrency)]
-        status, _epoch, _digest, entry = await self.run_script(
-            scripts.KEY_ADD, self._key_script_keys(), [digest, name, *limits, "add"]
-        )
-        if status == "name_taken":
-            raise InvalidInput(f"a different key is already named {name!r}: revoke it first")
-        return api_key_record(digest, orjson.loads(entry)), status == "added"
-
-    async def set_key_limits(
-        self, name: str, *, rpm: int | None = None, concurrency: int | None = None
-    ) -> tuple[ApiKey, bool]:
-        """Change the limits of the key named ``name`` (``None``: unchanged, 0: unlimited);
-        returns it and whether anything changed. :class:`UnknownKey` if there is none."""
-        limits = [limit_arg("rpm", rpm), limit_arg("concurrency", concurrency)]
-        status, _epoch, digest, entry = await self.run_script(
-            scripts.KEY_ADD, self._key_script_keys(), ["", name, *limits, "set"]
-        )
-        if status == "unknown":
-            raise UnknownKey(f"no API key named {name!r}")
-        return api_key_record(str(digest), orjson.loads(entry)), status == "updated"
-
-    async def revoke_key(self, name: str) -> None:
-        """Remove the key named ``name`` (:class:`UnknownKey` if there is none)."""
-        removed = await self.run_script(scripts.KEY_REVOKE, self._key_script_keys(), [name])
-        if not int(removed):
-            raise UnknownKey(f"no API key named {name!r}")
-
-    async def open_keys(self) -> bool:
-        """Let callers without a key use the OpenAI API again (none must be stored, else
-        :class:`InvalidInput`); returns whether it was closed."""
-        status, stored = await self.run_script(scripts.KEY_OPEN, self._key_script_keys(), [])
-        if status == "keys_stored":
-            raise InvalidInput(f"{int(stored)} API key(s) still stored: revoke them first")
-        return bool(status == "opened")
-
-    def _key_script_keys(self) -> list[str]:
-        """KEYS of the key_add, key_revoke and key_open scripts."""
-        return [self.keys.api_keys, self.keys.epoch, self.keys.keys_required]
-
-    async def list_keys(self) -> list[ApiKey]:
-        entries = await self.read_hash(self.keys.api_keys)
-        out = [api_key_record(digest, orjson.loads(raw)) for digest, raw in entries.items()]
-        return sorted(out, key=lambda k: (k.created_ms, k.name))
 
     async def key_exists(self, digest: str) -> bool:
         """Whether a key with this hex SHA-256 digest is stored (one pipelined command)."""

@@ -30,9 +30,10 @@ from shared_state.errors import (
     UnknownKey,
     UnknownNode,
 )
-from shared_state.model import ApiKey, Node, NodeState, NodeStatus, Role
+from shared_state.key_records import MAX_SHARE, PRIORITIES, UNCAPPED
+from shared_state.model import ApiKey, Node, NodeState, NodeStatus, Priority, Role
 from shared_state.prefix import MAX_CAPACITY
-from shared_state.registry import model_ids, normalize_url
+from shared_state.registry import MAX_INFLIGHT, model_ids, normalize_url
 from shared_state.registry_cache import read_restore_record
 from shared_state.store import Store
 
@@ -81,6 +82,50 @@ def _cache_blocks(text: str) -> int:
     """A node's prefix-cache capacity in gateway blocks (cache_aware)."""
     if not text.strip().isdigit() or not 1 <= int(text) <= MAX_CAPACITY:
         raise argparse.ArgumentTypeError(f"expected a whole number 1-{MAX_CAPACITY}, got {text!r}")
+    return int(text)
+
+
+MAX_INFLIGHT_HELP = "requests it runs at once at most, across the fleet"
+
+
+def _capacity(text: str, least: int) -> int:
+    """A node's capacity in requests at once, from ``least`` (0: unlimited) up."""
+    if not text.strip().isdigit() or not least <= int(text) <= MAX_INFLIGHT:
+        unlimited = " (0: unlimited)" if least == 0 else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number {least}-{MAX_INFLIGHT}{unlimited}, got {text!r}"
+        )
+    return int(text)
+
+
+def _max_inflight(text: str) -> int:
+    return _capacity(text, 1)
+
+
+def _max_inflight_or_unlimited(text: str) -> int:
+    return _capacity(text, 0)
+
+
+def _priority(text: str) -> str:
+    """A key's priority: high, normal or low."""
+    key = text.strip().lower()
+    if key not in PRIORITIES:
+        raise argparse.ArgumentTypeError(f"expected high, normal or low, got {text!r}")
+    return key
+
+
+def _max_priority(text: str) -> str:
+    """The highest priority a key's requests may ask for, or any (no cap)."""
+    key = text.strip().lower()
+    if key not in PRIORITIES and key != UNCAPPED:
+        raise argparse.ArgumentTypeError(f"expected high, normal, low or any, got {text!r}")
+    return key
+
+
+def _share(text: str) -> int:
+    """A key's weight in the fair share."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_SHARE:
+        raise argparse.ArgumentTypeError(f"expected a whole number 1-{MAX_SHARE}, got {text!r}")
     return int(text)
 
 
@@ -135,6 +180,9 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         add.add_argument("--api-key", help="key the gateways send to this node")
         add.add_argument("--insecure", action="store_true", help="https without certificate checks")
         add.add_argument("--cache-blocks", type=_cache_blocks, help=CACHE_BLOCKS_HELP)
+        add.add_argument(
+            "--max-inflight", type=_max_inflight, help=MAX_INFLIGHT_HELP + " (default: unlimited)"
+        )
         remove = command("remove", "remove a node with its leases and history")
         remove.add_argument("url")
         drain = command("drain", "stop new requests; wait for in-flight ones")
@@ -142,7 +190,9 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         drain.add_argument("--no-wait", action="store_true")
         drain.add_argument("--timeout", type=_positive, default=600.0, help="seconds to wait")
         command("list", "every node with its state and load")
-        change = command("set", "change a node's weight, speed, key, cache blocks or state")
+        change = command(
+            "set", "change a node's weight, speed, key, cache blocks, capacity or state"
+        )
         change.add_argument("url")
         change.add_argument("--weight", type=_positive)
         change.add_argument("--speed", type=_positive)
@@ -151,16 +201,37 @@ def build_parser(prog: str, group: str) -> argparse.ArgumentParser:
         change.add_argument("--model", action="append")
         change.add_argument("--state", choices=["active", "draining"])
         change.add_argument("--cache-blocks", type=_cache_blocks, help=CACHE_BLOCKS_HELP)
+        change.add_argument(
+            "--max-inflight",
+            type=_max_inflight_or_unlimited,
+            help=MAX_INFLIGHT_HELP + " (0: unlimited)",
+        )
     else:
         add = command("add", "create a client API key (printed once)")
         add.add_argument("name")
         add.add_argument("--key", help="the key to store (default: a new random one)")
-        change = command("set", "change the limits of the key with this name")
+        change = command("set", "change the limits or admission settings of the key with this name")
         change.add_argument("name")
         for sub in (add, change):  # per-key limits across all replicas; a new key has none
             sub.add_argument("--rpm", type=_limit, help="requests per minute (0: unlimited)")
             sub.add_argument(
                 "--concurrency", type=_limit, help="requests in flight at once (0: unlimited)"
+            )
+            # Admission across the fleet (a new key: normal, uncapped, share 1).
+            sub.add_argument(
+                "--priority",
+                type=_priority,
+                help="high, normal or low: that of its requests that ask for none",
+            )
+            sub.add_argument(
+                "--max-priority",
+                type=_max_priority,
+                help="high, normal or low: the highest its requests may ask for (any: no cap)",
+            )
+            sub.add_argument(
+                "--share",
+                type=_share,
+                help=f"its weight in the fair share of a queue, 1-{MAX_SHARE} (default 1)",
             )
         revoke = command(
             "revoke", "revoke the key with this name (the API stays closed without keys)"
@@ -200,6 +271,7 @@ def node_row(status: NodeStatus) -> dict[str, Any]:
         "mean_latency_s": round(sum(latencies) / len(latencies), 4) if latencies else None,
         "cache_blocks": node.cache_blocks,
         "prefix_blocks": status.prefix_blocks,
+        "max_inflight": node.max_inflight,  # None: unlimited
         "reason": node.state_reason,
     }
 
@@ -208,7 +280,8 @@ def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
     if as_json:
         out.write(orjson.dumps(rows).decode() + "\n")
         return
-    lines = [["URL", "MODELS", "ROLE", "STATE", "IN-FLIGHT", "SPEED", "WEIGHT", "LATENCY", "WHY"]]
+    header = ["URL", "MODELS", "ROLE", "STATE", "IN-FLIGHT", "MAX-INFLIGHT", "SPEED", "WEIGHT"]
+    lines = [[*header, "LATENCY", "WHY"]]
     for r in rows:
         latency = "-" if r["mean_latency_s"] is None else f"{r['mean_latency_s']:.3f}s"
         lines.append(
@@ -218,6 +291,7 @@ def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
                 r["role"],
                 r["state"],
                 str(r["in_flight"]),
+                str(r["max_inflight"] or "-"),
                 "-" if r["speed"] is None else f"{r['speed']:g}",
                 f"{r['weight']:g}",
                 latency,
@@ -230,6 +304,9 @@ def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
     table(lines, out)
 
 
+KEY_COLUMNS = "NAME FINGERPRINT CREATED RPM CONCURRENCY PRIORITY MAX-PRIORITY SHARE".split()
+
+
 def key_row(key: ApiKey) -> dict[str, Any]:
     return {
         "name": key.name,
@@ -237,11 +314,22 @@ def key_row(key: ApiKey) -> dict[str, Any]:
         "created_ms": key.created_ms,
         "rpm": key.rpm,  # 0: unlimited
         "concurrency": key.concurrency,
+        "priority": _priority_name(key.priority),
+        "max_priority": None if key.max_priority is None else _priority_name(key.max_priority),
+        "share": key.share,
     }
 
 
+def _priority_name(priority: Priority) -> str:
+    return priority.name.lower()
+
+
 def _limits_text(key: ApiKey) -> str:
-    return f"rpm {key.rpm or '-'}, concurrency {key.concurrency or '-'}"
+    cap = UNCAPPED if key.max_priority is None else _priority_name(key.max_priority)
+    return (
+        f"rpm {key.rpm or '-'}, concurrency {key.concurrency or '-'}, "
+        f"priority {_priority_name(key.priority)}, max priority {cap}, share {key.share}"
+    )
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -301,7 +389,14 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         if args.api_key is not None and args.clear_api_key:
             raise InvalidInput("--api-key and --clear-api-key contradict each other")
         api_key = "" if args.clear_api_key else args.api_key
-        fields = (args.model, args.speed, args.weight, api_key, args.cache_blocks)
+        fields = (
+            args.model,
+            args.speed,
+            args.weight,
+            api_key,
+            args.cache_blocks,
+            args.max_inflight,
+        )
         if not args.state or any(f is not None for f in fields):
             # A state change alone is one write (one registry re-read on every replica).
             await store.update_node(
@@ -311,6 +406,7 @@ async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
                 weight=args.weight,
                 api_key=api_key,
                 cache_blocks=args.cache_blocks,
+                max_inflight=args.max_inflight,
             )
         if args.state:
             await store.set_state(url, NodeState(args.state), f"set {args.state} by operator")
@@ -371,6 +467,7 @@ async def add_node(store: Store, url: str, args: argparse.Namespace) -> bool:
             api_key=args.api_key,
             insecure=True if args.insecure else None,
             cache_blocks=args.cache_blocks,
+            max_inflight=args.max_inflight,
         )
         return False
     _, created = await store.add_node(
@@ -383,6 +480,7 @@ async def add_node(store: Store, url: str, args: argparse.Namespace) -> bool:
         insecure=args.insecure,
         reason="added by fleetgate nodes add",
         cache_blocks=args.cache_blocks,
+        max_inflight=args.max_inflight,
     )
     return created
 
@@ -411,7 +509,7 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             out.write(orjson.dumps(rows).decode() + "\n")
         elif rows:
             table(
-                [["NAME", "FINGERPRINT", "CREATED", "RPM", "CONCURRENCY"]]
+                [KEY_COLUMNS]
                 + [
                     [
                         r["name"],
@@ -419,6 +517,9 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
                         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_ms"] / 1000)),
                         str(r["rpm"] or "-"),
                         str(r["concurrency"] or "-"),
+                        r["priority"],
+                        r["max_priority"] or UNCAPPED,
+                        str(r["share"]),
                     ]
                     for r in rows
                 ],
@@ -444,11 +545,12 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         )
         return 0
     if args.command == "set":
-        if args.rpm is None and args.concurrency is None:
-            raise InvalidInput("give --rpm and/or --concurrency (0: unlimited)")
-        stored, changed = await store.set_key_limits(
-            args.name, rpm=args.rpm, concurrency=args.concurrency
-        )
+        if all(v is None for v in _key_settings(args).values()):
+            raise InvalidInput(
+                "give at least one of --rpm, --concurrency (0: unlimited), --priority, "
+                "--max-priority, --share"
+            )
+        stored, changed = await store.set_key_limits(args.name, **_key_settings(args))
         result = "changed" if changed else "unchanged"
         if args.json:
             out.write(orjson.dumps({**key_row(stored), "result": result}).decode() + "\n")
@@ -456,9 +558,7 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"{stored.name}: {result} ({_limits_text(stored)})\n")
         return 0
     key = args.key or "fg-" + secrets.token_urlsafe(32)
-    stored, created = await store.add_key(
-        args.name, key, rpm=args.rpm, concurrency=args.concurrency
-    )
+    stored, created = await store.add_key(args.name, key, **_key_settings(args))
     if args.json:
         payload = {**key_row(stored), "result": "added" if created else "exists"}
         if created and not args.key:
@@ -476,6 +576,12 @@ async def run_keys(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             f"{_limits_text(stored)})\n"
         )
     return 0
+
+
+def _key_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits and admission settings given to ``keys add`` or ``keys set`` (None: not)."""
+    names = ("rpm", "concurrency", "priority", "max_priority", "share")
+    return {name: getattr(args, name) for name in names}
 
 
 def redact_url(url: str) -> str:

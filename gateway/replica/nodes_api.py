@@ -6,8 +6,8 @@ which case the node is asked for its models. Registering a known node changes on
 the payload carries, and never its state (a drain holds); a known node sending the ``status``
 payload again has restarted, so its prefix blocks (cache_aware) are dropped. An admin may set
 every field; a caller let in by ``--register-allow`` only registers itself: a URL whose host
-resolves to the caller's own address, with its models, role (and, when new, speed and
-prefix-cache capacity) and nothing an operator sets.
+resolves to the caller's own address, with its models, role (and, when new, speed,
+prefix-cache capacity and requests at once) and nothing an operator sets.
 
 Every admin body (``/nodes/*``, ``/distserve/*``) is read bounded: over ``ADMIN_BODY_MAX_BYTES``
 it is a 413, by its Content-Length before any byte, or as soon as the bytes counted pass it.
@@ -37,7 +37,7 @@ from shared_state import (
     normalize_url,
 )
 from shared_state.prefix import validate_capacity
-from shared_state.registry import model_ids
+from shared_state.registry import model_ids, validate_max_inflight
 
 from .auth import Authenticator
 from .errors import (
@@ -82,6 +82,7 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "fail_total": node.fail_total,
         "cache_blocks": node.cache_blocks,
         "prefix_blocks": status.prefix_blocks,
+        "max_inflight": node.max_inflight,
         "kv_cache_usage": node.kv_usage,
         "requests_running": node.kv_running,
         "requests_waiting": node.kv_waiting,
@@ -102,6 +103,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "speed": node.speed,
         "weight": node.weight,
         "cache_blocks": node.cache_blocks,
+        "max_inflight": node.max_inflight,
         "state": node.state.value,
     }
 
@@ -152,6 +154,15 @@ def _cache_blocks(value: object) -> int | None:
         return validate_capacity(value)
     except InvalidInput as exc:
         raise BadRequest(str(exc), param="cache_blocks") from None
+
+
+def _max_inflight(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        return validate_max_inflight(value)
+    except InvalidInput as exc:
+        raise BadRequest(str(exc), param="max_inflight") from None
 
 
 async def read_admin_body(request: Request, timeout_s: float) -> bytes:
@@ -295,6 +306,7 @@ class NodesAPI:
         role = None if raw_role is None else _role(raw_role)
         speed = _speed(status.get("speed", payload.get("speed")))
         cache_blocks = _cache_blocks(status.get("cache_blocks", payload.get("cache_blocks")))
+        max_inflight = _max_inflight(status.get("max_inflight", payload.get("max_inflight")))
         known = await self._known(url)
         models = status.get("models") or payload.get("models")
         if not models:
@@ -318,6 +330,7 @@ class NodesAPI:
                 api_key=api_key,
                 insecure=insecure,
                 cache_blocks=cache_blocks if admin else None,
+                max_inflight=max_inflight if admin else None,
             )
         except UnknownNode:
             node, created = await self.store.add_node(
@@ -330,6 +343,7 @@ class NodesAPI:
                 insecure=bool(insecure),
                 reason="registered through /nodes/add",
                 cache_blocks=cache_blocks,
+                max_inflight=max_inflight,
             )
         if not created and node.role != Role.HYBRID:
             # A DistServe engine that registers again has restarted: its connections are gone.

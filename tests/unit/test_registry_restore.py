@@ -24,11 +24,12 @@ def fields_of(registry: Registry) -> dict[str, dict[str, str]]:
 
 
 async def fill(store: Store) -> Registry:
-    """Nodes with every registry setting, one drained, a client key with limits."""
-    await store.add_node(N1, ["m"], speed=2.0, weight=3.0, api_key="node-secret")
+    """Nodes with every registry setting, one drained, a client key with limits and admission
+    settings."""
+    await store.add_node(N1, ["m"], speed=2.0, weight=3.0, api_key="node-secret", max_inflight=4)
     await store.add_node(N2, ["m", "n"], role=3, insecure=True)
     await store.drain(N2)
-    await store.add_key("team-a", KEY, rpm=600, concurrency=4)
+    await store.add_key("team-a", KEY, rpm=600, concurrency=4, priority="high", share=2)
     return await store.registry()
 
 
@@ -86,6 +87,8 @@ class TestRegistryRestore:
         assert after.nodes[1].state is NodeState.DRAINING
         assert after.key_entries == before.key_entries and after.keys_required
         assert after.key_limits == before.key_limits
+        assert after.key_admission == before.key_admission != {}
+        assert after.nodes[0].max_inflight == 4
         assert {(v.epoch, v.generation) for v in views} == {(after.epoch, after.generation)}
         record = await read_restore_record(a)
         assert record is not None and record.by in {"r1", "r2"}
