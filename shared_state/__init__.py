@@ -3,6 +3,7 @@
 from .errors import (
     Fenced,
     InvalidInput,
+    NodesFull,
     StateError,
     StoreRefusingWrites,
     StoreUnavailable,
@@ -47,6 +48,7 @@ __all__ = [
     "Node",
     "NodeState",
     "NodeStatus",
+    "NodesFull",
     "Outcome",
     "PDSession",
     "PDState",

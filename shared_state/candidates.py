@@ -26,6 +26,7 @@ class PickRequest:
     seed: int | None
     session_key: str | None
     blocks: tuple[str, ...] = ()  # cache_aware: the prompt's chain of block hashes
+    priority: int = 1  # the request's place in the fleet's queue: 0 high, 1 normal, 2 low
 
 
 def rendezvous(key: bytes, node_id: str) -> int:

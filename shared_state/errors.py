@@ -16,6 +16,15 @@ class StateError(Exception):
     code = "state_error"
 
 
+class NodesFull(Exception):
+    """No node could take a pick: the fitting ones are at their ``max_inflight``, or requests
+    wait in the fleet's queue (which this one must join). Not an error: the router queues."""
+
+    def __init__(self, nodes: int) -> None:
+        super().__init__(f"{nodes} fitting node(s) at capacity")
+        self.nodes = nodes  # fitting nodes at capacity (1 when only waiting requests said so)
+
+
 class InvalidInput(StateError):
     """A value given to the shared state is malformed; nothing was changed."""
 

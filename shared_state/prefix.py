@@ -51,7 +51,7 @@ class PrefixSettings:
 
 
 def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
-    """pick_prefix.lua's ARGV after the 11 it shares with pick.lua."""
+    """pick_prefix.lua's ARGV after the 13 it shares with pick.lua."""
     return [
         settings.default_capacity_blocks,
         settings.balance,

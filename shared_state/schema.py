@@ -109,6 +109,42 @@ class KeySchema:
         """Concurrency leases of the client key with this hex digest."""
         return f"{self.tag()}:limit:conc:{digest}"
 
+    @property
+    def queue_seq(self) -> str:
+        """The sequence of queue tickets (arrival order between equal start tags)."""
+        return f"{self.tag()}:queue:seq"
+
+    @property
+    def admit_channel(self) -> str:
+        """The prefix of the replicas' admission channels (pub/sub, not a key: the replica id
+        follows)."""
+        return f"{self.tag()}:admit:"
+
+    def queue_tickets(self, model: str, role: str, priority: str) -> str:
+        """The tickets of one priority ("high", "normal", "low") in the fleet's queue of
+        requests for ``model`` in ``role`` ("0": any), by fair-share start tag."""
+        return f"{self.tag()}:queue:{role}:{model}:{priority}"
+
+    def queue_deadlines(self, model: str, role: str) -> str:
+        """The deadlines of the tickets in one queue, renewed by their replicas."""
+        return f"{self.tag()}:queue:{role}:{model}:deadlines"
+
+    def queue_fair(self, model: str, role: str) -> str:
+        """The fair-share clocks of one queue."""
+        return f"{self.tag()}:queue:{role}:{model}:fair"
+
+    def queue_keys(self, model: str, role: int) -> tuple[str, str, str, str, str]:
+        """One queue's keys in the admission scripts' order: tickets high, normal, low, the
+        deadlines, the fair-share clocks."""
+        r = str(role)
+        return (
+            self.queue_tickets(model, r, "high"),
+            self.queue_tickets(model, r, "normal"),
+            self.queue_tickets(model, r, "low"),
+            self.queue_deadlines(model, r),
+            self.queue_fair(model, r),
+        )
+
     def node_keys(self, node_id: str) -> tuple[str, str, str]:
         """The node hash, lease set and latency list of one node, in pick.lua's order."""
         return self.node(node_id), self.leases(node_id), self.latencies(node_id)

@@ -15,7 +15,7 @@ import dataclasses
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -29,6 +29,7 @@ from .candidates import candidates as pick_candidates
 from .connection import close_redis, drop_connections, is_embedded, open_redis
 from .errors import (
     InvalidInput,
+    NodesFull,
     StoreReadOnly,
     StoreRefusingWrites,
     StoreUnavailable,
@@ -46,6 +47,7 @@ from .model import (
     NodeStatus,
     Outcome,
     Pick,
+    Priority,
     Registry,
     Release,
     Role,
@@ -87,6 +89,8 @@ class StoreSettings:
     full_scan_limit: int = 32
     sample_size: int = 8
     breaker_cooldown_s: float = 1.0
+    # The share of a node's max_inflight kept for high priority (floor of the product).
+    priority_reserve: float = 0.1
     prefix: PrefixSettings = dataclasses.field(default_factory=PrefixSettings)
 
 
@@ -467,11 +471,14 @@ class Store(KeyStore):
         seed: int | None = None,
         session_key: str | None = None,
         blocks: Sequence[str] = (),
+        priority: Priority = Priority.NORMAL,
     ) -> Pick | None:
         """Choose a node for ``model`` and reserve a lease on it, in one atomic script.
 
-        ``None`` when no active node can take it. Calling again with the same replica and
-        request id while the lease is held returns the same node and keeps one lease.
+        ``None`` when no active node can take it; raises :class:`NodesFull` when the fitting
+        nodes are at capacity, or requests wait for one (:mod:`.admission` queues it). Calling
+        again with the same replica and request id while the lease is held returns the same
+        node and keeps one lease.
         ``session_key`` steers ``session_affinity`` (without one it acts as
         ``min_expected_latency``); ``blocks``, the prompt's chain of block hashes, ``cache_aware``.
         """
@@ -484,12 +491,22 @@ class Store(KeyStore):
             strategy = Strategy.MIN_EXPECTED_LATENCY
         member = f"{replica}:{request_id}"
         request = PickRequest(
-            model, strategy, member, role, tuple(exclude), seed, session_key, tuple(blocks)
+            model,
+            strategy,
+            member,
+            role,
+            tuple(exclude),
+            seed,
+            session_key,
+            tuple(blocks),
+            int(priority),
         )
         view = await self.view()
         result = await self._pick_once(view, request)
         if result is not None and result[0] is not None:
             return result[0]
+        if result is not None and result[2]:
+            raise NodesFull(result[2])
         # No candidate in the cache may only mean the cache is old: ask the epoch.
         epoch = result[1] if result is not None else await self.epoch()
         if epoch != view.epoch:
@@ -498,13 +515,17 @@ class Store(KeyStore):
             again = await self._pick_once(view, request)
             if again is not None and again[0] is not None:
                 return again[0]
+            if again is not None and again[2]:
+                raise NodesFull(again[2])
         if self.cache.loss is not None:  # not restored yet: route on the cached registry
             raise StoreUnavailable(self.cache.loss.describe())
         return None
 
     async def _pick_once(
         self, view: RegistryView, request: PickRequest
-    ) -> tuple[Pick | None, int] | None:
+    ) -> tuple[Pick | None, int, int] | None:
+        """(the pick or None, the store's epoch, fitting nodes at capacity when it found
+        none); ``None`` when the view has no candidate."""
         s = self.settings
         candidates = pick_candidates(view, request, s.full_scan_limit, s.sample_size, self._rng)
         if not candidates:
@@ -515,6 +536,7 @@ class Store(KeyStore):
             keys.extend(self.keys.node_keys(node_id))
             if cached:  # pick_prefix.lua's third key of a candidate: its prefix block set
                 keys[-1] = self.keys.prefix_blocks(node_id)
+        keys.extend(self.keys.queue_keys(request.model, request.role)[:3])
         seed = request.seed
         args = [
             request.member,
@@ -528,15 +550,17 @@ class Store(KeyStore):
             s.cache_stale_ms,
             s.cache_share,
             s.affinity_epsilon,
+            request.priority + 1,
+            s.priority_reserve,
             *(pick_args(s.prefix, request.blocks) if cached else ()),
         ]
         reply = await self.run_script(scripts.PICK_PREFIX if cached else scripts.PICK, keys, args)
-        node_id, in_flight, score, epoch, eligible, reused, _known, *prefix = reply
+        node_id, in_flight, score, epoch, eligible, reused, _known, full, *prefix = reply
         epoch = int(epoch)
         if epoch != view.epoch:
             asyncio.get_running_loop().create_task(self._quiet_refresh(epoch))
         if not node_id:
-            return None, epoch
+            return None, epoch, int(full)
         node = view.by_id[node_id]
         return (
             Pick(
@@ -552,6 +576,7 @@ class Store(KeyStore):
                 prefix_total=int(prefix[1]) if prefix else 0,
             ),
             epoch,
+            0,
         )
 
     async def _quiet_refresh(self, epoch: int) -> None:
@@ -607,15 +632,22 @@ class Store(KeyStore):
             ejected_now=bool(now),
         )
 
-    async def renew(self, replica: str, leases: Iterable[Lease]) -> int:
-        """Extend all of ``replica``'s live leases in one call; returns how many were renewed."""
+    async def renew(
+        self,
+        replica: str,
+        leases: Iterable[Lease],
+        tickets: Mapping[str, Sequence[str]] | None = None,
+    ) -> int:
+        """Extend all of ``replica``'s live leases in one call, and its ``tickets`` in the
+        fleet's queue (by the deadline set that holds them); returns how many were renewed."""
         by_node: dict[str, list[str]] = defaultdict(list)
         for lease in leases:
             by_node[lease.node_id].append(lease.member)
         keys = [self.keys.replicas]
         args: list[Any] = [replica, self.settings.lease_ms]
-        for node_id, members in by_node.items():
-            keys.append(self.keys.leases(node_id))
+        sets = {self.keys.leases(node_id): m for node_id, m in by_node.items()}
+        for key, members in [*sets.items(), *(tickets or {}).items()]:
+            keys.append(key)
             args.append(len(members))
             args.extend(members)
         return int(await self.run_script(scripts.RENEW, keys, args))

@@ -38,6 +38,7 @@ from shared_state.registry import model_ids
 from shared_state.registry_cache import read_restore_record
 
 from .accesslog import AccessLog
+from .admission import Admission
 from .auth import Authenticator
 from .distserve import DistServe, control_call
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
@@ -66,6 +67,7 @@ class Gateway:
         self.replica = settings.replica()
         store_settings = StoreSettings(
             lease_ms=int(settings.lease_seconds * 1000),
+            priority_reserve=settings.priority_reserve,
             prefix=PrefixSettings(
                 default_capacity_blocks=settings.prefix_cache_blocks,
                 balance=settings.prefix_balance,
@@ -86,7 +88,16 @@ class Gateway:
         self.metrics.extra.append(self.registry_restores)
         if not self.store.embedded:  # an in-process store cannot lose what this process holds
             self.store.cache.restore_as(self.replica, self.registry_restores.inc)
-        self.router = Router(self.store, self.replica, settings.strategy, self.metrics)
+        admission = Admission(
+            self.store,
+            self.replica,
+            self.metrics,
+            max_queue=settings.max_queue,
+            timeout_s=settings.queue_timeout,
+        )
+        self.router = Router(
+            self.store, self.replica, settings.strategy, self.metrics, admission=admission
+        )
         self.upstream = Upstream(
             Timeouts(
                 settings.connect_timeout, settings.first_byte_timeout, settings.request_timeout

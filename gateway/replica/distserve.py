@@ -224,7 +224,7 @@ class DistServe:
     ) -> _Prefilled | None:
         request_id, model = exchange.request_id, exchange.model
         name = f"{exchange.lease_name}.{attempt}.p"
-        route = await self.router.pick(model, name, tried, role=Role.PREFILL)
+        route = await self.router.pick(model, name, tried, role=Role.PREFILL, claim=exchange.claim)
         if route is None:
             raise NoNode("Prefill")
         node = route.node
@@ -303,7 +303,9 @@ class DistServe:
         tried: list[str],
     ) -> GatewayError | None:
         name = f"{exchange.lease_name}.{attempt}.d"
-        route = await self.router.pick(exchange.model, name, tried, role=Role.DECODE)
+        route = await self.router.pick(
+            exchange.model, name, tried, role=Role.DECODE, claim=exchange.claim
+        )
         if route is None:
             raise NoNode("Decode")  # serve() frees the session
         node = route.node

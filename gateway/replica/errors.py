@@ -122,6 +122,30 @@ class RateLimited(GatewayError):
         self.headers = ((b"retry-after", str(seconds).encode()),)
 
 
+class QueueFull(GatewayError):
+    """Every node of the model is at capacity and its queue holds ``--max-queue`` requests."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = ((b"retry-after", str(max(1, retry_after_s)).encode()),)
+
+
+class QueueTimeout(GatewayError):
+    """The request waited ``--queue-timeout`` for a node with room and got none."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "queue_timeout"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = ((b"retry-after", str(max(1, retry_after_s)).encode()),)
+
+
 class NoHealthyNode(GatewayError):
     status_code = 503
     error_type = "service_unavailable"

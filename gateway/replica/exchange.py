@@ -22,6 +22,7 @@ from starlette.types import Message, Scope, Send
 
 from shared_state import Outcome
 
+from .admission import Claim
 from .errors import (
     GatewayError,
     ModelNotFound,
@@ -103,6 +104,7 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "claim",
         "complete",
         "forwarder",
         "lease_name",
@@ -129,6 +131,7 @@ class Exchange:
         self.model = ""
         self.session_key: str | None = None
         self.prefix: PrefixChain | None = None  # cache_aware: the prompt's chain
+        self.claim = Claim()  # its place in the fleet's queue, should it have to wait
         self.started = False
         self.complete = False
         self.attempts = 0
@@ -264,6 +267,7 @@ class Exchange:
                 tried,
                 session_key=self.session_key,
                 chain=self.prefix,
+                claim=self.claim,
             )
             if route is None:
                 raise NoNode

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from gateway.common.metrics import (
     LATENCY_BUCKETS_S,
     Counter,
+    Gauge,
     Histogram,
     Labels,
     format_labels,
@@ -45,6 +46,27 @@ class GatewayMetrics:
             "cache_aware: prompt blocks routed (kind=total), found held by the chosen node "
             "(matched), and forgotten after its engine reported fewer cached tokens (forgotten).",
         )
+        self.queue_depth = Gauge(
+            "fleetgate_queue_depth",
+            "Requests of this replica waiting in the fleet's queue, by model and priority "
+            "(summed over the replicas: the fleet's queue).",
+        )
+        self.admissions = Counter(
+            "fleetgate_admissions_total",
+            "Requests admitted to a node with a capacity: at once (how=direct) or after "
+            "waiting in the fleet's queue (queued), or by this replica's own counts while the "
+            "store was unreachable (local).",
+        )
+        self.queue_refusals = Counter(
+            "fleetgate_queue_refusals_total",
+            "Requests that left the fleet's queue unadmitted, by reason: full (over "
+            "--max-queue), timeout (--queue-timeout), client_gone.",
+        )
+        self.queue_wait = Histogram(
+            "fleetgate_queue_wait_seconds",
+            "Time requests waited in the fleet's queue, by model.",
+            LATENCY_BUCKETS_S,
+        )
         self.latency = Histogram(
             "fleetgate_request_duration_seconds",
             "Whole request time through the gateway, by model.",
@@ -75,6 +97,10 @@ class GatewayMetrics:
                 self.disconnects,
                 self.stream_errors,
                 self.prefix_blocks,
+                self.queue_depth,
+                self.admissions,
+                self.queue_refusals,
+                self.queue_wait,
                 self.latency,
                 self.ttfb,
                 *self.extra,

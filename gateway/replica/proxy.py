@@ -21,10 +21,11 @@ from typing import Any
 import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
-from shared_state import StateError, Store
+from shared_state import Priority, StateError, Store
 from shared_state import limits as key_limits
 
 from .accesslog import AccessLog
+from .admission import PRIORITY_NAMES, Claim
 from .auth import Authenticator
 from .distserve import DistServe
 from .errors import (
@@ -134,6 +135,7 @@ class ProxyHandler:
                 error.headers = ((b"allow", b"POST"),)
                 raise error
             key = await self.auth.check_client(headers)
+            exchange.claim = self._claim(headers, key)
             if key is not None:  # a stored key: its limits, if it has any
                 slot = await self._check_key_limits(key, exchange.lease_name)
                 if slot is not None:
@@ -175,6 +177,29 @@ class ProxyHandler:
                 self._log_access(exchange, model, elapsed)
             if slot is not None:
                 await slot.free()
+
+    def _claim(self, headers: Headers, key: str | None) -> Claim:
+        """The request's place in the fleet's queue: ``x-fleetgate-priority`` (else its key's
+        default), never above its key's cap, and its key's fair share."""
+        settings = None
+        if key is not None:
+            view = self.router.store.cached_view
+            settings = view.registry.key_admission.get(key) if view is not None else None
+        asked = _header(headers, b"x-fleetgate-priority")
+        if asked is not None:
+            priority = PRIORITY_NAMES.get(asked.strip().lower())
+            if priority is None:
+                raise BadRequest(
+                    f"x-fleetgate-priority must be high, normal or low, not {asked[:40]!r}",
+                    param="x-fleetgate-priority",
+                )
+        else:
+            priority = settings.priority if settings is not None else Priority.NORMAL
+        if settings is not None and settings.max_priority is not None:
+            priority = max(priority, settings.max_priority)  # lower value: higher priority
+        fair_key = key[:12] if key is not None else ""
+        share = settings.share if settings is not None else 1
+        return Claim(Priority(priority), fair_key, share)
 
     def _read_view(self, body: bytes, exchange: Exchange) -> RequestView | PromptView:
         """The request's routing fields; with cache_aware, its prompt's chain too."""
@@ -308,6 +333,9 @@ class ProxyHandler:
                 epoch=route.epoch,
                 state="local" if route.local else "shared",
             )
+            if route.queued_ms is not None:
+                record["queued_ms"] = round(route.queued_ms, 1)
+                record["priority"] = exchange.claim.priority.name.lower()
             if route.chain is not None:
                 record["prefix"] = [
                     None if route.local else route.prefix_matched,
@@ -332,6 +360,13 @@ def request_id_of(headers: Headers) -> str:
                 return text
             break
     return os.urandom(12).hex()
+
+
+def _header(headers: Headers, wanted: bytes) -> str | None:
+    for name, value in headers:
+        if name == wanted:
+            return value.decode("latin-1")
+    return None
 
 
 def _session_key(headers: Headers) -> str | None:

@@ -19,14 +19,19 @@ from dataclasses import dataclass
 from shared_state import (
     Lease,
     Node,
+    NodesFull,
     Outcome,
+    Priority,
     RegistryView,
+    Role,
     StateError,
     Store,
     StoreUnavailable,
     Strategy,
 )
 
+from .admission import Admission, Claim
+from .errors import QueueTimeout
 from .metrics import GatewayMetrics
 from .prefix import PrefixChain
 
@@ -47,6 +52,7 @@ class Route:
     strategy: str = ""
     chain: PrefixChain | None = None  # cache_aware: the prompt's blocks
     prefix_matched: int = 0  # of them, held by the node before this pick
+    queued_ms: float | None = None  # the wait in the fleet's queue, when it waited
 
     def receipt(self, attempts: int) -> str:
         """The compact why of this route, for the ``x-fleetgate-route`` header."""
@@ -55,6 +61,8 @@ class Route:
             f"strategy={self.strategy}; candidates={self.eligible}; score={self.score:.6g}; "
             f"epoch={self.epoch}; attempts={attempts}; state={source}"
         )
+        if self.queued_ms is not None:
+            text += f"; queued_ms={self.queued_ms:.0f}"
         if self.chain is not None:
             matched = "blind" if self.local else str(self.prefix_matched)
             text += f"; prefix={matched}/{len(self.chain.blocks)} blocks"
@@ -95,8 +103,10 @@ class Router:
         strategy: Strategy,
         metrics: GatewayMetrics,
         rng: random.Random | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
+        self.admission = admission or Admission(store, replica, metrics)
         self.replica = replica
         self.strategy = strategy
         self.metrics = metrics
@@ -119,7 +129,11 @@ class Router:
         role: int = 0,
         session_key: str | None = None,
         chain: PrefixChain | None = None,
+        claim: Claim | None = None,
     ) -> Route | None:
+        """A node for one attempt, its lease held; ``None`` when no node can serve ``model``.
+        When the fitting nodes are at capacity the request waits in the fleet's queue (as
+        ``claim`` places it), raising :class:`QueueFull` or :class:`QueueTimeout`."""
         try:
             pick = await self.store.pick(
                 model,
@@ -130,17 +144,22 @@ class Router:
                 exclude=exclude,
                 session_key=session_key,
                 blocks=chain.blocks if chain is not None else (),
+                priority=claim.priority if claim is not None else Priority.NORMAL,
             )
+        except NodesFull as full:
+            return await self._queued(model, request_id, exclude, role, chain, claim, full)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc((("op", "pick"),))
             self._enter_degraded(exc)
-            route = self._local_pick(model, request_id, exclude, role)
+            route = await self._local_route(model, request_id, exclude, role)
             if route is not None:
                 route.chain = chain
             return route
         self.degraded_since = None
         if pick is None:
             return None
+        if pick.node.max_inflight:
+            self.metrics.admissions.inc((("how", "direct"),))
         self.leases[pick.lease.member] = pick.lease
         self.local_in_flight[pick.node.id] += 1
         if chain is not None:
@@ -159,6 +178,51 @@ class Router:
             pick.prefix_matched,
         )
 
+    async def _queued(
+        self,
+        model: str,
+        request_id: str,
+        exclude: list[str],
+        role: int,
+        chain: PrefixChain | None,
+        claim: Claim | None,
+        full: NodesFull,
+    ) -> Route | None:
+        """Wait in the fleet's queue for a node with room: the route to the node admitted to."""
+        member = f"{self.replica}:{request_id}"
+        started = time.monotonic()
+        try:
+            node_id = await self.admission.wait(model, role, member, claim or Claim())
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.inc((("op", "enqueue"),))
+            self._enter_degraded(exc)
+            return await self._local_route(model, request_id, exclude, role)
+        view = self.store.cached_view
+        node = view.by_id.get(node_id) if view is not None else None
+        if node is None:
+            with contextlib.suppress(StoreUnavailable):
+                view = await self.store.refresh_latest()
+                node = view.by_id.get(node_id)
+        if node is None or view is None:  # admitted to a node removed meanwhile
+            with contextlib.suppress(StoreUnavailable, StateError):
+                await self.store.release(Lease(node_id, member), Outcome.NEUTRAL, 0.0)
+            return None
+        lease = Lease(node_id, member, node.max_inflight or 1)
+        self.leases[member] = lease
+        self.local_in_flight[node_id] += 1
+        return Route(
+            node,
+            lease,
+            False,
+            node.max_inflight or 0,
+            full.nodes,
+            0.0,
+            view.epoch,
+            self.strategy.value,
+            chain,
+            queued_ms=(time.monotonic() - started) * 1000,
+        )
+
     @property
     def degraded(self) -> bool:
         """The store failed the last pick, or refuses to renew this replica's leases (out of
@@ -171,17 +235,50 @@ class Router:
             self.degraded_since = time.monotonic()
             log.warning("%s: routing on the last registry snapshot and local counts", cause)
 
+    async def _local_route(
+        self, model: str, request_id: str, exclude: list[str], role: int
+    ) -> Route | None:
+        """The local fallback, which admits by this replica's own counts: while every fitting
+        node is at its capacity here, wait for one of this replica's requests to end."""
+        started = time.monotonic()
+        deadline = started + self.admission.timeout_s
+        while True:
+            try:
+                route = self._local_pick(model, request_id, exclude, role)
+            except NodesFull:
+                route = None
+            else:
+                if route is not None and route.node.max_inflight:
+                    self.metrics.admissions.inc((("how", "local"),))
+                    if time.monotonic() - started > 0.001:
+                        route.queued_ms = (time.monotonic() - started) * 1000
+                return route
+            if not await self.admission.wait_local(deadline):
+                self.metrics.queue_refusals.inc((("reason", "timeout"),))
+                raise QueueTimeout(
+                    f"no node serving `{model}` had room within "
+                    f"{self.admission.timeout_s:g} s (the store is unreachable: this replica "
+                    "admits by its own counts)",
+                    self.admission.retry_after_s,
+                )
+
     def _local_pick(
         self, model: str, request_id: str, exclude: list[str], role: int
     ) -> Route | None:
-        """min_expected_latency on this replica's own in-flight counts, from the cached view."""
+        """min_expected_latency on this replica's own in-flight counts, from the cached view;
+        raises :class:`NodesFull` when every fitting node is at its capacity by those counts."""
         view = self.store.cached_view
         if view is None:
             return None
         ids = view.candidates(model, role, exclude)
         if not ids:
             return None
-        nodes = [view.by_id[i] for i in ids]
+        fitting = [view.by_id[i] for i in ids]
+        nodes = [
+            n for n in fitting if not n.max_inflight or self.local_in_flight[n.id] < n.max_inflight
+        ]
+        if not nodes:
+            raise NodesFull(len(fitting))
         speeds = [n.speed for n in nodes if n.speed]
         mean = sum(speeds) / len(speeds) if speeds else 1.0
         best: list[Node] = []
@@ -224,6 +321,8 @@ class Router:
         self.local_in_flight[route.node.id] -= 1
         if self.local_in_flight[route.node.id] <= 0:
             del self.local_in_flight[route.node.id]
+        if route.node.max_inflight:
+            self.admission.local_freed()
         if route.local:
             return
         self.leases.pop(route.lease.member, None)
@@ -238,6 +337,11 @@ class Router:
             return
         if result.ejected_now:
             self.metrics.ejections.inc((("node", route.node.id),))
+        if route.node.max_inflight and result.released:
+            # The slot it held goes to the queue's head at once, on whichever replica it waits.
+            node = route.node
+            roles = (0,) if node.role is Role.HYBRID else (0, int(node.role))
+            await self.admission.after_release(node.models, roles)
 
     def _forgotten(self, route: Route, cached: tuple[int, int] | None) -> tuple[str, ...]:
         """The prompt blocks the node's answer says it did not hold, though the pick said so."""
@@ -268,7 +372,9 @@ class Router:
         while True:
             try:
                 # Renewing also records this replica as alive, so it runs at start too.
-                await self.store.renew(self.replica, list(self.leases.values()))
+                await self.store.renew(
+                    self.replica, list(self.leases.values()), self.admission.tickets()
+                )
                 if self.renew_failure is not None:
                     log.info("lease renewals work again")
                     self.renew_failure = None
@@ -288,6 +394,7 @@ class Router:
 
     async def stop(self) -> None:
         """Stop renewing and give back every lease this replica still holds."""
+        await self.admission.stop()
         for task in (self._renewer, self._follower):
             if task is not None:
                 task.cancel()

@@ -78,6 +78,13 @@ def _balance(text: str) -> float:
     return value
 
 
+def _reserve(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 0.9:
+        raise ValueError(f"expected a number from 0 to 0.9, got {text!r}")
+    return value
+
+
 def _node_url(text: str) -> str:
     try:
         return normalize_url(text)
@@ -184,6 +191,26 @@ OPTIONS: tuple[Option, ...] = (
         "time a client has to send its whole request body, s (then 408)",
     ),
     Option("max-attempts", int_range(1, 10), 3, "nodes tried per request (first byte not sent)"),
+    Option(
+        "max-queue",
+        int_range(0, 1_000_000),
+        1000,
+        "requests that may wait per model while its nodes are at their max_inflight (0: no "
+        "bound); over it, 429 queue_full at once",
+    ),
+    Option(
+        "priority-reserve",
+        _reserve,
+        0.1,
+        "the share of a node's max_inflight kept for high-priority requests (its floor in "
+        "slots: 0.1 keeps 1 of 10-19); normal and low ones queue while only those are free",
+    ),
+    Option(
+        "queue-timeout",
+        positive_float,
+        30.0,
+        "longest wait for a node with room, s; then 503 queue_timeout with Retry-After",
+    ),
     Option("store-timeout", positive_float, 0.25, "Redis socket timeout, s"),
     Option(
         "shutdown-timeout",
@@ -240,6 +267,9 @@ class GatewaySettings:
     max_body_bytes: int = 16 << 20
     body_timeout: float = 30.0
     max_attempts: int = 3
+    max_queue: int = 1000
+    priority_reserve: float = 0.1
+    queue_timeout: float = 30.0
     store_timeout: float = 0.25
     shutdown_timeout: float = 10.0
     replica_id: str | None = None

@@ -129,8 +129,10 @@ class SimNode:
         self.waiting = dict.fromkeys(config.models, 0)
         self._n_running = 0
         self._n_waiting = 0
+        self.peak = 0  # the most requests it held at once (running and waiting), since reset
         self.served = 0
         self.requests_total = 0
+        self.peak = 0
         self.fault = Fault(config.fault)
         self._fault_epoch = 0  # bumped by explicit changes only, which is what releases "hang"
         self._closing = False
@@ -183,6 +185,7 @@ class SimNode:
             "name": self.name,
             "running": self._n_running,
             "waiting": self._n_waiting,
+            "peak": self.peak,
             "served": self.served,
             "active_connections": sum(1 for t in self._conns if not t.is_closing()),
             "fault": self.fault.mode,
@@ -212,6 +215,7 @@ class SimNode:
                 raise ClientGone
 
     async def _acquire(self, request: web.Request, model: str) -> None:
+        self.peak = max(self.peak, self._n_running + self._n_waiting + 1)
         if self._free > 0 and not self._queue:
             self._free -= 1
             return

@@ -4,6 +4,8 @@
 -- KEYS[2]  round-robin cursor (string int)
 -- KEYS[3*i], KEYS[3*i+1], KEYS[3*i+2] for candidate i = 1..n:
 --          node hash, lease sorted set, latency list
+-- KEYS[3n+3..3n+5] the ticket sets (high, normal, low) of the fleet's queue for this model
+--          and role (admission)
 -- ARGV[1]  lease member "<replica>:<request-id>"
 -- ARGV[2]  strategy name
 -- ARGV[3]  lease time, ms
@@ -16,16 +18,22 @@
 -- ARGV[10] default cache share of one request for min_cache_usage, 0..1
 -- ARGV[11] session_affinity: allowed load above the mean, epsilon (0.25: 25% above);
 --          the candidates then come in the session key's rendezvous order, best first
+-- ARGV[12] the request's priority: 1 high, 2 normal, 3 low
+-- ARGV[13] the share of a node's max_inflight kept for high priority, 0..1 (floor of the
+--          product: slots a normal or low request may not take)
 --
--- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known}:
+-- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, full}:
 --   node_id ""       when no candidate could take the request;
+--   full > 0         with node_id "": the fitting nodes are at their max_inflight, or requests
+--                    wait in the queue (which this one must then join: enqueue.lua);
 --   in_flight_after  leases on the winner after reserving;
 --   score            the winner's score under the strategy, as a string;
 --   reused 1         when the member already held a lease (a retried call), which is renewed
 --                    instead of a second lease being taken.
 --
--- Invariant: a member holds at most one lease in the whole registry; expired leases of every
--- candidate are pruned before counting, so a crashed replica's leases never count.
+-- Invariants: a member holds at most one lease in the whole registry; expired leases of every
+-- candidate are pruned before counting, so a crashed replica's leases never count; no node
+-- gets more leases than its max_inflight; no request takes a slot while others wait for one.
 local member = ARGV[1]
 local strategy = ARGV[2]
 local lease_ms = tonumber(ARGV[3])
@@ -37,23 +45,25 @@ local explore = tonumber(ARGV[8])
 local stale_ms = tonumber(ARGV[9])
 local default_share = tonumber(ARGV[10])
 local epsilon = tonumber(ARGV[11] or '0.25')
+local priority = tonumber(ARGV[12] or '2')
+local reserve = tonumber(ARGV[13] or '0')
 
 local now = now_ms()
 local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
 local rnd = park_miller(seed)
 
-local function reply(id, inflight, score, eligible, reused, known)
-  return {id, inflight, tostring(score), epoch, eligible, reused, known}
+local function reply(id, inflight, score, eligible, reused, known, full)
+  return {id, inflight, tostring(score), epoch, eligible, reused, known, full or 0}
 end
 
-local eligible, known, retried = pick_candidates((#KEYS - 2) / 3, member, model, role, lease_ms,
-  now)
+local eligible, known, retried, full, capped = pick_candidates((#KEYS - 5) / 3, member, model,
+  role, lease_ms, now, priority, reserve)
 if retried then
   return reply(retried.id, retried.inflight, 0, 1, 1, known)
 end
 local n = #eligible
-if n == 0 then
-  return reply('', 0, 0, 0, 0, known)
+if n == 0 or (capped > 0 and queue_waiting(#KEYS - 2, priority)) then
+  return reply('', 0, 0, 0, 0, known, math.max(full, n))
 end
 
 local function expected_latency()
@@ -177,4 +187,4 @@ end
 
 local lkey = KEYS[3 * winner.i + 1]
 redis.call('ZADD', lkey, now + lease_ms, member)
-return reply(winner.id, winner.inflight + 1, winner.score, n, 0, known)
+return reply(winner.id, winner.inflight + 1, winner.score, n, 0, known, 0)

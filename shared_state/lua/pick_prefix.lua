@@ -6,22 +6,23 @@
 -- KEYS[2]  round-robin cursor (unused: every pick script shares one key layout)
 -- KEYS[3*i], KEYS[3*i+1], KEYS[3*i+2] for candidate i = 1..n:
 --          node hash, lease sorted set, prefix block set (block hash scored by last use, ms)
--- ARGV[1..11] as pick.lua (ARGV[2] "cache_aware"; ARGV[7..11] unused)
--- ARGV[12] capacity in blocks of a node whose hash has no `cache_blocks`
--- ARGV[13] load bound, balance >= 0: a node takes the request only while its requests in
+-- KEYS[3n+3..3n+5] the ticket sets of the fleet's queue for this model and role (as pick.lua)
+-- ARGV[1..13] as pick.lua (ARGV[2] "cache_aware"; ARGV[7..11] unused)
+-- ARGV[14] capacity in blocks of a node whose hash has no `cache_blocks`
+-- ARGV[15] load bound, balance >= 0: a node takes the request only while its requests in
 --          flight, this one included, stay within ceil((1 + balance) x the candidates' mean)
--- ARGV[14] cost of one request in flight, in blocks of prefill
--- ARGV[15] cost of evicting one block another prompt may need, in blocks of prefill (1: it
+-- ARGV[16] cost of one request in flight, in blocks of prefill
+-- ARGV[17] cost of evicting one block another prompt may need, in blocks of prefill (1: it
 --          will be prefilled again)
--- ARGV[16] touch interval, ms: blocks the winner held that were used more recently than this
+-- ARGV[18] touch interval, ms: blocks the winner held that were used more recently than this
 --          keep their scores (a hot prefix costs O(new blocks) per pick, not O(all blocks))
--- ARGV[17..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+-- ARGV[19..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
--- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, matched, total}:
---   the first seven as pick.lua; score = the winner's expected time to first token in blocks
---   of prefill at the candidates' mean speed, (requests in flight x ARGV[14] + blocks it
---   lacks) x mean speed / its speed, plus ARGV[15] x the blocks that recording the chain there
---   would evict (a full node's cache is worth keeping: with ARGV[15] = 1, a partial hit on a
+-- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, full, matched,
+--   total}: the first eight as pick.lua; score = the winner's expected time to first token in blocks
+--   of prefill at the candidates' mean speed, (requests in flight x ARGV[16] + blocks it
+--   lacks) x mean speed / its speed, plus ARGV[17] x the blocks that recording the chain there
+--   would evict (a full node's cache is worth keeping: with ARGV[17] = 1, a partial hit on a
 --   full node beats an empty node only when it covers more than half the prompt); matched =
 --   blocks of the chain the winner held before this pick, total = blocks in the chain.
 --
@@ -38,12 +39,14 @@ local lease_ms = tonumber(ARGV[3])
 local seed = tonumber(ARGV[4])
 local model = ARGV[5]
 local role = tonumber(ARGV[6])
-local default_capacity = tonumber(ARGV[12])
-local balance = tonumber(ARGV[13])
-local request_blocks = tonumber(ARGV[14])
-local evict_cost = tonumber(ARGV[15])
-local touch_ms = tonumber(ARGV[16])
-local FIRST = 16 -- ARGV[FIRST + k] is block k
+local priority = tonumber(ARGV[12])
+local reserve = tonumber(ARGV[13])
+local default_capacity = tonumber(ARGV[14])
+local balance = tonumber(ARGV[15])
+local request_blocks = tonumber(ARGV[16])
+local evict_cost = tonumber(ARGV[17])
+local touch_ms = tonumber(ARGV[18])
+local FIRST = 18 -- ARGV[FIRST + k] is block k
 local MAX_BLOCKS = 2048
 local total = math.min(#ARGV - FIRST, MAX_BLOCKS)
 
@@ -51,18 +54,19 @@ local now = now_ms()
 local epoch = tonumber(redis.call('GET', KEYS[1]) or '0')
 local rnd = park_miller(seed)
 
-local function reply(id, inflight, score, eligible, reused, known, matched)
-  return {id, inflight, tostring(score), epoch, eligible, reused, known, matched, total}
+local function reply(id, inflight, score, eligible, reused, known, matched, full)
+  return {id, inflight, tostring(score), epoch, eligible, reused, known, full or 0, matched,
+    total}
 end
 
-local eligible, known, retried = pick_candidates((#KEYS - 2) / 3, member, model, role, lease_ms,
-  now)
+local eligible, known, retried, full, capped = pick_candidates((#KEYS - 5) / 3, member, model,
+  role, lease_ms, now, priority, reserve)
 if retried then
   return reply(retried.id, retried.inflight, 0, 1, 1, known, 0)
 end
 local n = #eligible
-if n == 0 then
-  return reply('', 0, 0, 0, 0, known, 0)
+if n == 0 or (capped > 0 and queue_waiting(#KEYS - 2, priority)) then
+  return reply('', 0, 0, 0, 0, known, 0, math.max(full, n))
 end
 
 local function block(k)

@@ -5,6 +5,8 @@ as in tests/unit (whose store is the embedded one), given Redis clients by this 
 from __future__ import annotations
 
 from tests.unit import (
+    test_admission,
+    test_admission_settings,
     test_health,
     test_limits,
     test_pd_state,
@@ -42,6 +44,29 @@ class TestWeightedAndAffinity(test_store.TestWeightedAndAffinity):
 
 class TestKeyStore(test_store.TestKeyStore):
     """The API key store, on Redis."""
+
+
+# -- the fleet's queue: tests/unit/test_admission.py ----------------------------------------
+
+
+class TestCapacity(test_admission.TestCapacity):
+    """Node capacity in picks, on Redis."""
+
+
+class TestQueue(test_admission.TestQueue):
+    """The fleet's queue: order, fair shares, expiry and races, on Redis."""
+
+
+class TestReserve(test_admission.TestReserve):
+    """Slots kept for high priority, on Redis."""
+
+
+class TestNodeCapacity(test_admission_settings.TestNodeCapacity):
+    """Node capacity in the registry, on Redis."""
+
+
+class TestKeyAdmission(test_admission_settings.TestKeyAdmission):
+    """Client keys' priorities and shares, on Redis."""
 
 
 # -- the health ledger: tests/unit/test_health.py -------------------------------------------

@@ -12,7 +12,14 @@ from shared_state.schema import KeySchema
 
 STATE_MD = Path(__file__).resolve().parents[2] / "docs" / "state.md"
 # Arguments that stand for the placeholders the documentation writes.
-PLACEHOLDERS = {"node_id": "<id>", "digest": "<digest>", "pair": "<prefill-id> <decode-id>"}
+PLACEHOLDERS = {
+    "node_id": "<id>",
+    "digest": "<digest>",
+    "pair": "<prefill-id> <decode-id>",
+    "model": "<model>",
+    "role": "<role>",
+    "priority": "<priority>",
+}
 
 
 def table_rows(heading: str) -> list[str]:
@@ -36,7 +43,7 @@ def schema_keys() -> list[str]:
     schema = KeySchema("P")
     keys: list[str] = []
     for name, member in inspect.getmembers(KeySchema):
-        if name.startswith("_") or name in {"tag", "node_keys"}:
+        if name.startswith("_") or name in {"tag", "node_keys", "queue_keys", "admit_channel"}:
             continue
         if isinstance(member, property):
             keys.append(getattr(schema, name))
