@@ -20,7 +20,7 @@ import msgspec
 
 from . import scripts
 from .errors import InvalidInput
-from .model import Priority
+from .model import Node, Priority, Role
 from .store import Store
 
 log = logging.getLogger("fleetgate.admission")
@@ -123,16 +123,19 @@ async def dequeue(store: Store, model: str, role: int, ticket: str) -> tuple[str
     return str(status), str(node_id)
 
 
-async def depths(store: Store, queues: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """Tickets waiting per (model, role), expired ones included until a pass drops them."""
-    out: dict[tuple[str, int], int] = {}
+async def depths(store: Store, nodes: Sequence[Node]) -> dict[str, tuple[int, int, int]]:
+    """Requests waiting in the fleet's queues of these nodes' models, per model: (high,
+    normal, low), summed over the roles the nodes serve (expired tickets count until an
+    admission pass drops them)."""
+    queues = {(model, 0) for node in nodes for model in node.models}
+    queues |= {(m, int(n.role)) for n in nodes if n.role is not Role.HYBRID for m in n.models}
+    out: dict[str, tuple[int, int, int]] = {}
     async with store.guard():
-        for model, role in queues:
+        for model, role in sorted(queues):
             high, normal, low, _, _ = store.keys.queue_keys(model, role)
-            total = 0
-            for key in (high, normal, low):
-                total += int(await store.client.zcard(key))
-            out[(model, role)] = total
+            counts = [int(await store.client.zcard(key)) for key in (high, normal, low)]
+            was = out.get(model, (0, 0, 0))
+            out[model] = (was[0] + counts[0], was[1] + counts[1], was[2] + counts[2])
     return out
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import orjson
 
+from shared_state import admission as fleet_queue
 from shared_state.errors import (
     InvalidInput,
     StateError,
@@ -304,6 +305,17 @@ def print_nodes(rows: list[dict[str, Any]], as_json: bool, out: TextIO) -> None:
     table(lines, out)
 
 
+QUEUE_ORDER = ("high", "normal", "low")
+
+
+def print_queues(waiting: dict[str, tuple[int, int, int]], out: TextIO) -> None:
+    """One line per model whose queue holds requests waiting for a node with room."""
+    for model, counts in sorted(waiting.items()):
+        if sum(counts):
+            split = ", ".join(f"{n} {p}" for p, n in zip(QUEUE_ORDER, counts, strict=True))
+            out.write(f"queue {model}: {sum(counts)} waiting ({split})\n")
+
+
 KEY_COLUMNS = "NAME FINGERPRINT CREATED RPM CONCURRENCY PRIORITY MAX-PRIORITY SHARE".split()
 
 
@@ -373,10 +385,19 @@ def _error_message(response: httpx.Response) -> str:
 async def run_nodes(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     command = args.command
     if command == "list":
-        rows = [node_row(s) for s in await store.status()]
+        statuses = await store.status()
+        rows = [node_row(s) for s in statuses]
+        waiting = await fleet_queue.depths(store, [s.node for s in statuses])
+        for row in rows:
+            row["queue"] = {
+                model: dict(zip(QUEUE_ORDER, waiting.get(model, (0, 0, 0)), strict=True))
+                for model in row["models"]
+            }
         print_nodes(rows, args.json, out)
         if not rows and not args.json:
             out.write(await describe_empty_registry(store) + "\n")
+        if not args.json:
+            print_queues(waiting, out)
         return 0
     url = normalize_url(args.url)
     if command == "add":

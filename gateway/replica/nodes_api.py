@@ -36,6 +36,7 @@ from shared_state import (
     UnknownNode,
     normalize_url,
 )
+from shared_state import admission as fleet_queue
 from shared_state.prefix import validate_capacity
 from shared_state.registry import model_ids, validate_max_inflight
 
@@ -56,6 +57,9 @@ ADMIN_BODY_MAX_BYTES = 1 << 20  # a registration of 4096 long model names still 
 RESOLVE_TIMEOUT_S = 2.0
 # What only an admin sets on a node: a self-registration carrying one of them is refused.
 OPERATOR_FIELDS = ("api_key", "weight", "insecure")
+
+
+PRIORITIES = ("high", "normal", "low")
 
 
 def json_response(payload: object, status: int = 200) -> Response:
@@ -264,7 +268,15 @@ class NodesAPI:
 
     async def status(self, request: Request) -> Response:
         await self.auth.check_reader(request.headers.raw, _client_host(request))
-        entries = {s.node.url: node_status_entry(s) for s in await self.store.status()}
+        statuses = await self.store.status()
+        entries = {s.node.url: node_status_entry(s) for s in statuses}
+        # Each node shows the fleet's queue of each of its models: requests waiting for room.
+        waiting = await fleet_queue.depths(self.store, [s.node for s in statuses])
+        for status in statuses:
+            entries[status.node.url]["queue"] = {
+                model: dict(zip(PRIORITIES, waiting.get(model, (0, 0, 0)), strict=True))
+                for model in status.node.models
+            }
         response = json_response(entries)
         # LMDeploy's shape is one entry per node URL, so replicas go in a header.
         replicas = await self.store.live_replicas(self.store.settings.lease_ms)

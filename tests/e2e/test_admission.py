@@ -18,7 +18,7 @@ import pytest
 from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.openai_errors import assert_openai_error
-from tests.support.polling import eventually
+from tests.support.polling import eventually, wait_until
 from tests.support.processes import Gateway, Process, SimNode, ops
 
 
@@ -232,3 +232,35 @@ async def test_distserve_respects_prefill_and_decode_capacity(
     assert prefill.stats()["peak"] == 1
     assert decode.stats()["peak"] <= 2
     assert any("queued_ms=" in receipt for receipt, _ in results)
+
+
+async def test_the_queue_shows_in_node_status_and_nodes_list(
+    redis_url: str, procs: list[Process]
+) -> None:
+    (node,), (gateway,) = start(procs, redis_url, [1], replicas=1)
+    body = {"model": MODEL, "messages": [], "max_tokens": 60}  # 3 s on the node
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        holder = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+        await asyncio.sleep(0.2)
+        waiter = asyncio.ensure_future(
+            http.post(
+                "/v1/chat/completions",
+                json={**body, "max_tokens": 1},
+                headers={"x-fleetgate-priority": "low"},
+            )
+        )
+        await asyncio.sleep(0.3)
+        status = (await http.get("/nodes/status")).json()
+        assert status[node.url]["queue"] == {MODEL: {"high": 0, "normal": 0, "low": 1}}
+        assert status[node.url]["max_inflight"] == 1 and status[node.url]["unfinished"] == 1
+        listed = await asyncio.to_thread(ops, redis_url, "nodes", "list")
+        assert f"queue {MODEL}: 1 waiting (0 high, 0 normal, 1 low)" in listed.stdout
+        assert (await holder).status_code == 200
+        answered = await waiter
+        assert answered.status_code == 200
+        assert "queued_ms=" in answered.headers["x-fleetgate-route"]
+        status = (await http.get("/nodes/status")).json()
+        assert status[node.url]["queue"][MODEL] == {"high": 0, "normal": 0, "low": 0}
+    # The access log records the wait and the priority (its lines are written within 0.1 s).
+    assert wait_until(lambda: '"priority":"low"' in gateway.output(), 3)
+    assert '"queued_ms":' in gateway.output()
