@@ -479,11 +479,15 @@ def loading(loaded_at: float) -> Middleware:
     return middleware
 
 
-def llamacpp_metric_lines(running: int, waiting: int, cached_total: int) -> list[str]:
+def llamacpp_metric_lines(
+    running: int, waiting: int, cached_total: int, prefilled_total: int
+) -> list[str]:
     """llama-server's figures of its slots and prefix cache, as it names them (unlabelled; no
-    KV-cache gauge in its version)."""
+    KV-cache gauge in its version). Its ``prompt_tokens_total`` counts only the prompt tokens
+    it prefilled, the cached ones apart."""
     lines: list[str] = []
     for name, kind, value, text in (
+        ("prompt_tokens_total", "counter", prefilled_total, "Number of prompt tokens processed"),
         ("prompt_tokens_cached_total", "counter", cached_total, "Prompt tokens from the cache"),
         ("requests_processing", "gauge", running, "Number of requests processing"),
         ("requests_deferred", "gauge", waiting, "Number of requests deferred"),
@@ -562,6 +566,7 @@ class PrefixCache:
     def __init__(self) -> None:
         self.last: list[str] = []
         self.cached_total = 0  # llamacpp:prompt_tokens_cached_total
+        self.prefilled_total = 0  # llamacpp:prompt_tokens_total: the tokens it had to prefill
 
     def hit(self, words: list[str]) -> int:
         shared = 0
@@ -572,4 +577,5 @@ class PrefixCache:
         cached = max(min(shared, len(words) - 1), 0)
         self.last = words
         self.cached_total += cached
+        self.prefilled_total += len(words) - cached
         return cached

@@ -515,8 +515,14 @@ class SimNode:
     async def metrics(self, request: web.Request) -> web.Response:
         engine, lines = self.kv, []
         if self.llamacpp:  # its own names, the cached tokens only
-            cached = self.prefix.cached_total if engine is None else engine.hits
-            lines += flavors.llamacpp_metric_lines(self._n_running, self._n_waiting, cached)
+            if engine is None:
+                cached, prefilled = self.prefix.cached_total, self.prefix.prefilled_total
+            else:
+                cached = engine.hits
+                prefilled = sum(c.queries for c in engine.counts.values()) - cached
+            lines += flavors.llamacpp_metric_lines(
+                self._n_running, self._n_waiting, cached, prefilled
+            )
         elif self.flavor.name == "vllm" and engine is not None:
             counts = engine.counts
             queries = {model: c.queries for model, c in counts.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -141,3 +142,29 @@ async def test_loading_node_is_registered_once_loaded(redis_url: str, procs: lis
     await asyncio.to_thread(gateway.wait_models, MODEL, 20)
     added = await asyncio.to_thread(ops, redis_url, "nodes", "add", node.url)
     assert added.returncode == 0 and MODEL in added.stdout, added.stderr
+
+
+async def test_prompt_token_counters_are_named_and_split_as_the_real_servers(
+    start_node: Start, http: aiohttp.ClientSession
+) -> None:
+    """llama-server's ``prompt_tokens_total`` counts the prompt tokens it prefilled and
+    ``prompt_tokens_cached_total`` the ones it took from its cache: their sum is the prompt."""
+    base, _ = await start_node()
+    real = (Path(__file__).parents[1] / "unit" / "data" / "llamacpp-metrics-busy.txt").read_text()
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1}
+    for prompt in (PROMPT, PROMPT + " seven eight"):
+        async with http.post(f"{base}/v1/completions", json={**body, "prompt": prompt}) as resp:
+            assert resp.status == 200
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    counters = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("llamacpp:prompt_tokens")
+    }
+    for name in counters:
+        assert f"\n{name} " in real, f"{name} is not a series of the real llama-server"
+    words = len(PROMPT.split())
+    # The second prompt found the whole first one cached (it is longer: never all of itself).
+    assert counters["llamacpp:prompt_tokens_cached_total"] == words
+    assert counters["llamacpp:prompt_tokens_total"] == words + 2
