@@ -27,6 +27,7 @@ class PickRequest:
     session_key: str | None
     blocks: tuple[str, ...] = ()  # cache_aware: the prompt's chain of block hashes
     priority: int = 1  # the request's place in the fleet's queue: 0 high, 1 normal, 2 low
+    only: str | None = None  # the one node that may take it (it holds the request's state)
 
 
 def rendezvous(key: bytes, node_id: str) -> int:
@@ -40,6 +41,8 @@ def candidates(
     """The node ids passed to the pick script: all of them up to ``limit``; past it a random
     ``sample``, or the first ``limit`` in a rendezvous order where the pick needs one."""
     found = view.candidates(request.model, request.role, request.exclude)
+    if request.only is not None:
+        return [request.only] if request.only in found else []
     strategy = request.strategy
     if strategy is Strategy.SESSION_AFFINITY:
         # Rendezvous order of the session key: the same on every replica, and removing a

@@ -115,6 +115,16 @@ class KeySchema:
         return f"{self.tag()}:queue:seq"
 
     @property
+    def responses(self) -> str:
+        """Stored responses (the Responses API): response id -> "<node id>\n<model>"."""
+        return f"{self.tag()}:responses"
+
+    @property
+    def response_times(self) -> str:
+        """The same response ids scored by when they were recorded (ms)."""
+        return f"{self.tag()}:responses:times"
+
+    @property
     def admit_channel(self) -> str:
         """The prefix of the replicas' admission channels (pub/sub, not a key: the replica id
         follows)."""

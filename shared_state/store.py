@@ -472,6 +472,7 @@ class Store(KeyStore):
         session_key: str | None = None,
         blocks: Sequence[str] = (),
         priority: Priority = Priority.NORMAL,
+        only: str | None = None,
     ) -> Pick | None:
         """Choose a node for ``model`` and reserve a lease on it, in one atomic script.
 
@@ -500,6 +501,7 @@ class Store(KeyStore):
             session_key,
             tuple(blocks),
             int(priority),
+            only,
         )
         view = await self.view()
         result = await self._pick_once(view, request)

@@ -41,11 +41,12 @@ from .accesslog import AccessLog
 from .admission import Admission
 from .auth import Authenticator
 from .distserve import DistServe, control_call
+from .endpoints import is_proxied
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
 from .exchange import Forwarder
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response, read_admin_body
-from .proxy import PROXY_PATHS, ProxyHandler, closing_unread, framed_twice, request_id_of
+from .proxy import ProxyHandler, closing_unread, framed_twice, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
 from .shutdown import Drain
@@ -411,7 +412,7 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.starlette(scope, receive, send)
-        elif scope["path"] in PROXY_PATHS or framed_twice(scope["headers"]):
+        elif is_proxied(scope["path"]) or framed_twice(scope["headers"]):
             # The proxy handler also refuses a request framed twice, whatever its path.
             await self.drain.serve(self.proxy, scope, receive, send)
         else:

@@ -11,6 +11,7 @@ them (a buffered answer's usage, or a stream's usage event).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -20,9 +21,10 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from starlette.types import Message, Scope, Send
 
-from shared_state import Outcome
+from shared_state import NodeState, Outcome, StateError, StoreUnavailable, UnknownNode, responses
 
 from .admission import Claim
+from .endpoints import Dialect, ResponseEngineUnavailable, endpoint_of, stream_error_event
 from .errors import (
     GatewayError,
     ModelNotFound,
@@ -30,7 +32,6 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
     error_body,
-    sse_error_event,
 )
 from .metrics import GatewayMetrics
 from .prefix import PrefixChain
@@ -81,6 +82,7 @@ class Forwarder:
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.budget = RetryBudget()
+        self.response_settings = responses.ResponseSettings()
 
     def may_retry(self) -> bool:
         """Whether the retry budget allows one more attempt (counted when it does)."""
@@ -106,10 +108,13 @@ class Exchange:
         "attempts",
         "claim",
         "complete",
+        "dialect",
+        "endpoint",
         "forwarder",
         "lease_name",
         "model",
         "node_id",
+        "pinned",
         "prefix",
         "request_id",
         "route",
@@ -132,6 +137,9 @@ class Exchange:
         self.session_key: str | None = None
         self.prefix: PrefixChain | None = None  # cache_aware: the prompt's chain
         self.claim = Claim()  # its place in the fleet's queue, should it have to wait
+        self.endpoint = endpoint_of(scope["path"], scope["method"])
+        self.dialect = self.endpoint[0].dialect if self.endpoint else Dialect.OPENAI
+        self.pinned: str | None = None  # the node holding the response this request names
         self.started = False
         self.complete = False
         self.attempts = 0
@@ -200,8 +208,12 @@ class Exchange:
         await self.start(response.status, headers)
         texts = 0
         usage = previous = b""
+        recording = self.records_response
         try:
             async for chunk in response.chunks():
+                if recording and chunk:
+                    # Known before the client can name it in its next turn, on any replica.
+                    recording = not await self._record_response(_created_id(previous + chunk))
                 if chunk:
                     if settle is not None:
                         await settle(502 if _is_error_event(chunk) else 200, True)
@@ -219,7 +231,9 @@ class Exchange:
             self.forwarder.metrics.stream_errors.inc((("node", route.node.id),))
             log.warning("stream %s from %s broke: %s", self.request_id, route.node.id, exc)
             await self.body(
-                sse_error_event(f"the node failed mid-stream: {exc}", "upstream_stream_error"),
+                stream_error_event(
+                    self.dialect, f"the node failed mid-stream: {exc}", "upstream_stream_error"
+                ),
                 more=True,
             )
             await self.body(b"")
@@ -233,6 +247,54 @@ class Exchange:
         counted = _stream_usage(usage) if usage else None
         tokens = counted.completion_tokens if counted is not None else texts
         return outcome_of(response.status), tokens, usage
+
+    # -- the Responses API's state ---------------------------------------------------------
+
+    @property
+    def records_response(self) -> bool:
+        return self.endpoint is not None and self.endpoint[0].records_response
+
+    @property
+    def forgets_response(self) -> bool:
+        return self.endpoint is not None and self.endpoint[0].forgets_response
+
+    async def _record_response(self, response_id: str | None) -> bool:
+        """Record which node holds the response this answer made; whether there was one."""
+        route = self.route
+        if not response_id or route is None:
+            return False
+        try:
+            await responses.record(
+                self.forwarder.router.store,
+                response_id,
+                route.node.id,
+                self.model,
+                self.forwarder.response_settings,
+            )
+        except (StoreUnavailable, StateError) as exc:
+            log.warning("response %s of %s not recorded: %s", response_id, route.node.id, exc)
+        return True
+
+    async def _forget_response(self) -> None:
+        if self.endpoint is not None and self.endpoint[1]:
+            with contextlib.suppress(StoreUnavailable, StateError):
+                await responses.forget(self.forwarder.router.store, self.endpoint[1])
+
+    async def _pinned_trouble(self) -> str:
+        """Why the node holding the response named by this request cannot take it."""
+        node_id = self.pinned or ""
+        what = f"the engine that holds this response ({node_id})"
+        try:
+            node = await self.forwarder.router.store.get_node(node_id)
+        except UnknownNode:
+            return f"{what} is no longer registered; the response cannot be continued elsewhere"
+        except (StoreUnavailable, StateError):
+            return f"{what} cannot be reached now"
+        if node.state is not NodeState.ACTIVE:
+            return f"{what} is {node.state.value}; the response cannot be continued elsewhere"
+        if self.model and self.model not in node.models:
+            return f"{what} does not serve model `{self.model}`"
+        return f"{what} cannot take requests now (ejected or at capacity); retry later"
 
     # -- towards the nodes ----------------------------------------------------------------
 
@@ -268,7 +330,12 @@ class Exchange:
                 session_key=self.session_key,
                 chain=self.prefix,
                 claim=self.claim,
+                only=self.pinned,
             )
+            if route is None and self.pinned is not None:
+                if attempt == 1:
+                    raise ResponseEngineUnavailable(await self._pinned_trouble())
+                raise NoNode
             if route is None:
                 raise NoNode
             tried.append(route.node.id)
@@ -297,7 +364,7 @@ class Exchange:
             try:
                 response = await forwarder.upstream.send(
                     node,
-                    "POST",
+                    scope["method"],
                     scope["path"],
                     scope["headers"],
                     body,
@@ -336,6 +403,10 @@ class Exchange:
                     metrics.attempts.inc((("node", node.id), ("result", "error")))
                     return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
                 outcome = outcome_of(status)
+                if status == 200 and self.records_response:
+                    await self._record_response(_answer_id(data))
+                elif status == 200 and self.forgets_response:
+                    await self._forget_response()
                 generated = status == 200 and scope["path"] != "/v1/embeddings"
                 usage = _usage(data) if generated else None
                 if usage is not None:
@@ -352,6 +423,42 @@ class Exchange:
                 await release  # nothing can cancel a finished exchange: no shield task needed
             else:
                 await asyncio.shield(release)
+
+
+class _Identified(msgspec.Struct):
+    id: str | None = None
+
+
+class _Created(msgspec.Struct):
+    type: str = ""
+    response: _Identified | None = None
+
+
+_decode_identified = msgspec.json.Decoder(_Identified).decode
+_decode_created = msgspec.json.Decoder(_Created).decode
+
+
+def _answer_id(data: bytes) -> str | None:
+    """A buffered Responses API answer's id."""
+    try:
+        return _decode_identified(data).id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
+def _created_id(chunk: bytes) -> str | None:
+    """The response id a stream's ``response.created`` event in ``chunk`` carries."""
+    if b"response.created" not in chunk:
+        return None
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data:") and b"response.created" in line:
+            try:
+                event = _decode_created(line[5:].strip())
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if event.type == "response.created" and event.response is not None:
+                return event.response.id
+    return None
 
 
 def _is_error_event(chunk: bytes) -> bool:

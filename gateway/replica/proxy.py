@@ -21,13 +21,21 @@ from typing import Any
 import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
-from shared_state import Priority, StateError, Store
+from shared_state import Priority, StateError, Store, StoreUnavailable, responses
 from shared_state import limits as key_limits
 
 from .accesslog import AccessLog
 from .admission import PRIORITY_NAMES, Claim
 from .auth import Authenticator
 from .distserve import DistServe
+from .endpoints import (
+    Body,
+    Endpoint,
+    ResponseNotFound,
+    multipart_boundary,
+    multipart_field,
+    reshape_error,
+)
 from .errors import (
     AmbiguousFraming,
     BadRequest,
@@ -36,8 +44,10 @@ from .errors import (
     InvalidJSON,
     MethodNotAllowed,
     MissingModel,
+    NotFound,
     RateLimited,
     RequestTimeout,
+    StoreDown,
     UnsupportedMediaType,
     render,
 )
@@ -46,7 +56,6 @@ from .prefix import PromptView, read_prompt
 
 log = logging.getLogger("fleetgate.request")
 
-PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 DISTSERVE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 WATCH_AFTER_S = 0.05  # when to start watching for a client disconnect
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
@@ -58,6 +67,7 @@ class RequestView(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
     user: str | None = None  # the session key of session_affinity, after X-Session-ID
+    previous_response_id: str | None = None  # the Responses API: the response it continues
 
 
 _decode_view = msgspec.json.Decoder(RequestView).decode
@@ -130,17 +140,17 @@ class ProxyHandler:
         body: bytes | None = None
         try:
             _check_framing(headers)
-            if scope["method"] != "POST":
-                error = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST")
-                error.headers = ((b"allow", b"POST"),)
-                raise error
+            endpoint = _endpoint(exchange)
             key = await self.auth.check_client(headers)
             exchange.claim = self._claim(headers, key)
             if key is not None:  # a stored key: its limits, if it has any
                 slot = await self._check_key_limits(key, exchange.lease_name)
                 if slot is not None:
                     exchange.send = slot.freeing(send)
-            _check_content_type(headers)
+            if endpoint.body is Body.JSON:
+                _check_content_type(headers)
+            elif endpoint.body is Body.MULTIPART:
+                boundary = multipart_boundary(_header_bytes(headers, b"content-type"))
             try:
                 # A body trickled in forever would hold the connection and the key's slot.
                 async with asyncio.timeout(self.body_timeout_s):
@@ -149,9 +159,19 @@ class ProxyHandler:
                 raise RequestTimeout(
                     f"the request body did not arrive within {self.body_timeout_s:g} s"
                 ) from None
-            view = self._read_view(body, exchange)
-            exchange.model = view.model or ""
-            exchange.session_key = _session_key(headers) or view.user
+            if endpoint.body is Body.JSON:
+                view = self._read_view(body, exchange)
+                exchange.model = view.model or ""
+                exchange.session_key = _session_key(headers) or view.user
+                previous = getattr(view, "previous_response_id", None)
+                if previous:
+                    await self._pin(exchange, previous, "previous_response_id")
+            elif endpoint.body is Body.MULTIPART:
+                exchange.model = _form_model(body, boundary)
+                exchange.session_key = _session_key(headers)
+            else:
+                assert exchange.endpoint is not None
+                await self._pin(exchange, exchange.endpoint[1], None)
             self.forwarder.budget.on_request()
             await self._serve_watching(receive, exchange, body)
         except ClientGone:
@@ -177,6 +197,27 @@ class ProxyHandler:
                 self._log_access(exchange, model, elapsed)
             if slot is not None:
                 await slot.free()
+
+    async def _pin(self, exchange: Exchange, response_id: str, param: str | None) -> None:
+        """Send ``exchange`` to the node that holds ``response_id``, whatever the strategy."""
+        try:
+            held = await responses.holder(
+                self.router.store, response_id, self.forwarder.response_settings
+            )
+        except StoreUnavailable:
+            raise StoreDown(
+                f"cannot find which engine holds response `{response_id[:80]}`: the store is "
+                "unreachable"
+            ) from None
+        if held is None:
+            raise ResponseNotFound(
+                f"Response with id '{response_id[:80]}' not found: no engine of this fleet is "
+                "known to hold it (never stored, expired, or deleted).",
+                param=param,
+            )
+        exchange.pinned = held.node_id
+        if not exchange.model:
+            exchange.model = held.model
 
     def _claim(self, headers: Headers, key: str | None) -> Claim:
         """The request's place in the fleet's queue: ``x-fleetgate-priority`` (else its key's
@@ -228,6 +269,7 @@ class ProxyHandler:
         if exchange.started:
             return
         status, body, extra = render(exc)
+        body = reshape_error(exchange.dialect, status, body)
         headers = [
             (b"content-type", JSON),
             (b"content-length", str(len(body)).encode()),
@@ -360,6 +402,35 @@ def request_id_of(headers: Headers) -> str:
                 return text
             break
     return os.urandom(12).hex()
+
+
+def _endpoint(exchange: Exchange) -> Endpoint:
+    """The request's endpoint, its method allowed (else 405 with Allow)."""
+    found = exchange.endpoint
+    method = exchange.scope["method"]
+    if found is None:
+        raise NotFound(f"no route {exchange.scope['path']}")
+    endpoint = found[0]
+    if method not in endpoint.methods:
+        allowed = ", ".join(sorted(endpoint.methods))
+        error = MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
+        error.headers = ((b"allow", allowed.encode()),)
+        raise error
+    return endpoint
+
+
+def _form_model(body: bytes, boundary: bytes) -> str:
+    model = multipart_field(body, boundary, b"model")
+    if not model:
+        raise MissingModel("you must provide a model parameter (a form field)")
+    return model
+
+
+def _header_bytes(headers: Headers, wanted: bytes) -> bytes:
+    for name, value in headers:
+        if name == wanted:
+            return value
+    return b""
 
 
 def _header(headers: Headers, wanted: bytes) -> str | None:

@@ -130,10 +130,14 @@ class Router:
         session_key: str | None = None,
         chain: PrefixChain | None = None,
         claim: Claim | None = None,
+        only: str | None = None,
+        wait: bool = True,
     ) -> Route | None:
         """A node for one attempt, its lease held; ``None`` when no node can serve ``model``.
         When the fitting nodes are at capacity the request waits in the fleet's queue (as
-        ``claim`` places it), raising :class:`QueueFull` or :class:`QueueTimeout`."""
+        ``claim`` places it), raising :class:`QueueFull` or :class:`QueueTimeout`. ``only``:
+        the one node that may take it (it holds the state the request continues); without
+        ``wait`` a full node raises :class:`NodesFull` instead."""
         try:
             pick = await self.store.pick(
                 model,
@@ -145,12 +149,21 @@ class Router:
                 session_key=session_key,
                 blocks=chain.blocks if chain is not None else (),
                 priority=claim.priority if claim is not None else Priority.NORMAL,
+                only=only,
             )
         except NodesFull as full:
+            if not wait:
+                raise
+            if only is not None:  # the queue admits to any node: this request needs that one
+                return await self._pinned_when_room(model, request_id, exclude, role, only, claim)
             return await self._queued(model, request_id, exclude, role, chain, claim, full)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc((("op", "pick"),))
             self._enter_degraded(exc)
+            if only is not None:  # the local fallback may only pick that node, too
+                view = self.store.cached_view
+                fits = view.candidates(model, role) if view is not None else []
+                exclude = [n for n in fits if n != only]
             route = await self._local_route(model, request_id, exclude, role)
             if route is not None:
                 route.chain = chain
@@ -176,6 +189,35 @@ class Router:
             pick.strategy.value,
             chain,
             pick.prefix_matched,
+        )
+
+    async def _pinned_when_room(
+        self,
+        model: str,
+        request_id: str,
+        exclude: list[str],
+        role: int,
+        only: str,
+        claim: Claim | None,
+    ) -> Route | None:
+        """A request that only one node can take, and that node full: ask again every 50 ms
+        until the queue timeout (the fleet's queue would admit it to any node)."""
+        started = time.monotonic()
+        deadline = started + self.admission.timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(NodesFull):
+                route = await self.pick(
+                    model, request_id, exclude, role, claim=claim, only=only, wait=False
+                )
+                if route is not None:
+                    route.queued_ms = (time.monotonic() - started) * 1000
+                return route
+        self.metrics.queue_refusals.inc((("reason", "timeout"),))
+        raise QueueTimeout(
+            f"node {only}, which holds the state this request continues, had no room within "
+            f"{self.admission.timeout_s:g} s",
+            self.admission.retry_after_s,
         )
 
     async def _queued(
