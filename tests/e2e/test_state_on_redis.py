@@ -12,6 +12,7 @@ from tests.unit import (
     test_pd_state,
     test_prefix_index,
     test_registry_restore,
+    test_responses_state,
     test_store,
 )
 
@@ -67,6 +68,10 @@ class TestNodeCapacity(test_admission_settings.TestNodeCapacity):
 
 class TestKeyAdmission(test_admission_settings.TestKeyAdmission):
     """Client keys' priorities and shares, on Redis."""
+
+
+class TestResponseMap(test_responses_state.TestResponseMap):
+    """The stored-response map, on Redis."""
 
 
 # -- the health ledger: tests/unit/test_health.py -------------------------------------------
