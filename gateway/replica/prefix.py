@@ -56,6 +56,7 @@ class PromptView(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
     user: str | None = None
+    previous_response_id: str | None = None
     messages: list[_Message] | None = None
     prompt: str | list[Any] | None = None
     tools: msgspec.Raw = msgspec.Raw()

@@ -163,9 +163,8 @@ class ProxyHandler:
                 view = self._read_view(body, exchange)
                 exchange.model = view.model or ""
                 exchange.session_key = _session_key(headers) or view.user
-                previous = getattr(view, "previous_response_id", None)
-                if previous:
-                    await self._pin(exchange, previous, "previous_response_id")
+                if view.previous_response_id:
+                    await self._pin(exchange, view.previous_response_id, "previous_response_id")
             elif endpoint.body is Body.MULTIPART:
                 exchange.model = _form_model(body, boundary)
                 exchange.session_key = _session_key(headers)
