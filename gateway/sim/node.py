@@ -127,12 +127,10 @@ class SimNode:
         self._queue: deque[asyncio.Future[None]] = deque()
         self.running = dict.fromkeys(config.models, 0)
         self.waiting = dict.fromkeys(config.models, 0)
-        self._n_running = 0
-        self._n_waiting = 0
-        self.peak = 0  # the most requests it held at once (running and waiting), since reset
-        self.served = 0
-        self.requests_total = 0
-        self.peak = 0
+        self._n_running = self._n_waiting = 0
+        self.served = self.requests_total = self.peak = 0  # peak: most held at once, since reset
+        self._ends: list[float] = []  # when each slot free now was freed (wall s), last last
+        self._gaps: deque[tuple[float, float, int]] = deque(maxlen=20_000)  # see _acquire
         self.fault = Fault(config.fault)
         self._fault_epoch = 0  # bumped by explicit changes only, which is what releases "hang"
         self._closing = False
@@ -166,19 +164,16 @@ class SimNode:
         if count is not None and count < 1:
             raise ValueError("count must be >= 1")
         fault = Fault(mode, count)
-        if delay_s is not None:
-            fault.delay_s = delay_s
-        if factor is not None:
-            fault.factor = factor
-        if after_tokens is not None:
-            fault.after_tokens = after_tokens
+        fault.delay_s = fault.delay_s if delay_s is None else delay_s
+        fault.factor = fault.factor if factor is None else factor
+        fault.after_tokens = fault.after_tokens if after_tokens is None else after_tokens
         self.fault = fault
         self._fault_epoch += 1
 
     def reset(self) -> None:
         self.set_fault("none")
-        self.served = 0
-        self.requests_total = 0
+        self.served = self.requests_total = self.peak = 0
+        self._ends, self._gaps = [], deque(maxlen=self._gaps.maxlen)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -186,6 +181,7 @@ class SimNode:
             "running": self._n_running,
             "waiting": self._n_waiting,
             "peak": self.peak,
+            "idle_gaps": [[round(t, 3), round((t - end) * 1000, 3), n] for t, end, n in self._gaps],
             "served": self.served,
             "active_connections": sum(1 for t in self._conns if not t.is_closing()),
             "fault": self.fault.mode,
@@ -217,6 +213,8 @@ class SimNode:
     async def _acquire(self, request: web.Request, model: str) -> None:
         self.peak = max(self.peak, self._n_running + self._n_waiting + 1)
         if self._free > 0 and not self._queue:
+            if self._ends:  # the slot freed last taken again: (arrival, its end, requests running)
+                self._gaps.append((time.time(), self._ends.pop(), self._n_running))
             self._free -= 1
             return
         if self._n_waiting >= self.config.max_queue:
@@ -244,10 +242,12 @@ class SimNode:
             self._n_waiting -= 1
 
     def _release(self) -> None:
+        self._ends.append(time.time())  # the slot stands idle from now until taken (_acquire)
         while self._queue:
             fut = self._queue.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(None)  # taken at once by a request waiting here: idle for no time
+                self._gaps.append((self._ends[-1], self._ends.pop(), self._n_running))
                 return
         self._free += 1
 
