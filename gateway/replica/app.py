@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.common.metrics import Counter
+from gateway.common.metrics import Counter, Merge
 from gateway.common.pd_cleanup import DistServeMetrics, PDCleaner
 from shared_state import (
     Node,
@@ -51,6 +52,7 @@ from .routing import Router
 from .settings import GatewaySettings
 from .shutdown import Drain
 from .upstream import Timeouts, Upstream, UpstreamFailure
+from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger("fleetgate.gateway")
 
@@ -63,7 +65,12 @@ EMBEDDED_WARNING = (
 class Gateway:
     """Everything one gateway process holds, built from its settings."""
 
-    def __init__(self, settings: GatewaySettings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: Store | None = None,
+        metrics_folder: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.replica = settings.replica()
         store_settings = StoreSettings(
@@ -82,6 +89,8 @@ class Gateway:
             settings=store_settings,
         )
         self.metrics = GatewayMetrics()
+        # With --workers, a scrape sums every worker's figures (exchanged in metrics_folder).
+        self.worker_metrics = WorkerMetrics(self.metrics, metrics_folder)
         self.registry_restores = Counter(
             "fleetgate_registry_restores_total",
             "Registries this replica restored into a store that had lost its own.",
@@ -145,6 +154,7 @@ class Gateway:
             "1 while the store is unreachable or refuses this replica's leases (routing then "
             "uses local counts).",
             lambda: [((), 1.0 if self.router.degraded else 0.0)],
+            Merge.MAX,
         )
         self.metrics.gauge(
             "fleetgate_in_flight",
@@ -164,11 +174,15 @@ class Gateway:
                 counts[node.state] += 1
             return [((("state", s.value),), float(c)) for s, c in counts.items()]
 
-        self.metrics.gauge("fleetgate_nodes", "Registered nodes by state.", node_states)
+        # Every worker reads the same registry: its counts are not summed.
+        self.metrics.gauge(
+            "fleetgate_nodes", "Registered nodes by state.", node_states, Merge.LOCAL
+        )
         self.metrics.gauge(
             "fleetgate_registry_lost",
             "1 while the store has lost the registry and it is not restored yet.",
             lambda: [((), 1.0 if self.store.cache.loss is not None else 0.0)],
+            Merge.MAX,
         )
 
     async def start(self) -> None:
@@ -179,6 +193,7 @@ class Gateway:
         except StoreUnavailable as exc:
             log.warning("store unreachable at start (%s): will retry", exc)
         self.router.start()
+        await self.worker_metrics.start()
         if self.distserve is not None:
             self.distserve.start()
         if self.settings.node:
@@ -198,6 +213,7 @@ class Gateway:
             self.access_log.flush()
         await self.upstream.close()
         await self.store.close()
+        await self.worker_metrics.stop()
 
     async def _register_nodes(self) -> None:
         """Register the --node URLs, asking each its models; retry until each answers."""
@@ -338,7 +354,8 @@ class Gateway:
         return json_response({"success": report["failed"] == 0, **report})
 
     async def metrics_text(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        body = await self.worker_metrics.render()
+        return Response(body, media_type="text/plain; version=0.0.4")
 
 
 def _store_state(store_ok: bool, renew_failure: StoreUnavailable | None) -> str:
@@ -432,5 +449,7 @@ def with_request_id(scope: Scope, send: Send) -> Send:
     return send_with_id
 
 
-def create_app(settings: GatewaySettings, store: Store | None = None) -> GatewayApp:
-    return GatewayApp(Gateway(settings, store))
+def create_app(
+    settings: GatewaySettings, store: Store | None = None, metrics_folder: Path | None = None
+) -> GatewayApp:
+    return GatewayApp(Gateway(settings, store, metrics_folder))

@@ -1,4 +1,5 @@
-"""Every metric a gateway replica exports."""
+"""Every metric a gateway replica exports, as one process's snapshot (summed over the
+replica's workers by :mod:`.worker_metrics`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from collections.abc import Callable, Iterable
 from gateway.common.metrics import (
     LATENCY_BUCKETS_S,
     Counter,
+    Family,
     Gauge,
     Histogram,
     Labels,
-    format_labels,
-    render_text,
+    Merge,
+    Series,
+    render_families,
 )
+
+GaugeRead = Callable[[], Iterable[tuple[Labels, float]]]
 
 
 class GatewayMetrics:
@@ -77,38 +82,39 @@ class GatewayMetrics:
             "Time until the upstream answered with headers, by model.",
             LATENCY_BUCKETS_S,
         )
-        self._gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self._gauges: list[tuple[str, str, Merge, GaugeRead]] = []
         self.extra: list[Counter] = []  # counters of optional parts (DistServe)
 
-    def gauge(
-        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
-    ) -> None:
-        self._gauges.append((name, help_text, read))
+    def gauge(self, name: str, help_text: str, read: GaugeRead, merge: Merge = Merge.SUM) -> None:
+        """A gauge read when scraped; ``merge`` says how the workers' values add up."""
+        self._gauges.append((name, help_text, merge, read))
+
+    def snapshot(self) -> list[Family]:
+        """Every metric's values now, gauges read."""
+        metrics: tuple[Counter | Histogram, ...] = (
+            self.requests,
+            self.attempts,
+            self.retries,
+            self.retry_budget_exhausted,
+            self.ejections,
+            self.store_errors,
+            self.disconnects,
+            self.stream_errors,
+            self.prefix_blocks,
+            self.queue_depth,
+            self.admissions,
+            self.queue_refusals,
+            self.queue_wait,
+            self.latency,
+            self.ttfb,
+            *self.extra,
+        )
+        families = [metric.family() for metric in metrics]
+        for name, help_text, merge, read in self._gauges:
+            series = tuple(Series(labels, value) for labels, value in read())
+            families.append(Family(name, help_text, "gauge", merge, series))
+        return families
 
     def render(self) -> bytes:
-        lines = render_text(
-            (
-                self.requests,
-                self.attempts,
-                self.retries,
-                self.retry_budget_exhausted,
-                self.ejections,
-                self.store_errors,
-                self.disconnects,
-                self.stream_errors,
-                self.prefix_blocks,
-                self.queue_depth,
-                self.admissions,
-                self.queue_refusals,
-                self.queue_wait,
-                self.latency,
-                self.ttfb,
-                *self.extra,
-            )
-        )
-        for name, help_text, read in self._gauges:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} gauge")
-            for labels, value in read():
-                lines.append(f"{name}{format_labels(labels)} {value:g}")
-        return ("\n".join(lines) + "\n").encode()
+        """This process's metrics as a Prometheus text page."""
+        return render_families(self.snapshot())

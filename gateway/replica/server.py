@@ -4,7 +4,9 @@ Stopping (SIGTERM, SIGINT) refuses new connections at once, gives requests in fl
 grace period (``--shutdown-timeout``), then cuts the rest (see :mod:`.shutdown`). With
 ``--workers N`` a master process holds the listening sockets and N spawned workers serve them;
 each worker stops the same way when the master tells it to, and also when the master is gone
-(SIGKILL, the OOM killer): a worker never serves on unsupervised.
+(SIGKILL, the OOM killer): a worker never serves on unsupervised. The master also makes the
+workers' metrics folder, through which a scrape of any worker shows the replica's sum (see
+:mod:`.worker_metrics`), and removes it when they are all gone.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 
 import h11
 from hypercorn.asyncio.run import worker_serve
@@ -97,10 +102,12 @@ async def serve_async(
     settings: GatewaySettings,
     sockets: Sockets | None = None,
     master: tuple[int, EventType] | None = None,
+    metrics_folder: Path | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its ``master`` — pid and stop
-    event — says so or is gone), then drain within the grace period."""
-    app = create_app(settings)
+    event — says so or is gone), then drain within the grace period. A worker exchanges its
+    metrics with the others through ``metrics_folder``."""
+    app = create_app(settings, metrics_folder=metrics_folder)
     config = hypercorn_config(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,7 +161,7 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def run_worker(sockets: Sockets, told: EventType, master_pid: int) -> None:
+def run_worker(sockets: Sockets, told: EventType, master_pid: int, metrics_folder: str) -> None:
     """One ``--workers`` process (spawned by :func:`run_master`): serves the master's sockets
     with the command line handed down in the environment."""
     _die_with_parent()
@@ -166,7 +173,7 @@ def run_worker(sockets: Sockets, told: EventType, master_pid: int) -> None:
         contextlib.suppress(KeyboardInterrupt),
         asyncio.Runner(loop_factory=loop_factory()) as runner,
     ):
-        runner.run(serve_async(settings, sockets, (master_pid, told)))
+        runner.run(serve_async(settings, sockets, (master_pid, told), Path(metrics_folder)))
 
 
 def run_master(settings: GatewaySettings, args: Sequence[str]) -> int:
@@ -178,6 +185,7 @@ def run_master(settings: GatewaySettings, args: Sequence[str]) -> int:
     sockets = config.create_sockets()
     context = multiprocessing.get_context("spawn")
     told = context.Event()
+    metrics_folder = tempfile.mkdtemp(prefix="fleetgate-metrics-")
 
     def stop(*_: object) -> None:
         told.set()
@@ -185,7 +193,7 @@ def run_master(settings: GatewaySettings, args: Sequence[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     workers = [
-        context.Process(target=run_worker, args=(sockets, told, os.getpid()))
+        context.Process(target=run_worker, args=(sockets, told, os.getpid(), metrics_folder))
         for _ in range(settings.workers)
     ]
     for worker in workers:
@@ -207,6 +215,7 @@ def run_master(settings: GatewaySettings, args: Sequence[str]) -> int:
             told.set()  # one worker gone: the replica stops as a whole
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.close()
+    shutil.rmtree(metrics_folder, ignore_errors=True)
     return status
 
 
