@@ -33,7 +33,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from . import flavors
+from . import apis, flavors
 from .answers import (
     ApiError,
     completion_body,
@@ -610,7 +610,7 @@ def build_app(config: SimConfig) -> web.Application:
         app.router.add_post("/reset_prefix_cache", node.reset_prefix_cache)
     if node.pd is not None:
         add_routes(app, node.pd)
-    return app
+    return apis.add_routes(app, node)  # the Responses, Messages, rerank, audio... APIs
 
 
 async def serve(config: SimConfig) -> None:
