@@ -47,6 +47,7 @@ from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, render
 from .exchange import Forwarder
 from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response, read_admin_body
+from .openapi import ApiDocs
 from .proxy import ProxyHandler, closing_unread, framed_twice, request_id_of
 from .routing import Router
 from .settings import GatewaySettings
@@ -408,6 +409,7 @@ def build_starlette(gateway: Gateway) -> Starlette:
         Route("/nodes/terminate_all", gateway.nodes.terminate_all, methods=["GET"]),
         Route("/distserve/connection_warmup", gateway.connection_warmup, methods=["POST"]),
         Route("/distserve/gc", gateway.gc, methods=["POST"]),
+        *ApiDocs().routes(),  # /openapi.json, /docs
     ]
     handlers: dict[Any, Any] = {HTTPException: _error_handler, Exception: _error_handler}
     for cls in (GatewayError, StateError):
