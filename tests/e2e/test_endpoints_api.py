@@ -17,6 +17,7 @@ import pytest
 
 from tests.support import MODEL
 from tests.support.clients import async_sdk
+from tests.support.harness import RedisServer
 from tests.support.processes import Gateway, Process, SimNode, ops
 
 KEY = "sk-endpoints-0123456789abcdef"
@@ -32,20 +33,35 @@ class Fleet:
         return next(n for n in self.nodes if n.url == url)
 
 
-@pytest.fixture
-def fleet(redis_url: str, procs: list[Process]) -> Iterator[Fleet]:
-    nodes = [SimNode("--tokens-per-s", "200", name=f"api{i}") for i in range(2)]
-    procs += nodes
-    for node in nodes:
-        assert ops(redis_url, "nodes", "add", node.url, "--model", MODEL).returncode == 0
-    gateways = [
-        Gateway("--redis-url", redis_url, "--strategy", "round_robin", name=f"apigw{i}")
-        for i in range(2)
-    ]
-    procs += gateways
-    for gateway in gateways:
-        gateway.wait_models(MODEL)
-    yield Fleet(nodes, gateways, redis_url)
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """One fleet for the module (its own Redis): a test that changes it puts it back."""
+    redis = RedisServer().start()
+    procs: list[Process] = []
+    try:
+        nodes = [SimNode("--tokens-per-s", "200", name=f"api{i}") for i in range(2)]
+        procs += nodes
+        for node in nodes:
+            assert ops(redis.url, "nodes", "add", node.url, "--model", MODEL).returncode == 0
+        gateways = [
+            Gateway("--redis-url", redis.url, "--strategy", "round_robin", name=f"apigw{i}")
+            for i in range(2)
+        ]
+        procs += gateways
+        for gateway in gateways:
+            gateway.wait_models(MODEL)
+        yield Fleet(nodes, gateways, redis.url)
+    finally:
+        for proc in reversed(procs):
+            proc.close()
+        redis.close()
+
+
+@pytest.fixture(autouse=True)
+def healthy_nodes(fleet: Fleet) -> Iterator[None]:
+    for node in fleet.nodes:
+        node.fault("none")
+    yield
 
 
 @pytest.fixture
@@ -61,6 +77,7 @@ async def test_a_chain_of_responses_stays_on_its_node_across_replicas(
 ) -> None:
     """Six turns alternating replicas, round_robin routing: every turn after the first names
     the one before, and only the node that made it holds it (any other answers 404)."""
+    before = [n.stats()["paths"].get("/v1/responses", 0) for n in fleet.nodes]
     raw = await clients[0].responses.with_raw_response.create(
         model=MODEL, input="say hello", max_output_tokens=4
     )
@@ -81,7 +98,10 @@ async def test_a_chain_of_responses_stays_on_its_node_across_replicas(
     # Meanwhile round_robin spread other traffic over both nodes.
     for client in clients:
         await client.responses.create(model=MODEL, input="fresh", max_output_tokens=1)
-    paths = [n.stats()["paths"].get("/v1/responses", 0) for n in fleet.nodes]
+    paths = [
+        n.stats()["paths"].get("/v1/responses", 0) - b
+        for n, b in zip(fleet.nodes, before, strict=True)
+    ]
     assert all(paths) and sum(paths) == 8
 
     # By id, from either replica: retrieve, the input items, then delete; deleted is unknown.
@@ -144,15 +164,18 @@ async def test_unknown_and_unavailable_responses_are_clear_errors(
         assert unavailable.value.status_code == 503
         assert unavailable.value.code == "response_engine_unavailable"
         assert "draining" in unavailable.value.message
-    # Never a silent new conversation elsewhere: the other node got no continuation.
-    other = next(n for n in fleet.nodes if n.url != node)
-    assert other.stats()["last_headers"].get("/v1/responses") is None or held not in str(
-        other.stats()
+    back = await asyncio.to_thread(ops, fleet.redis_url, "nodes", "set", node, "--state", "active")
+    assert back.returncode == 0, back.stderr
+    await asyncio.sleep(1.2)
+    # Back in service, the node continues its response: nothing was started elsewhere.
+    answer = await clients[1].responses.create(
+        model=MODEL, input="again", previous_response_id=held, max_output_tokens=1
     )
+    assert answer.previous_response_id == held
 
 
-async def test_anthropic_messages_through_its_sdk(fleet: Fleet, redis_url: str) -> None:
-    added = await asyncio.to_thread(ops, redis_url, "keys", "add", "claude", "--key", KEY)
+async def test_anthropic_messages_through_its_sdk(fleet: Fleet) -> None:
+    added = await asyncio.to_thread(ops, fleet.redis_url, "keys", "add", "claude", "--key", KEY)
     assert added.returncode == 0, added.stderr
     await asyncio.sleep(1.2)  # every replica learns that keys are required
     gateway = fleet.gateways[0]
@@ -206,6 +229,11 @@ async def test_anthropic_messages_through_its_sdk(fleet: Fleet, redis_url: str) 
     last = [h for h in seen if h and h.get("anthropic-version") == "2023-06-01"]
     assert last and not last[0].get("x-api-key")
     assert KEY not in str(last[0].get("authorization"))
+    # Open again for the module's other tests.
+    for command in (("keys", "revoke", "claude"), ("keys", "open")):
+        done = await asyncio.to_thread(ops, fleet.redis_url, *command)
+        assert done.returncode == 0, done.stderr
+    await asyncio.sleep(1.2)
 
 
 async def test_a_cut_stream_ends_with_its_protocols_error_event(fleet: Fleet) -> None:
