@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -151,3 +152,54 @@ async def test_nodes_add_learns_the_engines_models(
                 json={"model": llama_build.name, "prompt": "Hi", "max_tokens": 1},
             )
             assert answer.status_code == 200, answer.text
+
+
+async def test_the_rest_of_the_api_on_real_engines(
+    start_fleet: StartFleet, llama_build: LlamaBuild
+) -> None:
+    """What llama-server serves besides chat, through both replicas: Anthropic's Messages API
+    with the ``anthropic`` SDK (plain, streamed, count_tokens), OpenAI's Responses API (its id
+    recorded, so a call by id goes to the engine that made it), tokenize and detokenize."""
+    model = llama_build.name
+    replicas = start_fleet("--strategy", "round_robin")
+    for gateway in replicas:
+        claude = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="none", max_retries=0)
+        try:
+            message = await claude.messages.create(
+                model=model,
+                max_tokens=6,
+                messages=[{"role": "user", "content": "Say something."}],
+                extra_body={"temperature": 0},
+            )
+            assert message.type == "message" and message.usage.output_tokens == 6
+            async with claude.messages.stream(
+                model=model,
+                max_tokens=6,
+                messages=[{"role": "user", "content": "Say something."}],
+                extra_body={"temperature": 0},
+            ) as stream:
+                streamed = "".join([text async for text in stream.text_stream])
+            texts = "".join(b.text for b in message.content if b.type == "text")
+            assert streamed == texts  # greedy: the same answer however it came
+            counted = await claude.messages.count_tokens(
+                model=model, messages=[{"role": "user", "content": "Say something."}]
+            )
+            assert counted.input_tokens > 0
+        finally:
+            await claude.close()
+
+        sdk = async_sdk(gateway.url, timeout=60)
+        raw = await sdk.responses.with_raw_response.create(
+            model=model, input="Say something.", max_output_tokens=4, temperature=0
+        )
+        answer = raw.parse()
+        assert answer.id.startswith("resp_") and answer.output_text
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            asked = {"model": model, "content": "hello world"}
+            tokens = (await http.post("/tokenize", json=asked)).json()
+            text = await http.post("/detokenize", json={"model": model, **tokens})
+            assert "hello world" in text.json()["content"]
+            # By id: to the engine that made it (which keeps no responses: its own 404).
+            by_id = await http.get(f"/v1/responses/{answer.id}")
+            assert by_id.headers["x-fleetgate-node"] == raw.headers["x-fleetgate-node"]
+        await sdk.close()
