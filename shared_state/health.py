@@ -90,8 +90,7 @@ class HealthLedger:
 
     async def events(self, limit: int = 100) -> list[Event]:
         """The latest recorded transitions, newest first."""
-        raw = await self.store.read_list(self.keys.events, limit)
-        return [_decode_event(item) for item in raw]
+        return await recent_events(self.store, limit)
 
     async def sweep(self, token: int, node_ids: Iterable[str], alive_ms: int) -> Sweep:
         """Remove expired leases of ``node_ids``; return the replicas that renewed recently."""
@@ -102,6 +101,28 @@ class HealthLedger:
             raise Fenced(f"checker {self.checker_id} with token {token} no longer leads")
         live = {str(reply[i]): int(float(reply[i + 1])) for i in range(1, len(reply), 2)}
         return Sweep(int(reply[0]), live)
+
+
+async def recent_events(store: Store, limit: int) -> list[Event]:
+    """The latest ``limit`` recorded transitions, newest first; an entry that is not an
+    event (written by hand, say) is left out rather than hiding the others."""
+    if limit < 1:
+        raise InvalidInput("limit must be at least 1")
+    events = []
+    for item in await store.read_list(store.keys.events, limit):
+        try:
+            events.append(_decode_event(item))
+        except msgspec.DecodeError:
+            continue
+    return events
+
+
+async def checker_leader(store: Store) -> str | None:
+    """The id of the health-checker holding the leader lease now; None when none does."""
+    value = await store.read_value(store.keys.leader)
+    if not value:
+        return None
+    return value.split(" ", 1)[0]
 
 
 def _stored_id(node_id: str) -> str:

@@ -202,6 +202,11 @@ class Store(KeyStore):
         async with self.guard():
             return cast(list[str], await self.client.lrange(key, 0, limit - 1))
 
+    async def read_value(self, key: str) -> str | None:
+        """One string key's value; None when it does not exist."""
+        async with self.guard():
+            return cast(str | None, await self.client.get(key))
+
     async def _server_ms(self) -> int:
         """The Redis server's clock, the one every lease deadline is written in."""
         sec, usec = await self.client.time()

@@ -49,9 +49,11 @@ from .metrics import GatewayMetrics
 from .nodes_api import NodesAPI, json_response, read_admin_body
 from .openapi import ApiDocs
 from .proxy import ProxyHandler, closing_unread, framed_twice, request_id_of
+from .receipts import Receipts
 from .routing import Router
 from .settings import GatewaySettings
 from .shutdown import Drain
+from .status_page import StatusPage
 from .upstream import Timeouts, Upstream, UpstreamFailure
 from .worker_metrics import WorkerMetrics
 
@@ -134,6 +136,7 @@ class Gateway:
         forwarder = Forwarder(
             self.router, self.upstream, self.metrics, max_attempts=settings.max_attempts
         )
+        receipts = Receipts()  # the latest requests' route receipts, for the status page
         self.proxy = ProxyHandler(
             forwarder,
             self.auth,
@@ -144,7 +147,9 @@ class Gateway:
             prefix_block_bytes=(
                 settings.prefix_block_bytes if settings.strategy is Strategy.CACHE_AWARE else None
             ),
+            receipts=receipts,
         )
+        self.status_page = StatusPage(self.store, self.auth, receipts, self.replica)
         self._tasks: list[asyncio.Task[None]] = []
         self.drain = Drain()  # the proxied requests in flight, cut at shutdown
         self._register_metrics()
@@ -402,6 +407,10 @@ def build_starlette(gateway: Gateway) -> Starlette:
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
         Route("/nodes/status", gateway.nodes.status, methods=["GET"]),
         Route("/nodes/replicas", gateway.nodes.replicas, methods=["GET"]),
+        Route("/nodes/events", gateway.status_page.events, methods=["GET"]),
+        Route("/nodes/receipts", gateway.status_page.receipts_json, methods=["GET"]),
+        Route("/nodes/checker", gateway.status_page.checker, methods=["GET"]),
+        Route("/ui", gateway.status_page.page, methods=["GET"]),
         Route("/nodes/add", gateway.nodes.add, methods=["POST"]),
         Route("/nodes/remove", gateway.nodes.remove, methods=["POST"]),
         Route("/nodes/drain", gateway.nodes.drain, methods=["POST"]),

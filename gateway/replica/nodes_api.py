@@ -77,6 +77,7 @@ def node_status_entry(status: NodeStatus) -> dict[str, Any]:
         "role": int(node.role),
         "state": node.state.value,
         "state_reason": node.state_reason,
+        "state_since_ms": node.state_since_ms,
         "weight": node.weight,
         "has_api_key": node.api_key is not None,
         "insecure": node.insecure,

@@ -53,6 +53,7 @@ from .errors import (
 )
 from .exchange import JSON, Exchange, Forwarder, Headers
 from .prefix import PromptView, read_prompt
+from .receipts import Receipts
 
 log = logging.getLogger("fleetgate.request")
 
@@ -118,9 +119,11 @@ class ProxyHandler:
         access_log: AccessLog | None = None,
         distserve: DistServe | None = None,
         prefix_block_bytes: int | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         """``prefix_block_bytes``: with cache_aware, the block size of prompts' prefix chains
-        (None: the prompt is never read)."""
+        (None: the prompt is never read); ``receipts``: where the latest requests' route
+        receipts are kept for the status page."""
         self.forwarder = forwarder
         self.router = forwarder.router
         self.metrics = forwarder.metrics
@@ -130,6 +133,7 @@ class ProxyHandler:
         self.access_log = access_log
         self.distserve = distserve
         self.prefix_block_bytes = prefix_block_bytes
+        self.receipts = receipts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_at = time.perf_counter()
@@ -194,6 +198,8 @@ class ProxyHandler:
                 self.metrics.latency.observe((("model", model),), elapsed)
             if self.access_log is not None:
                 self._log_access(exchange, model, elapsed)
+            if self.receipts is not None:
+                self._keep_receipt(exchange, elapsed)
             if slot is not None:
                 await slot.free()
 
@@ -384,6 +390,22 @@ class ProxyHandler:
                 ]
         assert self.access_log is not None
         self.access_log.write(record)
+
+    def _keep_receipt(self, exchange: Exchange, elapsed_s: float) -> None:
+        """The request as the status page lists it: what the access log says, in short."""
+        assert self.receipts is not None
+        route = exchange.route
+        self.receipts.record(
+            t_ms=int(time.time() * 1000),
+            request_id=exchange.request_id,
+            path=exchange.scope["path"],
+            model=exchange.model[:200] or None,
+            node=route.node.id if route is not None else None,
+            status=exchange.status,
+            ms=round(elapsed_s * 1000, 2),
+            attempts=exchange.attempts,
+            route=route,
+        )
 
 
 async def _wait_disconnect(receive: Receive) -> None:
