@@ -19,11 +19,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from scripts.bench.admission_charts import write_admission_chart
-from scripts.bench.admission_report import (
-    admission_summary_line,
-    print_admission_report,
-    write_admission_markdown,
-)
+from scripts.bench.admission_page import write_admission_markdown
+from scripts.bench.admission_report import admission_summary_line, print_admission_report
 from scripts.bench.admission_runs import run_admission
 from scripts.bench.admission_targets import evaluate_admission
 from scripts.bench.admission_workload import AdmissionScenario, setups
