@@ -228,13 +228,18 @@ class Admission:
                         waiter.future.set_exception(TicketLost())
 
     async def after_release(self, models: tuple[str, ...], roles: tuple[int, ...]) -> None:
-        """A lease on a node with a capacity ended: admit the queues it may serve."""
+        """A lease on a node with a capacity ended: admit the queues it may serve. A request of
+        this replica admitted so goes on at once, without waiting for its message."""
+        mine = self.replica + ":"
         for model in models:
             for role in roles:
                 try:
-                    await fleet_queue.admit(self.store, model, role)
+                    report = await fleet_queue.admit(self.store, model, role)
                 except (StoreUnavailable, StateError):
                     return
+                for admitted in report.admitted:
+                    if admitted.member.startswith(mine):
+                        self._admitted(admitted.member, admitted.node_id)
 
     # -- the local fallback -----------------------------------------------------------------
 

@@ -14,6 +14,12 @@ from tests.support import ROOT
 
 COMPOSE = ROOT / "compose.yaml"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "fleetgate.json"
+GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
+# The images that are not fleetgate's, and where the observability ones listen by default.
+OTHER_IMAGES = ("redis", "haproxy", "prom/prometheus", "grafana/grafana")
+IMAGE_PORTS = {"prometheus": 9090, "grafana": 3000}
 IMAGE = "fleetgate"
 # Where each long-running command takes its listening port: flag, variable, default.
 LISTEN: dict[str, tuple[str, str | None, int]] = {
@@ -79,10 +85,11 @@ def command_of(service: dict[str, Any]) -> list[str]:
 
 
 def kind_of(service: dict[str, Any]) -> str:
-    if str(service.get("image", "")).startswith("redis"):
-        return "redis"
-    if str(service.get("image", "")).startswith("haproxy"):
-        return "haproxy"
+    """``serve``, ``health-checker``, ... for fleetgate's image; else the image's name, the
+    registry's namespace left out (``redis``, ``haproxy``, ``prometheus``, ``grafana``)."""
+    image = str(service.get("image", "")).split(":")[0]
+    if image in OTHER_IMAGES:
+        return image.rpartition("/")[2]
     return command_of(service)[0]
 
 
@@ -98,6 +105,8 @@ def flag_value(args: list[str], flag: str) -> str | None:
 def listen_port(service: dict[str, Any]) -> int | None:
     """The port the service listens on inside its container; None if it serves nothing."""
     kind = kind_of(service)
+    if kind in IMAGE_PORTS:
+        return IMAGE_PORTS[kind]
     if kind not in LISTEN:
         return None
     flag, variable, default = LISTEN[kind]

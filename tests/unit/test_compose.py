@@ -4,12 +4,15 @@
 - every fleetgate service's command and ``FLEETGATE_*`` environment is parsed by the very code
   the container runs, and every ``<service>:<port>`` reference names a service on its port;
 - the Dockerfile's entry point is the ``fleetgate`` command and its build context (after
-  ``.dockerignore``) holds what it copies.
+  ``.dockerignore``) holds what it copies;
+- the ``observability`` profile: Prometheus scrapes every replica, checker and node on its
+  port, Grafana is provisioned with that Prometheus and the dashboard, mounted where each reads.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -17,13 +20,19 @@ from typing import Any
 
 import pytest
 
+# PyYAML has no inline types, and its stubs (types-PyYAML) are not a test dependency.
+import yaml  # type: ignore[import-untyped]
+
 from gateway.checker import health_checker as checker
 from gateway.cli import COMMANDS
 from gateway.replica import settings
 from gateway.sim import node as simnode
 from tests.support import ROOT
 from tests.support.compose import (
+    DASHBOARD,
+    GRAFANA_PROVISIONING,
     HAPROXY_CFG,
+    PROMETHEUS_YML,
     REFERENCE,
     command_of,
     dockerfile,
@@ -198,3 +207,74 @@ def test_dockerfile_runs_fleetgate_as_non_root_from_a_small_context() -> None:
     for kept_out in (".git/HEAD", "tests/unit/test_compose.py", ".venv/bin/python", "compose.yaml"):
         assert dockerignore_excludes(kept_out, patterns), kept_out
     assert dockerignore_excludes("gateway/__pycache__/app.cpython-311.pyc", patterns)
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's bind mounts: the container path of each source under the repository."""
+    found = {}
+    for volume in service.get("volumes") or ():
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            found[target] = source[2:]
+            assert (ROOT / source).exists(), f"mounted but missing: {source}"
+    return found
+
+
+def test_observability_profile_scrapes_the_fleet_and_provisions_the_dashboard() -> None:
+    services: dict[str, dict[str, Any]] = load_compose()["services"]
+    kinds = {name: kind_of(s) for name, s in services.items()}
+    profiled = {n for n, s in services.items() if "observability" in (s.get("profiles") or ())}
+    assert sorted(kinds[n] for n in profiled) == ["grafana", "prometheus"]
+    ports = {name: listen_port(s) for name, s in services.items()}
+    prometheus = next(n for n in profiled if kinds[n] == "prometheus")
+    grafana = next(n for n in profiled if kinds[n] == "grafana")
+
+    # Prometheus reads deploy/prometheus.yml, which scrapes every replica, checker and node.
+    config_file = flag_value([str(a) for a in services[prometheus]["command"]], "--config.file")
+    assert mounts(services[prometheus])[str(config_file)] == "deploy/prometheus.yml"
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    jobs = {
+        job["job_name"]: {t for group in job["static_configs"] for t in group["targets"]}
+        for job in config["scrape_configs"]
+    }
+
+    def of_kind(kind: str) -> set[str]:
+        return {f"{n}:{ports[n]}" for n in services if kinds[n] == kind}
+
+    assert jobs == {
+        "fleetgate-gateway": of_kind("serve"),
+        "fleetgate-checker": of_kind("health-checker"),
+        "nodes": of_kind("sim-node"),
+    }
+    assert all(
+        job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"]
+    )
+    assert set(services[prometheus]["depends_on"]) <= set(services)
+
+    # Grafana: its provisioning, a data source on that Prometheus, the dashboard where the
+    # dashboard provider reads and the home dashboard points.
+    mounted = mounts(services[grafana])
+    assert mounted["/etc/grafana/provisioning"] == GRAFANA_PROVISIONING.relative_to(ROOT).as_posix()
+    sources = yaml.safe_load((GRAFANA_PROVISIONING / "datasources" / "prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == f"http://{prometheus}:{ports[prometheus]}"
+    providers = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "fleetgate.yml").read_text())
+    folder = providers["providers"][0]["options"]["path"]
+    dashboard_path = next(t for t, s in mounted.items() if s == "deploy/grafana/fleetgate.json")
+    assert dashboard_path.startswith(folder.rstrip("/") + "/")
+    home = environment(services[grafana])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == dashboard_path
+    assert services[grafana]["depends_on"] == [prometheus]
+
+    # Every panel queries that data source; ids are unique and panels fit the 24-column grid.
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
