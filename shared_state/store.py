@@ -150,6 +150,12 @@ class Store(KeyStore):
             await self._fast.aclose()
         await close_redis(self.client)
 
+    @property
+    def pipelined(self) -> bool:
+        """Script calls made in one pass of the event loop reach Redis in one write, in the
+        order they were made (a plain Redis URL; not Sentinel, not the embedded store)."""
+        return self._fast is not None
+
     # -- failure handling -------------------------------------------------------------
 
     @property

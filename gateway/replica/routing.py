@@ -23,6 +23,7 @@ from shared_state import (
     Outcome,
     Priority,
     RegistryView,
+    Release,
     Role,
     StateError,
     Store,
@@ -369,21 +370,31 @@ class Router:
             return
         self.leases.pop(route.lease.member, None)
         forget = self._forgotten(route, cached) if outcome is Outcome.OK else ()
-        try:
-            result = await self.store.release(route.lease, outcome, latency_s, tokens, forget)
-        except StoreUnavailable:
+        releasing = self.store.release(route.lease, outcome, latency_s, tokens, forget)
+        node = route.node
+        roles = (0,) if node.role is Role.HYBRID else (0, int(node.role))
+        outcome_of_release: Release | BaseException
+        if node.max_inflight and self.store.pipelined:
+            # The slot goes to the queue's head at once, on whichever replica it waits: the
+            # admission pass is sent with the release, in the same write (the pipeline keeps
+            # their order), so the slot is never free for a round trip.
+            done = await asyncio.gather(
+                releasing, self.admission.after_release(node.models, roles), return_exceptions=True
+            )
+            outcome_of_release = done[0]
+        else:
+            try:
+                outcome_of_release = await releasing
+            except (StoreUnavailable, StateError) as exc:
+                outcome_of_release = exc
+            if node.max_inflight:
+                await self.admission.after_release(node.models, roles)
+        if isinstance(outcome_of_release, StoreUnavailable):
             self.metrics.store_errors.inc((("op", "release"),))
-            return
-        except StateError:
-            log.exception("release of %s failed", route.lease.member)
-            return
-        if result.ejected_now:
-            self.metrics.ejections.inc((("node", route.node.id),))
-        if route.node.max_inflight and result.released:
-            # The slot it held goes to the queue's head at once, on whichever replica it waits.
-            node = route.node
-            roles = (0,) if node.role is Role.HYBRID else (0, int(node.role))
-            await self.admission.after_release(node.models, roles)
+        elif isinstance(outcome_of_release, BaseException):
+            log.error("release of %s failed: %r", route.lease.member, outcome_of_release)
+        elif outcome_of_release.ejected_now:
+            self.metrics.ejections.inc((("node", node.id),))
 
     def _forgotten(self, route: Route, cached: tuple[int, int] | None) -> tuple[str, ...]:
         """The prompt blocks the node's answer says it did not hold, though the pick said so."""
