@@ -13,6 +13,14 @@ as ``python scripts/bench_gateway.py --serve-trivial PORT``). It then measures, 
 * p50/p99 latency at concurrency 1 (sequential requests, the paths interleaved so that they
   share the noise); added latency = through the gateway minus direct.
 
+With ``--tracing`` a second gateway worker runs beside the first with OpenTelemetry tracing on
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at a local OTLP/HTTP sink that accepts and counts
+every export, started as ``python scripts/bench_gateway.py --serve-otlp-sink PORT``; every
+request sampled, or ``--trace-ratio`` of them; the SDK's batch processor), measured the same
+way on the same node; the report adds its cost against the untraced gateway of the same run
+(p50/p99 added at c=1, the share of req/s and SSE events/s kept), the median over runs. It
+needs the ``otel`` extra.
+
 Every figure is the median of ``--runs`` runs. It prints a table, the three targets with
 "holds" or "MISSED", any errors (status codes and sample bodies) and warnings the servers
 logged, and one JSON line (``{"bench": "gateway", ...}``). Progress goes to stderr.
@@ -37,6 +45,7 @@ something failed to start.
 
     python scripts/bench_gateway.py [--runs 3] [--duration 3] [--concurrency 32]
                                     [--store {redis,embedded}] [--strategy NAME]
+                                    [--tracing [--trace-ratio 1.0]]
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.bench.ceiling import serve_trivial
 from scripts.bench.harness import Processes, RedisServer, StartupError, interrupt_on_sigterm
-from scripts.bench.paths import measure, start_paths
+from scripts.bench.otlp_sink import serve_otlp_sink, sink_stats
+from scripts.bench.paths import SINK, measure, start_paths
 from scripts.bench.report import print_gateway_report
 
 
@@ -69,10 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latency-requests", type=int, default=300, help="per path per run, c=1")
     p.add_argument("--store", choices=("redis", "embedded"), default="redis")
     p.add_argument("--strategy", default="min_expected_latency", help="the gateway's strategy")
+    p.add_argument("--tracing", action="store_true", help="also a gateway with tracing on")
+    p.add_argument(
+        "--trace-ratio", type=float, default=1.0, help="--tracing: the share of traces sampled"
+    )
     p.add_argument("--serve-trivial", type=int, metavar="PORT", help="only serve the trivial app")
+    p.add_argument("--serve-otlp-sink", type=int, metavar="PORT", help="only serve the OTLP sink")
     args = p.parse_args(argv)
     if args.serve_trivial is not None:
         return serve_trivial(args.serve_trivial)
+    if args.serve_otlp_sink is not None:
+        return serve_otlp_sink(args.serve_otlp_sink)
+    if not 0 < args.trace_ratio <= 1:
+        p.error("--trace-ratio is a share of traces: more than 0, at most 1")
     if args.runs < 1 or args.duration <= 0 or args.concurrency < 1 or args.latency_requests < 2:
         p.error("--runs, --concurrency >= 1; --duration > 0; --latency-requests >= 2")
 
@@ -93,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"started: {bases}; logs in {log_dir}", file=sys.stderr, flush=True)
         result = asyncio.run(measure(args, bases))
+        if SINK in bases:
+            result["exports"] = sink_stats(bases[SINK])
         dead = [c for c in procs.children if not c.alive()]
         findings = {c.name: c.findings() for c in procs.children}
         print_gateway_report(args, result, findings)

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.common import tracing
 from gateway.common.config import (
     ConfigError,
     Option,
@@ -300,29 +301,38 @@ class HealthChecker:
                 await asyncio.wait_for(stop.wait(), self.settings.lease_seconds / 3)
 
     async def probe_round(self) -> None:
-        """Probe every registered node concurrently, then sweep expired leases."""
-        token = self.token
-        registry = await self.store.registry()
-        self.rounds += 1
-        reports = await asyncio.gather(
-            *(self._check_isolated(node, token) for node in registry.nodes)
-        )
-        sweep = await self.ledger.sweep(
-            token, [n.id for n in registry.nodes], int(self.settings.replica_alive_seconds * 1000)
-        )
-        self.live_replicas = sweep.live_replicas
-        self.metrics.swept.inc((), sweep.pruned_leases)
-        await self.pd.sweep()
-        await self.pd.drop_departed({n.id for n in registry.nodes})
-        self.metrics.replicas.set((), len(sweep.live_replicas))
-        # Each report carries the node's state after it: no second read of the registry.
-        states = dict.fromkeys((s.value for s in NodeState), 0)
-        for report in reports:
-            if report is not None and report.state in states:
-                states[report.state] += 1
-        for state, count in states.items():
-            self.metrics.nodes.set((("state", state),), count)
-        self.metrics.rounds.inc()
+        """Probe every registered node concurrently, then sweep expired leases; one span
+        (tracing on), each node's probes a span in it."""
+        with tracing.tracer().span("fleetgate.probe_round", {"fleetgate.checker": self.id}) as span:
+            token = self.token
+            registry = await self.store.registry()
+            self.rounds += 1
+            span.update({"fleetgate.round": self.rounds, "fleetgate.nodes": len(registry.nodes)})
+            reports = await asyncio.gather(
+                *(self._check_isolated(node, token) for node in registry.nodes)
+            )
+            alive_ms = int(self.settings.replica_alive_seconds * 1000)
+            sweep = await self.ledger.sweep(token, [n.id for n in registry.nodes], alive_ms)
+            self.live_replicas = sweep.live_replicas
+            self.metrics.swept.inc((), sweep.pruned_leases)
+            await self.pd.sweep()
+            await self.pd.drop_departed({n.id for n in registry.nodes})
+            self.metrics.replicas.set((), len(sweep.live_replicas))
+            # Each report carries the node's state after it: no second read of the registry.
+            states = dict.fromkeys((s.value for s in NodeState), 0)
+            for report in reports:
+                if report is not None and report.state in states:
+                    states[report.state] += 1
+            for state, count in states.items():
+                self.metrics.nodes.set((("state", state),), count)
+            self.metrics.rounds.inc()
+            span.update(
+                {
+                    "fleetgate.swept_leases": sweep.pruned_leases,
+                    "fleetgate.live_replicas": len(sweep.live_replicas),
+                    **{f"fleetgate.nodes.{state}": count for state, count in states.items()},
+                }
+            )
 
     def _generation_due(self, node: Node) -> bool:
         if "generate" not in self.settings.probes:
@@ -374,8 +384,16 @@ class HealthChecker:
             return ProbeResult.FAIL, f"probe error: {type(exc).__name__}", None, None
 
     async def _check(self, node: Node, token: int) -> HealthReport:
-        result, reason, models, load = await self._probe(node)
-        return await self._report(node, token, result, reason, models, load)
+        with tracing.tracer().span("fleetgate.probe", {"fleetgate.node": node.id}) as span:
+            result, reason, models, load = await self._probe(node)
+            span.update({"fleetgate.probe.result": result.value, "fleetgate.probe.reason": reason})
+            report = await self._report(node, token, result, reason, models, load)
+            span.update(
+                {"fleetgate.node.state": report.state, "fleetgate.node.changed": report.changed}
+            )
+            if result is ProbeResult.FAIL:
+                span.fail("probe_failed", reason)
+            return report
 
     async def _run_probes(
         self, node: Node
@@ -479,6 +497,7 @@ async def serve_metrics(checker: HealthChecker, host: str, port_: int) -> web.Ap
 async def run_checker(settings: CheckerSettings) -> None:
     store = Store.open(settings.redis_url, prefix=settings.prefix, timeout_s=settings.timeout)
     checker = HealthChecker(settings, store)
+    tracing.setup("fleetgate-health-checker", checker.id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -497,6 +516,7 @@ async def run_checker(settings: CheckerSettings) -> None:
         if runner is not None:
             await runner.cleanup()
         await store.close()
+        tracing.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

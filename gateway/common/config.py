@@ -203,6 +203,12 @@ def argv_from_environment() -> list[str]:
     return list(json.loads(raw)) if raw else []
 
 
+def otel_environment() -> dict[str, str]:
+    """The ``OTEL_*`` variables: OpenTelemetry's SDK reads them itself, fleetgate only asks
+    whether they turn tracing on (:mod:`gateway.common.tracing`)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("OTEL_")}
+
+
 def setup_logging(level: str) -> None:
     """One log format for every fleetgate process, on stderr."""
     logging.basicConfig(

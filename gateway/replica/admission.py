@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from gateway.common.tracing import tracer
 from shared_state import Lease, Outcome, Priority, StateError, Store, StoreUnavailable
 from shared_state import admission as fleet_queue
 
@@ -100,15 +101,18 @@ class Admission:
         deadline = started + self.timeout_s
         labels = (("model", model), ("priority", claim.priority.name.lower()))
         self.metrics.queue_depth.inc(labels, 1)
-        try:
-            while True:
-                node_id = await self._wait_once(model, role, member, claim, deadline)
-                if node_id is not None:
-                    self.metrics.admissions.inc((("how", "queued"),))
-                    return node_id
-        finally:
-            self.metrics.queue_depth.inc(labels, -1)
-            self.metrics.queue_wait.observe((("model", model),), time.monotonic() - started)
+        attributes = {"gen_ai.request.model": model, "fleetgate.priority": labels[1][1]}
+        with tracer().span("fleetgate.queue", attributes) as waiting:
+            try:
+                while True:
+                    node_id = await self._wait_once(model, role, member, claim, deadline)
+                    if node_id is not None:
+                        self.metrics.admissions.inc((("how", "queued"),))
+                        waiting.set("fleetgate.node", node_id)
+                        return node_id
+            finally:
+                self.metrics.queue_depth.inc(labels, -1)
+                self.metrics.queue_wait.observe((("model", model),), time.monotonic() - started)
 
     async def _wait_once(
         self, model: str, role: int, member: str, claim: Claim, deadline: float

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from starlette.types import Message, Scope, Send
 
+from gateway.common.tracing import NO_SPAN, Span, tracer
 from shared_state import NodeState, Outcome, StateError, StoreUnavailable, UnknownNode, responses
 
 from .admission import Claim
@@ -121,6 +122,7 @@ class Exchange:
         "scope",
         "send",
         "session_key",
+        "span",
         "started",
         "status",
     )
@@ -146,6 +148,7 @@ class Exchange:
         self.route: Route | None = None
         self.status = 0
         self.node_id = ""  # the node whose answer the client got
+        self.span: Span = NO_SPAN  # the request's server span (tracing on)
 
     # -- towards the client ---------------------------------------------------------------
 
@@ -305,12 +308,14 @@ class Exchange:
         last_error: GatewayError | None = None
         for attempt in range(1, forwarder.max_attempts + 1):
             if attempt > 1 and not forwarder.may_retry():
+                self.span.set("fleetgate.retry.stopped", "retry budget exhausted")
                 break
             try:
                 error = await one(attempt)
             except NoNode as none:
                 if attempt == 1:
                     raise forwarder.no_node(self.model, none.role) from None
+                self.span.set("fleetgate.retry.stopped", "no other node")
                 break
             if error is None:
                 return
@@ -323,15 +328,17 @@ class Exchange:
         router = self.forwarder.router
 
         async def one(attempt: int) -> GatewayError | None:
-            route = await router.pick(
-                self.model,
-                f"{self.lease_name}.{attempt}",
-                tried,
-                session_key=self.session_key,
-                chain=self.prefix,
-                claim=self.claim,
-                only=self.pinned,
-            )
+            with tracer().span("fleetgate.pick") as picking:
+                route = await router.pick(
+                    self.model,
+                    f"{self.lease_name}.{attempt}",
+                    tried,
+                    session_key=self.session_key,
+                    chain=self.prefix,
+                    claim=self.claim,
+                    only=self.pinned,
+                )
+                _trace_route(picking, route)
             if route is None and self.pinned is not None:
                 if attempt == 1:
                     raise ResponseEngineUnavailable(await self._pinned_trouble())
@@ -360,6 +367,7 @@ class Exchange:
         tokens = 0
         cached: tuple[int, int] | None = None  # the answer's prompt and cached tokens
         response: UpstreamResponse | None = None
+        span = tracer().upstream(scope["method"], node.id, node.url, scope["path"], attempt)
         try:
             try:
                 response = await forwarder.upstream.send(
@@ -370,6 +378,7 @@ class Exchange:
                     body,
                     self.request_id,
                     query=scope.get("query_string", b""),
+                    traceparent=span.traceparent(),
                 )
             except UpstreamFailure as exc:
                 outcome = Outcome.FAIL
@@ -377,9 +386,14 @@ class Exchange:
                 if settle is not None:
                     await settle(None, exc.sent)
                 if exc.timeout:
-                    return UpstreamTimeout(f"node {node.id} timed out")
-                return UpstreamError(f"node {node.id} failed: {exc}")
+                    timeout = UpstreamTimeout(f"node {node.id} timed out")
+                    return _failed(span, timeout, final, "timeout")
+                error = UpstreamError(f"node {node.id} failed: {exc}")
+                return _failed(
+                    span, error, final, "connection_error" if exc.sent else "connect_error"
+                )
             status = response.status
+            span.set("http.response.status_code", status)
             # An engine may answer a stream's 200 before it starts the work: a stream is settled
             # by its first event instead.
             deferred = settle if status == 200 and response.is_event_stream else None
@@ -389,19 +403,24 @@ class Exchange:
             if status in RETRY_STATUSES and not final:
                 outcome = Outcome.NEUTRAL if status == 429 else Outcome.FAIL
                 metrics.attempts.inc((("node", node.id), ("result", str(status))))
-                return UpstreamError(f"node {node.id} answered {status}")
+                error = UpstreamError(f"node {node.id} answered {status}")
+                return _failed(span, error, final, str(status))
+            if status >= 400:
+                span.fail(str(status))
             self.node_id = node.id
             if response.is_event_stream:
                 outcome, tokens, last_usage = await self._relay_stream(response, route, deferred)
                 counted = _stream_usage(last_usage) if last_usage else None
                 cached = counted.cached() if counted is not None else None
+                _trace_usage(self.span, counted)
             else:
                 try:
                     data = await response.read()
                 except UpstreamFailure as exc:
                     outcome = Outcome.FAIL
                     metrics.attempts.inc((("node", node.id), ("result", "error")))
-                    return UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
+                    error = UpstreamTimeout(str(exc)) if exc.timeout else UpstreamError(str(exc))
+                    return _failed(span, error, final, "timeout" if exc.timeout else "body_error")
                 outcome = outcome_of(status)
                 if status == 200 and self.records_response:
                     await self._record_response(_answer_id(data))
@@ -411,10 +430,12 @@ class Exchange:
                 usage = _usage(data) if generated else None
                 if usage is not None:
                     tokens, cached = usage.completion_tokens, usage.cached()
+                _trace_usage(self.span, usage)
                 await self.send_buffered(response, data, route)
             metrics.attempts.inc((("node", node.id), ("result", str(status))))
             return None
         finally:
+            span.end()
             if response is not None:
                 response.close()
             elapsed = time.perf_counter() - started_at
@@ -423,6 +444,55 @@ class Exchange:
                 await release  # nothing can cancel a finished exchange: no shield task needed
             else:
                 await asyncio.shield(release)
+
+
+def _failed(span: Span, error: GatewayError, final: bool, kind: str) -> GatewayError:
+    """``error`` of an attempt, told to its span: its ``kind`` (``error.type``), and whether
+    another node follows (unless the retry budget or the nodes run out: the server span
+    says so)."""
+    if span.recording:
+        span.update({"fleetgate.retry": not final, "fleetgate.retry.reason": str(error)})
+        span.fail(kind, str(error))
+    return error
+
+
+def _trace_route(span: Span, route: Route | None) -> None:
+    """A pick span's attributes: how the node was chosen (the route receipt's fields)."""
+    if not span.recording:
+        return
+    if route is None:
+        span.set("fleetgate.candidates", 0)
+        return
+    span.update(
+        {
+            "fleetgate.node": route.node.id,
+            "fleetgate.strategy": route.strategy,
+            "fleetgate.candidates": route.eligible,
+            "fleetgate.score": route.score,
+            "fleetgate.in_flight": route.in_flight,
+            "fleetgate.epoch": route.epoch,
+            "fleetgate.state": "local" if route.local else "shared",
+            "fleetgate.queued_ms": route.queued_ms,
+        }
+    )
+    if route.chain is not None:
+        span.update(
+            {
+                "fleetgate.prefix.blocks": len(route.chain.blocks),
+                "fleetgate.prefix.matched_blocks": None if route.local else route.prefix_matched,
+            }
+        )
+
+
+def _trace_usage(span: Span, usage: _Usage | None) -> None:
+    """The tokens a node reported, as GenAI's semantic conventions name them."""
+    if usage is not None and span.recording:
+        span.update(
+            {
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": usage.completion_tokens,
+            }
+        )
 
 
 class _Identified(msgspec.Struct):

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.common.tracing import tracer
 from shared_state import Priority, StateError, Store, StoreUnavailable, responses
 from shared_state import limits as key_limits
 
@@ -58,6 +59,14 @@ from .receipts import Receipts
 log = logging.getLogger("fleetgate.request")
 
 DISTSERVE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# gen_ai.operation.name of the paths OpenTelemetry's GenAI conventions name.
+GENAI_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/embeddings": "embeddings",
+    "/v1/messages": "chat",
+    "/v1/responses": "chat",
+}
 WATCH_AFTER_S = 0.05  # when to start watching for a client disconnect
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -140,6 +149,7 @@ class ProxyHandler:
         headers = scope["headers"]
         request_id = request_id_of(headers)
         exchange = Exchange(self.forwarder, scope, send, request_id)
+        exchange.span = tracer().server(scope["method"], scope["path"], _route(exchange), headers)
         slot: _KeySlot | None = None  # a client key's concurrency slot
         body: bytes | None = None
         try:
@@ -185,6 +195,9 @@ class ProxyHandler:
             log.exception("request %s failed", request_id)
             await self._send_error(exchange, exc, unread=body is None and _has_body(headers))
         finally:
+            if exchange.span.recording:
+                _trace_request(exchange)
+            exchange.span.end()
             # Only models a node answered for become labels: clients cannot grow the metrics.
             model = exchange.model if exchange.node_id else ""
             labels = (
@@ -406,6 +419,37 @@ class ProxyHandler:
             attempts=exchange.attempts,
             route=route,
         )
+
+
+def _route(exchange: Exchange) -> str:
+    """The request's route for traces: its path, a by-id call's id as ``{response_id}``."""
+    found = exchange.endpoint
+    if found is None:
+        return ""
+    path: str = exchange.scope["path"]
+    return path.replace(found[1], "{response_id}", 1) if found[1] else path
+
+
+def _trace_request(exchange: Exchange) -> None:
+    """The server span's attributes once the request is over (HTTP's and GenAI's semantic
+    conventions, and the gateway's own); a 5xx marks it failed."""
+    span = exchange.span
+    route = exchange.route
+    span.update(
+        {
+            "http.response.status_code": exchange.status or None,
+            "gen_ai.operation.name": GENAI_OPERATIONS.get(exchange.scope["path"]),
+            "gen_ai.request.model": exchange.model[:200] or None,
+            "fleetgate.request_id": exchange.request_id,
+            "fleetgate.node": exchange.node_id or None,
+            "fleetgate.attempts": exchange.attempts,
+            "fleetgate.priority": exchange.claim.priority.name.lower()
+            if route is not None and route.queued_ms is not None
+            else None,
+        }
+    )
+    if exchange.status >= 500:
+        span.fail(str(exchange.status))
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -32,6 +32,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.utils import wrap_app
 
+from gateway.common import tracing
 from gateway.common.config import (
     ConfigError,
     argv_for_workers,
@@ -132,11 +133,13 @@ async def serve_async(
     if settings.disable_cache_status:
         log.info("--disable-cache-status has no effect: node state lives in the store, not a file")
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    tracing.setup("fleetgate-gateway", app.gateway.replica)  # when OTEL_* variables ask
     try:
         await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=shutdown_trigger)
     finally:
         if watcher is not None:
             watcher.cancel()
+        tracing.shutdown()
 
 
 async def _watch_master(master_pid: int, told: EventType, stop: asyncio.Event) -> None:

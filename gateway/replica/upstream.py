@@ -42,6 +42,8 @@ HOP_BY_HOP = frozenset(
 # Credentials meant for the gateway: never forwarded to a node.
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"cookie"})
 DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS
+# With tracing on, the node gets the gateway's own span as its parent instead of the client's.
+DROP_TRACED = DROP_REQUEST | {b"traceparent"}
 DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 IDLE_PER_ORIGIN = 256
 PAUSE_ABOVE_BYTES = 1 << 20  # stop reading from a node while this much waits for the client
@@ -389,17 +391,22 @@ class Upstream:
         request_id: str,
         *,
         query: bytes = b"",
+        traceparent: bytes | None = None,
     ) -> UpstreamResponse:
-        """Send one request to ``node`` and return once its headers arrived."""
+        """Send one request to ``node`` and return once its headers arrived. ``traceparent``
+        replaces the client's (None: the client's goes to the node unchanged)."""
         origin = self._origin(node)
         if origin.refusal:
             raise UpstreamFailure(origin.refusal, sent=False)
         target = origin.prefix + path.encode() + (b"?" + query if query else b"")
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header]
+        drop = DROP_REQUEST if traceparent is None else DROP_TRACED
         for name, value in headers:
-            if name not in DROP_REQUEST:
+            if name not in drop:
                 head += (b"\r\n", name, b": ", value)
         head += (b"\r\nx-request-id: ", request_id.encode())
+        if traceparent is not None:
+            head += (b"\r\ntraceparent: ", traceparent)
         if origin.authorization:
             head.append(origin.authorization)
         if body or method != "GET":

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -133,13 +133,16 @@ class Processes:
         self._files: list[IO[bytes]] = []
         self._seq = 0
 
-    def start(self, name: str, argv: Sequence[str], port: int = 0) -> Child:
-        """Start ``argv`` in the repository root, its output to a log file of its own."""
+    def start(
+        self, name: str, argv: Sequence[str], port: int = 0, env: Mapping[str, str] | None = None
+    ) -> Child:
+        """Start ``argv`` in the repository root, its output to a log file of its own; ``env``
+        adds to this process's environment."""
         self._seq += 1
         log = self.log_dir / f"{self._seq:04d}-{name}.log"
         out = log.open("wb")
         self._files.append(out)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env=env
         )

@@ -1,5 +1,7 @@
 """The gateway benchmark's three paths to an instant simulated node: direct, through one
-gateway worker, and the trivial ceiling app; starting them, and measuring each."""
+gateway worker, and the trivial ceiling app (with ``--tracing``, a fourth: a second gateway
+worker with OpenTelemetry tracing on, exporting to a local OTLP sink); starting them, and
+measuring each."""
 
 from __future__ import annotations
 
@@ -35,7 +37,20 @@ from scripts.bench.load import (
 )
 
 PATHS = ("direct", "gateway", "trivial")
-LABELS = {"direct": "direct", "gateway": "gateway", "trivial": "trivial ceiling"}
+TRACED = "traced"  # the gateway with tracing on (--tracing)
+SINK = "otlp-sink"  # where the traced gateway exports its spans
+LABELS = {
+    "direct": "direct",
+    "gateway": "gateway",
+    TRACED: "gateway, traced",
+    "trivial": "trivial ceiling",
+}
+
+
+def paths_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The paths this run measures, in the order of its loads: the traced gateway right after
+    the untraced one, so that what else runs on the machine moves both alike."""
+    return ("direct", "gateway", TRACED, "trivial") if args.tracing else PATHS
 
 
 def _http(url: str, body: bytes | None = None, timeout_s: float = 2.0) -> tuple[int, bytes]:
@@ -98,17 +113,45 @@ def start_paths(
     wait_model_listed(gateway, gateway.url)
     procs.wait_port(trivial)
     bases = {"direct": node.url, "gateway": gateway.url, "trivial": trivial.url}
-    for name, base in bases.items():
-        check_answers(base, name)
+    if args.tracing:
+        bases[SINK], bases[TRACED] = start_traced(args, procs, node.url, redis_url)
+    for name in paths_of(args):
+        check_answers(bases[name], name)
     return bases
+
+
+def start_traced(
+    args: argparse.Namespace, procs: Processes, node_url: str, redis_url: str | None
+) -> tuple[str, str]:
+    """An OTLP sink and a second gateway worker tracing requests to it (the SDK's defaults:
+    the batch processor, OTLP/HTTP protobuf; every trace sampled, or ``--trace-ratio`` of
+    them); their URLs."""
+    py = sys.executable
+    sink_port, port = free_port(), free_port()
+    here = str(ROOT / "scripts" / "bench_gateway.py")
+    sink = procs.start("otlp-sink", [py, here, "--serve-otlp-sink", str(sink_port)], sink_port)
+    procs.wait_port(sink)
+    argv = [py, "-m", "gateway", "--port", str(port), "--node", node_url]
+    argv += ["--strategy", args.strategy]
+    if redis_url is not None:  # its own keys: the two gateways share no state
+        argv += ["--redis-url", redis_url, "--prefix", "fleetgate-traced"]
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_SERVICE_NAME": "fleetgate-bench"}
+    if args.trace_ratio < 1:
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = f"{args.trace_ratio:g}"
+    traced = procs.start(TRACED, argv, port, env)
+    procs.wait_port(traced)
+    wait_model_listed(traced, traced.url)
+    return sink.url, traced.url
 
 
 async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, Any]:
     """``--runs`` runs of every load on every path: the runs' figures (``path.figure``),
     their medians, and the errors seen on each path."""
-    urls = {name: base + CHAT_PATH for name, base in bases.items()}
+    paths = paths_of(args)
+    urls = {name: bases[name] + CHAT_PATH for name in paths}
     runs: list[dict[str, float]] = []
-    errors: dict[str, Tally] = {name: Tally() for name in PATHS}
+    errors: dict[str, Tally] = {name: Tally() for name in paths}
 
     def merge(name: str, tally: Tally) -> None:
         errors[name].errors.update(tally.errors)
@@ -118,8 +161,8 @@ async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, 
     async with client_session(60.0) as session:
         for run in range(1, args.runs + 1):
             figures: dict[str, float] = {}
-            loads = [(name, False, "rps") for name in PATHS]
-            loads += [(name, True, "sse") for name in ("direct", "gateway")]
+            loads = [(name, False, "rps") for name in paths]
+            loads += [(name, True, "sse") for name in paths if name != "trivial"]
             for name, stream, figure in loads:
                 rate, tally = await closed_loop(
                     session,
@@ -132,7 +175,7 @@ async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, 
                 figures[f"{name}.{figure}"] = rate
                 merge(name, tally)
             samples, tallies = await sequential_latency(session, urls, args.latency_requests)
-            for name in PATHS:
+            for name in paths:
                 figures[f"{name}.p50"], figures[f"{name}.p99"] = p50_p99(samples[name])
                 merge(name, tallies[name])
             runs.append(figures)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 from scripts.bench.load import Tally
-from scripts.bench.paths import LABELS, PATHS
+from scripts.bench.paths import LABELS, TRACED
 from scripts.bench.tables import comparison_rows, drill_lines, scale_rows, text_table
 from scripts.bench.targets import GatewayTargets, StateTarget, verdict
 
@@ -124,7 +126,8 @@ def print_gateway_report(
     )
     head = f"{'path':<16} {f'req/s (c={c})':>14} {f'SSE events/s (c={c})':>21}"
     print(f"{head} {'p50 ms (c=1)':>13} {'p99 ms (c=1)':>13}")
-    for name in PATHS:
+    paths = [name for name in LABELS if f"{name}.rps" in m]
+    for name in paths:
         sse = f"{m[name + '.sse']:,.0f}" if f"{name}.sse" in m else "-"
         print(
             f"{LABELS[name]:<16} {m[name + '.rps']:>14,.0f} {sse:>21} "
@@ -147,6 +150,17 @@ def print_gateway_report(
         f"added p50 latency at c=1:         {added_p50:.3f} ms (target <= 1 ms): "
         f"{verdict(targets['added_p50_le_1ms'])}  (added p99 {added_p99:.3f} ms)"
     )
+    tracing = tracing_cost(result["runs"]) if TRACED in paths else None
+    if tracing is not None:
+        exports = result.get("exports", {})
+        print(
+            f"tracing on ({args.trace_ratio:.0%} of traces sampled) vs off (same run, median "
+            f"of {args.runs}): p50 at c=1 "
+            f"{tracing['added_p50_ms']:+.3f} ms (p99 {tracing['added_p99_ms']:+.3f} ms), "
+            f"req/s {tracing['rps_vs_off']:.1%}, SSE events/s {tracing['sse_vs_off']:.1%} of off; "
+            f"{exports.get('exports', 0):,} OTLP exports ({exports.get('bytes', 0):,} bytes) "
+            "received"
+        )
     n_errors = {name: sum(t.errors.values()) for name, t in errors.items()}
     for name, tally in errors.items():
         if tally.errors:
@@ -165,7 +179,7 @@ def print_gateway_report(
             for key, value in m.items()
             if key.startswith(name + ".")
         }
-        for name in PATHS
+        for name in paths
     }
     line: dict[str, Any] = {
         "bench": "gateway",
@@ -185,7 +199,25 @@ def print_gateway_report(
         "errors": n_errors,
         "log_findings": {name: len(lines) for name, lines in findings.items()},
     }
+    if tracing is not None:
+        line["tracing"] = {"sampled": args.trace_ratio, **tracing, **result.get("exports", {})}
     print(json.dumps(line))
+
+
+def tracing_cost(runs: list[dict[str, float]]) -> dict[str, float]:
+    """What tracing costs the gateway, each figure the median over runs of the traced gateway
+    against the untraced one measured in the same run: latency added at concurrency 1 (ms)
+    and the share of requests/s and SSE events/s kept."""
+
+    def median(of: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(of(r) for r in runs)
+
+    return {
+        "added_p50_ms": round(median(lambda r: r["traced.p50"] - r["gateway.p50"]), 3),
+        "added_p99_ms": round(median(lambda r: r["traced.p99"] - r["gateway.p99"]), 3),
+        "rps_vs_off": round(median(lambda r: r["traced.rps"] / r["gateway.rps"]), 4),
+        "sse_vs_off": round(median(lambda r: r["traced.sse"] / r["gateway.sse"]), 4),
+    }
 
 
 def print_state_report(
