@@ -7,7 +7,10 @@ compose.yaml and the Dockerfile: tests/unit/test_compose.py).
   command and environment (host names and ports mapped), in ``depends_on`` order, waiting on
   its healthcheck; the openai SDK goes through every gateway replica, both health-checkers
   run with one leader, and a node added with the ops script reaches every replica;
-- with ``haproxy`` on PATH, deploy/haproxy.cfg (ports mapped) fronts the mirrored replicas.
+- with ``haproxy`` on PATH, deploy/haproxy.cfg (ports mapped) fronts the mirrored replicas;
+- with ``prometheus`` on PATH (profile observability), deploy/prometheus.yml (addresses mapped)
+  scrapes every mirrored replica, checker and node, and every expression of the Grafana
+  dashboard evaluates on what it scraped.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from tests.support import MODEL, ROOT
 from tests.support.clients import sdk
 from tests.support.compose import (
     COMPOSE,
+    DASHBOARD,
     HAPROXY_CFG,
     LISTEN,
+    PROMETHEUS_YML,
     REFERENCE,
     command_of,
     depends_on,
@@ -48,6 +53,7 @@ from tests.support.compose import (
 from tests.support.harness import free_port, wait_for_port
 from tests.support.polling import wait_until
 from tests.support.processes import Process, SimNode
+from tests.support.prometheus import GRAFANA_VARIABLES, dashboard_expressions
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
@@ -221,8 +227,8 @@ def plan_fleet(data_dir: Path) -> Fleet:
         if container_port is not None:
             ports[name] = (container_port, free_port())
     fleet = Fleet(compose, ports, data_dir)
-    # HAProxy (profile l4) has its own mirror, in its test; Prometheus and Grafana (profile
-    # observability) have none: tests/e2e/test_dashboard.py runs what they would query.
+    # HAProxy (profile l4) and Prometheus (profile observability) have their own mirrors, in
+    # their tests; Grafana has none (tests/e2e/test_dashboard.py checks what it queries).
     fleet.services = {
         name: mirror(fleet, name, s)
         for name, s in services.items()
@@ -422,3 +428,58 @@ def test_haproxy_example_fronts_the_replicas(fleet: Fleet, tmp_path: Path) -> No
         client.close()
     finally:
         balancer.close()
+
+
+def test_prometheus_scrapes_the_fleet_for_the_dashboard(fleet: Fleet, tmp_path: Path) -> None:
+    """deploy/prometheus.yml, addresses mapped to the mirror and scraping every second: every
+    target is up, and every expression of deploy/grafana/fleetgate.json evaluates, the
+    requests sent through the replicas among the answers."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    assert fleet.compose["services"]["prometheus"]["profiles"] == ["observability"]
+    text = re.sub(r"scrape_interval: \S+", "scrape_interval: 1s", PROMETHEUS_YML.read_text())
+    config = tmp_path / "prometheus.yml"
+    config.write_text(fleet.map_text(text))
+    port = free_port()
+    argv = [exe, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}"]
+    argv.append(f"--storage.tsdb.path={tmp_path / 'data'}")
+    server = Process(argv, "compose-prometheus")
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        try:
+            wait_for_port(port, timeout_s=30)
+        except TimeoutError:
+            raise AssertionError(f"prometheus did not start:\n{server.output()}") from None
+        client = sdk(fleet.url(fleet.of_kind("serve")[0].name), timeout=20)
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+        client.close()
+        scraped = {
+            f"127.0.0.1:{fleet.ports[s.name][1]}"
+            for s in fleet.services.values()
+            if s.kind in ("serve", "health-checker", "sim-node")
+        }
+
+        def every_target_up() -> bool:
+            targets = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+            return {t["labels"]["instance"] for t in targets if t["health"] == "up"} == scraped
+
+        until(every_target_up, 30, f"prometheus to scrape every target\n{server.output()}", fleet)
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=10).json()
+            assert answer["status"] == "success", f"{expr}: {answer}"
+            result: list[dict[str, Any]] = answer["data"]["result"]
+            return result
+
+        until(
+            lambda: bool(query("sum(fleetgate_requests_total)")),
+            10,
+            "the requests in Prometheus",
+            fleet,
+        )
+        variables = {**GRAFANA_VARIABLES, "$replica": ".*"}
+        answered = [expr for expr in dashboard_expressions(DASHBOARD, variables) if query(expr)]
+        assert len(answered) >= 10, answered
+    finally:
+        server.close()

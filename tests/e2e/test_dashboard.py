@@ -7,7 +7,6 @@ checks."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,10 +18,15 @@ from tests.support import MODEL
 from tests.support.compose import DASHBOARD, PROMETHEUS_YML
 from tests.support.polling import wait_until
 from tests.support.processes import Checker, Gateway, Process, SimNode
-from tests.support.prometheus import families, family_of, metric_names, samples
+from tests.support.prometheus import (
+    GRAFANA_VARIABLES,
+    dashboard_expressions,
+    families,
+    family_of,
+    metric_names,
+    samples,
+)
 
-# Grafana's variables, as a query sent to Prometheus would have them.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
 # Produced by the traffic below, so they must have samples, not only a family.
 SAMPLED = {
     "fleetgate_requests_total",
@@ -40,14 +44,6 @@ SAMPLED = {
 }
 
 
-def expressions() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    found = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
-    for variable in dashboard["templating"]["list"]:
-        found.append(re.sub(r"label_values\((\w+), \w+\)", r"\1", variable["definition"]))
-    return found
-
-
 def test_metric_names_are_read_from_promql() -> None:
     expr = (
         'histogram_quantile(0.95, sum by (le, model) (rate(a_seconds_bucket{x=~"$r", '
@@ -60,7 +56,7 @@ def test_metric_names_are_read_from_promql() -> None:
 def test_every_metric_the_dashboard_queries_is_exported(
     redis_url: str, procs: list[Process]
 ) -> None:
-    names = set().union(*(metric_names(e) for e in expressions()))
+    names = set().union(*(metric_names(e) for e in dashboard_expressions(DASHBOARD)))
     assert len(names) > 20 and all(n.startswith("fleetgate_") for n in names), sorted(names)
     assert SAMPLED <= names
 
@@ -103,9 +99,7 @@ def test_prometheus_accepts_the_expressions_and_the_config(tmp_path: Path) -> No
     if promtool is None:
         pytest.skip("promtool is not installed (apt-get install prometheus)")
     rules = []
-    for index, expr in enumerate(expressions()):
-        for variable, value in GRAFANA_VARIABLES.items():
-            expr = expr.replace(variable, value)
+    for index, expr in enumerate(dashboard_expressions(DASHBOARD, GRAFANA_VARIABLES)):
         rules.append({"record": f"dashboard:panel_{index}", "expr": expr})
     path = tmp_path / "rules.json"  # YAML is a superset of JSON
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))

@@ -1,9 +1,11 @@
-"""Reading what Prometheus reads: the samples and metric families of a text page, and the
-metric names a PromQL expression queries."""
+"""Reading what Prometheus reads: the samples and metric families of a text page, the metric
+names a PromQL expression queries, and the expressions of a Grafana dashboard."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 """A sample's name and its labels."""
@@ -85,3 +87,19 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     return names
+
+
+# Grafana's variables as a query sent to Prometheus has them (the dashboard's $replica: all).
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
+
+
+def dashboard_expressions(path: Path, variables: dict[str, str] | None = None) -> list[str]:
+    """Every PromQL expression of a Grafana dashboard: its panels' targets and its variables'
+    ``label_values(metric, label)`` (as the metric), with ``variables`` substituted."""
+    dashboard = json.loads(path.read_text())
+    found = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    for variable in dashboard["templating"]["list"]:
+        found.append(re.sub(r"label_values\((\w+), \w+\)", r"\1", variable["definition"]))
+    for name, value in (variables or {}).items():
+        found = [expr.replace(name, value) for expr in found]
+    return found
