@@ -16,8 +16,21 @@ from tests.support.processes import Process, make_certificate
 from tests.support.store import StoreFactory
 
 
+@pytest.fixture(scope="session")
+def collections_skip_what_was_there_before_the_tests() -> Iterator[None]:
+    """Freeze what exists before the first test (every module imported, every test collected:
+    some 300,000 objects), so that the full collection after each test walks only what the
+    tests made since, all of which it still finds: a quarter of a second less per test."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
-def leaks_stay_with_their_test() -> Iterator[None]:
+def leaks_stay_with_their_test(
+    collections_skip_what_was_there_before_the_tests: None,
+) -> Iterator[None]:
     """Collect garbage after each test, so a socket or client it left open (often one that
     failed before closing it) is reported by that test, not by whichever later test the
     collector happens to run in (warnings are errors here)."""
