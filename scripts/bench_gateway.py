@@ -18,8 +18,9 @@ With ``--tracing`` a second gateway worker runs beside the first with OpenTeleme
 every export, started as ``python scripts/bench_gateway.py --serve-otlp-sink PORT``; every
 request sampled, or ``--trace-ratio`` of them; the SDK's batch processor), measured the same
 way on the same node; the report adds its cost against the untraced gateway of the same run
-(p50/p99 added at c=1, the share of req/s and SSE events/s kept), the median over runs. It
-needs the ``otel`` extra.
+(p50/p99 added at c=1, the share of req/s and SSE events/s kept, and each gateway process's
+CPU time per request under the req/s load, which other work on the machine moves less), the
+median over runs. It needs the ``otel`` extra.
 
 Every figure is the median of ``--runs`` runs. It prints a table, the three targets with
 "holds" or "MISSED", any errors (status codes and sample bodies) and warnings the servers
@@ -65,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench.ceiling import serve_trivial
 from scripts.bench.harness import Processes, RedisServer, StartupError, interrupt_on_sigterm
 from scripts.bench.otlp_sink import serve_otlp_sink, sink_stats
-from scripts.bench.paths import SINK, measure, start_paths
+from scripts.bench.paths import SINK, TRACED, measure, start_paths
 from scripts.bench.report import print_gateway_report
 
 
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench_gateway: start-up failed: {exc}", file=sys.stderr)
             return 1
         print(f"started: {bases}; logs in {log_dir}", file=sys.stderr, flush=True)
-        result = asyncio.run(measure(args, bases))
+        pids = {c.name: c.proc.pid for c in procs.children if c.name in ("gateway", TRACED)}
+        result = asyncio.run(measure(args, bases, pids))
         if SINK in bases:
             result["exports"] = sink_stats(bases[SINK])
         dead = [c for c in procs.children if not c.alive()]

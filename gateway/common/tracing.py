@@ -182,18 +182,13 @@ class _Tracer(Tracer):
             if name in _CONTEXT_HEADERS
         }
         parent = api.propagator.extract(carrier) if carrier else None
-        attributes: dict[str, Attribute] = {
-            "http.request.method": method,
-            "url.path": path,
-        }
-        if route:
-            attributes["http.route"] = route
         span = self._tracer.start_span(
-            f"{method} {route}" if route else method,
-            context=parent,
-            kind=api.trace.SpanKind.SERVER,
-            attributes=attributes,
+            f"{method} {route}" if route else method, context=parent, kind=api.trace.SpanKind.SERVER
         )
+        if span.is_recording():  # attributes only for a sampled trace
+            span.set_attributes({"http.request.method": method, "url.path": path})
+            if route:
+                span.set_attribute("http.route", route)
         token = api.context.attach(api.trace.set_span_in_context(span, parent))
         return _Span(span, token)
 
@@ -201,6 +196,9 @@ class _Tracer(Tracer):
         return _Span(self._tracer.start_span(name, attributes=attributes))
 
     def upstream(self, method: str, node_id: str, url: str, path: str, attempt: int) -> Span:
+        span = self._tracer.start_span(f"{method} {path}", kind=_api().trace.SpanKind.CLIENT)
+        if not span.is_recording():
+            return _Span(span)
         host, port = _address(url)
         attributes: dict[str, Attribute] = {
             "http.request.method": method,
@@ -213,9 +211,7 @@ class _Tracer(Tracer):
             attributes["server.port"] = port
         if attempt > 1:
             attributes["http.request.resend_count"] = attempt - 1
-        span = self._tracer.start_span(
-            f"{method} {path}", kind=_api().trace.SpanKind.CLIENT, attributes=attributes
-        )
+        span.set_attributes(attributes)
         return _Span(span)
 
 

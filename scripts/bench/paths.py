@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from scripts.bench.figures import p50_p99
@@ -22,6 +23,7 @@ from scripts.bench.harness import (
     Processes,
     StartupError,
     free_port,
+    proc_cpu_s,
     progress,
 )
 from scripts.bench.load import (
@@ -145,9 +147,13 @@ def start_traced(
     return sink.url, traced.url
 
 
-async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, bases: dict[str, str], pids: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """``--runs`` runs of every load on every path: the runs' figures (``path.figure``),
-    their medians, and the errors seen on each path."""
+    their medians, and the errors seen on each path. A path served by a process of ``pids``
+    also gets ``path.cpu_us``: that process's CPU time per request of its req/s load."""
+    pids = pids or {}
     paths = paths_of(args)
     urls = {name: bases[name] + CHAT_PATH for name in paths}
     runs: list[dict[str, float]] = []
@@ -164,6 +170,7 @@ async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, 
             loads = [(name, False, "rps") for name in paths]
             loads += [(name, True, "sse") for name in paths if name != "trivial"]
             for name, stream, figure in loads:
+                cpu_s = proc_cpu_s(pids[name]) if name in pids else 0.0
                 rate, tally = await closed_loop(
                     session,
                     urls[name],
@@ -173,6 +180,9 @@ async def measure(args: argparse.Namespace, bases: dict[str, str]) -> dict[str, 
                     duration_s=args.duration,
                 )
                 figures[f"{name}.{figure}"] = rate
+                if name in pids and not stream and tally.ok:
+                    cpu_s = proc_cpu_s(pids[name]) - cpu_s
+                    figures[f"{name}.cpu_us"] = cpu_s / tally.ok * 1e6
                 merge(name, tally)
             samples, tallies = await sequential_latency(session, urls, args.latency_requests)
             for name in paths:

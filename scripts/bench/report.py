@@ -158,6 +158,8 @@ def print_gateway_report(
             f"of {args.runs}): p50 at c=1 "
             f"{tracing['added_p50_ms']:+.3f} ms (p99 {tracing['added_p99_ms']:+.3f} ms), "
             f"req/s {tracing['rps_vs_off']:.1%}, SSE events/s {tracing['sse_vs_off']:.1%} of off; "
+            f"CPU per request {tracing['cpu_us_on']:.0f} us against {tracing['cpu_us_off']:.0f} "
+            f"us ({tracing['cpu_vs_off']:.2f}x); "
             f"{exports.get('exports', 0):,} OTLP exports ({exports.get('bytes', 0):,} bytes) "
             "received"
         )
@@ -207,7 +209,8 @@ def print_gateway_report(
 def tracing_cost(runs: list[dict[str, float]]) -> dict[str, float]:
     """What tracing costs the gateway, each figure the median over runs of the traced gateway
     against the untraced one measured in the same run: latency added at concurrency 1 (ms)
-    and the share of requests/s and SSE events/s kept."""
+    and the share of requests/s and SSE events/s kept; the gateway process's CPU time per
+    request under the req/s load, off and on, and their ratio."""
 
     def median(of: Callable[[dict[str, float]], float]) -> float:
         return statistics.median(of(r) for r in runs)
@@ -217,6 +220,9 @@ def tracing_cost(runs: list[dict[str, float]]) -> dict[str, float]:
         "added_p99_ms": round(median(lambda r: r["traced.p99"] - r["gateway.p99"]), 3),
         "rps_vs_off": round(median(lambda r: r["traced.rps"] / r["gateway.rps"]), 4),
         "sse_vs_off": round(median(lambda r: r["traced.sse"] / r["gateway.sse"]), 4),
+        "cpu_us_off": round(median(lambda r: r["gateway.cpu_us"]), 1),
+        "cpu_us_on": round(median(lambda r: r["traced.cpu_us"]), 1),
+        "cpu_vs_off": round(median(lambda r: r["traced.cpu_us"] / r["gateway.cpu_us"]), 4),
     }
 
 
