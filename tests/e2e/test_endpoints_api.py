@@ -137,6 +137,15 @@ async def test_a_streamed_response_is_recorded_before_it_ends(
             model=MODEL, input="next", previous_response_id=response_id, max_output_tokens=1
         )
         assert answer.previous_response_id == response_id
+    # The SDK's stream helper, continuing it from the other replica again.
+    async with clients[1].responses.stream(
+        model=MODEL, input="last", previous_response_id=response_id, max_output_tokens=3
+    ) as helper:
+        async for _event in helper:
+            pass
+        final = await helper.get_final_response()
+    assert final.previous_response_id == response_id
+    assert final.output_text.split() == [f"tok{i}" for i in range(3)]
 
 
 async def test_unknown_and_unavailable_responses_are_clear_errors(
