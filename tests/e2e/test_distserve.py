@@ -73,12 +73,19 @@ def metric(gateway: Gateway, name: str) -> float:
 def start_fleet(
     procs: list[Process], redis_url: str, *gateway_flags: str, replicas: int = 2
 ) -> Fleet:
-    prefill = [SimNode(*SIM, "--role", "Prefill", name=f"prefill{i}") for i in range(2)]
-    decode = [SimNode(*SIM, "--role", "Decode", name=f"decode{i}") for i in range(2)]
+    # Started together, then waited for: their start-ups overlap.
+    prefill = [
+        SimNode(*SIM, "--role", "Prefill", name=f"prefill{i}", listening=False) for i in range(2)
+    ]
+    decode = [
+        SimNode(*SIM, "--role", "Decode", name=f"decode{i}", listening=False) for i in range(2)
+    ]
     procs.extend(prefill + decode)
     flags = ("--redis-url", redis_url, "--serving-strategy", "DistServe", *gateway_flags)
-    gateways = [Gateway(*flags, name=f"pdgw{i}") for i in range(replicas)]
+    gateways = [Gateway(*flags, name=f"pdgw{i}", listening=False) for i in range(replicas)]
     procs.extend(gateways)
+    for process in prefill + decode + gateways:
+        process.wait_listening()
     for node in prefill:
         register(gateways[0], node, 2)
     for node in decode:

@@ -89,7 +89,8 @@ class Process:
 class SimNode(Process):
     """``python -m gateway.sim.node`` on a free loopback port, started and listening (unless
     ``listening`` is False: a node still loading, say ``--flavor vllm --loading-s 2``, whose
-    port refuses connections until it has loaded)."""
+    port refuses connections until it has loaded, or one of several started together, each
+    then waited for with :meth:`wait_listening`)."""
 
     def __init__(self, *flags: str, name: str = "sim", listening: bool = True) -> None:
         self.port = free_port()
@@ -97,9 +98,13 @@ class SimNode(Process):
             [sys.executable, "-m", "gateway.sim.node", "--port", str(self.port), *flags],
             f"{name}-{self.port}",
         )
-        if listening:
-            wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
+        if listening:
+            self.wait_listening()
+
+    def wait_listening(self) -> SimNode:
+        wait_for_port(self.port)
+        return self
 
     def fault(self, mode: str, **extra: object) -> None:
         httpx.post(
@@ -115,9 +120,17 @@ class SimNode(Process):
 
 
 class Gateway(Process):
-    """``python -m gateway`` on a free loopback port, started and listening."""
+    """``python -m gateway`` on a free loopback port, started and listening (unless
+    ``listening`` is False: one of several started together, each then waited for with
+    :meth:`wait_listening`, so that their start-ups overlap)."""
 
-    def __init__(self, *flags: str, name: str = "gw", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *flags: str,
+        name: str = "gw",
+        env: dict[str, str] | None = None,
+        listening: bool = True,
+    ) -> None:
         self.port = free_port()
         super().__init__(
             [sys.executable, "-m", "gateway", "--port", str(self.port), *flags],
@@ -125,10 +138,15 @@ class Gateway(Process):
             env,
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        if listening:
+            self.wait_listening()
+
+    def wait_listening(self) -> Gateway:
         try:
             wait_for_port(self.port, timeout_s=20)
         except TimeoutError:
             raise RuntimeError(f"gateway did not start:\n{self.output()}") from None
+        return self
 
     def wait_models(self, model: str, timeout_s: float = 10.0) -> None:
         """Wait until the gateway lists ``model`` (its --node registrations are done)."""
@@ -218,10 +236,12 @@ def replicas_of(
     procs: list[Process], redis_url: str, node: SimNode, count: int = 2
 ) -> list[Gateway]:
     """``count`` gateway replicas sharing ``redis_url``, each started with ``--node``, ready."""
-    replicas = [Gateway("--redis-url", redis_url, "--node", node.url) for _ in range(count)]
+    replicas = [
+        Gateway("--redis-url", redis_url, "--node", node.url, listening=False) for _ in range(count)
+    ]
     procs += replicas
     for gateway in replicas:
-        gateway.wait_models(MODEL)
+        gateway.wait_listening().wait_models(MODEL)
     return replicas
 
 
