@@ -34,5 +34,5 @@ def test_the_cache_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert run["node_prompt_tokens"] == run["usage_prompt_tokens_whole_run"] > 0
         assert run["node_cached_tokens"] == run["usage_cached_tokens_whole_run"] > 0
         assert run["hit_rate"] > 0.5  # later turns find at least their system prompt
-        assert sum(run["shares"].values()) == pytest.approx(1.0)
+        assert sum(run["shares"].values()) == pytest.approx(1.0, abs=0.001)  # rounded shares
     assert "chats: cache_aware, 4 sharing vs 1 replica: hit rate" in saved["targets"]
