@@ -6,7 +6,9 @@
 - ``openai_errors``: what every OpenAI-shaped error answer must look like;
 - ``store``: Store clients for one test, on a real Redis or on the embedded store;
 - ``compose``: reading compose.yaml and the Dockerfile as the containers would run them;
-- ``engines``: real llama.cpp ``llama-server`` processes, built and fed through scripts/engine.
+- ``engines``: real llama.cpp ``llama-server`` processes, built and fed through scripts/engine,
+  and vLLM's server, started in the background;
+- ``health_watch``: a process that watches a server's ``/health`` while it starts.
 """
 
 from pathlib import Path

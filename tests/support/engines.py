@@ -1,9 +1,11 @@
-"""Real llama.cpp ``llama-server`` processes for the end-to-end tests against real engines
-(tests/e2e/engines): built, given a model and started through ``scripts.engine``, as an
-operator would with ``scripts/engines.py``, then watched through their own HTTP endpoints."""
+"""Real engines for the end-to-end tests against them (tests/e2e/engines): llama.cpp's
+``llama-server`` processes and vLLM's OpenAI server, built, given a model and started through
+``scripts.engine``, as an operator would with ``scripts/engines.py``, then watched through
+their own HTTP endpoints."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from scripts.engine import llama
+from scripts.engine import cache, llama, vllm
 from tests.support.harness import free_port
 from tests.support.processes import Process
 
@@ -90,3 +92,64 @@ class LlamaServer(Process):
             if line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class VllmServer:
+    """A vLLM OpenAI server, ready."""
+
+    process: Process
+    url: str
+    loading_answers: frozenset[str]  # what /health said before it answered 200
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` on its ``/metrics``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+        )
+
+
+class VllmStart:
+    """vLLM's OpenAI server serving the tiny model on a free loopback port, started now (its
+    environment and model prepared first if the cache has none) and left loading: it takes
+    40 s or more. A watcher process (tests/support/health_watch.py) records what its
+    ``/health`` answers until it is ready. If it cannot be prepared, :attr:`error` says why."""
+
+    def __init__(self) -> None:
+        self.error = ""
+        try:
+            root = cache.root()
+            python = vllm.prepare_env(root)
+            model = vllm.make_model(root)
+        except cache.EngineUnavailable as exc:
+            self.error = f"vLLM is not available here: {exc}"
+            return
+        port = free_port()
+        argv, env = vllm.start_command(python, model, port)
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = Process(argv, f"vllm-{port}", env)
+        watch = [sys.executable, "-m", "tests.support.health_watch", self.url]
+        self.watcher = Process([*watch, str(vllm.START_TIMEOUT_S)], f"vllm-watch-{port}")
+
+    def ready(self) -> VllmServer:
+        """Wait until it answers ``/health`` with 200; RuntimeError with the reason if it
+        cannot be prepared, exits or is not ready within ``vllm.START_TIMEOUT_S``."""
+        if self.error:
+            raise RuntimeError(self.error)
+        while self.watcher.alive():
+            if not self.process.alive():
+                raise RuntimeError(f"vLLM exited while starting:\n{self.process.output()[-4000:]}")
+            time.sleep(0.2)
+        answers = self.watcher.output().split()
+        if self.watcher.proc.returncode != 0 or answers[-1:] != ["200"]:
+            waited = f"{vllm.START_TIMEOUT_S:.0f} s"
+            raise RuntimeError(f"vLLM not ready after {waited}:\n{self.process.output()[-4000:]}")
+        return VllmServer(self.process, self.url, frozenset(answers[:-1]))
+
+    def close(self) -> None:
+        if not self.error:
+            self.watcher.close()
+            self.process.close()

@@ -8,33 +8,64 @@ selected test asks for it), so that a build of several minutes counts against no
 timeout. If it cannot be prepared here (no compiler, no network), every test that needs it
 fails with that reason: a missing engine never turns into a silent skip. ``-m "not engines"``
 leaves these tests out, and then nothing is built.
+
+vLLM's server, which takes 40 s or more to load, is started then too (only if a selected test
+asks for it) and loads while the unit tests run: they are put first, the tests of the vLLM
+server right after them, then the other end-to-end tests, which so never share the machine
+with a loading vLLM.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from scripts.engine.cache import EngineUnavailable
-from tests.support.engines import LlamaBuild, LlamaServer, prepare
+from tests.support.engines import LlamaBuild, LlamaServer, VllmServer, VllmStart, prepare
 from tests.support.processes import Checker, Gateway, Process
 
 _prepared: list[LlamaBuild | EngineUnavailable] = []
+_vllm: list[VllmStart] = []
+_UNIT = Path(__file__).resolve().parents[2] / "unit"
+
+
+def _wants(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The unit tests first, then the tests of the vLLM server, then the other end-to-end
+    tests (a stable sort: each group in its order)."""
+
+    def group(item: pytest.Item) -> int:
+        if item.path.is_relative_to(_UNIT):
+            return 0
+        return 1 if _wants(item, "vllm_server") else 2
+
+    items.sort(key=group)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    wanted = any("llama_build" in getattr(item, "fixturenames", ()) for item in session.items)
-    if _prepared or not wanted:
+    start_vllm = not _vllm and any(_wants(item, "vllm_server") for item in session.items)
+    if session.config.option.collectonly:
+        start_vllm = False
+    build = not _prepared and any(_wants(item, "llama_build") for item in session.items)
+    if not (start_vllm or build):
         return
     # Uncaptured: a first build takes minutes, and its progress lines say why nothing moves.
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        try:
-            _prepared.append(prepare())
-        except EngineUnavailable as exc:
-            _prepared.append(exc)
+        if start_vllm:
+            _vllm.append(VllmStart())
+            session.config.add_cleanup(_vllm[0].close)
+        if build:
+            try:
+                _prepared.append(prepare())
+            except EngineUnavailable as exc:
+                _prepared.append(exc)
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +134,19 @@ def start_checker(redis_url: str, procs: list[Process]) -> Callable[..., Checker
         return checker
 
     return start
+
+
+@pytest.fixture(scope="module")
+def vllm_server() -> Iterator[VllmServer]:
+    """The vLLM server started after collection, once it is ready (started now if it was
+    not); a failure, not a skip, if there is none. Stopped at the end of the module."""
+    if not _vllm:  # collected in an unusual way: start now
+        _vllm.append(VllmStart())
+    start = _vllm[0]
+    try:
+        server = start.ready()
+    except RuntimeError as exc:
+        start.close()
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    start.close()

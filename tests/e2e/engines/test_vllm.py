@@ -3,12 +3,14 @@ a random tiny Llama made here) behind a gateway replica on a real Redis: models,
 and streamed with the ``openai`` SDK, usage and cached prompt tokens relayed as the engine
 wrote them, and the health-checker reading the engine's load from its ``/metrics``.
 
-One vLLM server serves this module, stopped when it is done (its 1.7 GB are not held through
-the rest of the run): it takes 40 s to start, up to three minutes the first time (importing
-torch and vLLM, compiling the model, which is then cached beside the environment). Preparing
-it the first time (the environment, about 2.4 GB, and the model) takes about four minutes
-more; a machine where it cannot be prepared fails these tests with the reason, it never skips
-them. Hence the long timeout of this module: each step below has its own, shorter bound.
+One vLLM server serves this module, started as soon as the tests are collected so that it
+loads while the unit tests run (tests/e2e/engines/conftest.py), and stopped when the module is
+done (its 1.7 GB are not held through the rest of the run). It takes 40 s to start, up to
+three minutes the first time (importing torch and vLLM, compiling the model, which is then
+cached beside the environment). Preparing it the first time (the environment, about 2.4 GB,
+and the model) takes about four minutes more; a machine where it cannot be prepared fails
+these tests with the reason, it never skips them. Hence the long timeout of this module: each
+step below has its own, shorter bound.
 
 Generation is greedy (temperature 0): the model's special-token rows are zero, so an answer
 is exactly ``max_tokens`` long and the same for the same prompt.
@@ -20,9 +22,6 @@ import asyncio
 import itertools
 import json
 import secrets
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -30,11 +29,11 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.checker.probes import parse_load
-from scripts.engine import cache, vllm
+from scripts.engine import vllm
 from shared_state import NodeState, Store
 from tests.support import ROOT
 from tests.support.clients import async_sdk
-from tests.support.harness import free_port
+from tests.support.engines import VllmServer
 from tests.support.polling import eventually
 from tests.support.processes import Checker, Gateway, Process
 
@@ -43,60 +42,6 @@ pytestmark = [pytest.mark.engines, pytest.mark.timeout(900)]
 MODEL = vllm.MODEL_NAME
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 BLOCK = 128  # vLLM's CPU block: prompts are cached, and counted cached, in whole blocks
-
-
-@dataclass(frozen=True, slots=True)
-class VllmServer:
-    process: Process
-    url: str
-    loading_answers: frozenset[str]  # what /health said before it answered 200
-
-    def metric(self, name: str) -> float:
-        """The sum of every sample of ``name`` on its ``/metrics``."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
-        )
-
-
-def _health(url: str) -> str:
-    try:
-        return str(httpx.get(f"{url}/health", timeout=5).status_code)
-    except httpx.ConnectError:
-        return "refused"
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-
-
-@pytest.fixture(scope="module")
-def vllm_server() -> Iterator[VllmServer]:
-    """One vLLM server for this module, ready; prepared first if the cache has none."""
-    try:
-        root = cache.root()
-        python = vllm.prepare_env(root)
-        model = vllm.make_model(root)
-    except cache.EngineUnavailable as exc:
-        pytest.fail(f"vLLM is not available here: {exc}", pytrace=False)
-    port = free_port()
-    argv, env = vllm.start_command(python, model, port)
-    process = Process(argv, f"vllm-{port}", env)
-    url = f"http://127.0.0.1:{port}"
-    answers = set()
-    deadline = time.monotonic() + vllm.START_TIMEOUT_S
-    try:
-        while (answer := _health(url)) != "200":
-            answers.add(answer)
-            if not process.alive():
-                pytest.fail(f"vLLM exited while starting:\n{process.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                waited = f"{vllm.START_TIMEOUT_S:.0f} s"
-                pytest.fail(f"vLLM not ready after {waited}:\n{process.output()[-4000:]}")
-            time.sleep(0.2)
-        yield VllmServer(process, url, frozenset(answers))
-    finally:
-        process.close()
 
 
 def test_vllm_itself_health_models_and_metrics(vllm_server: VllmServer) -> None:
@@ -286,9 +231,16 @@ async def test_the_health_checker_reads_vllms_load(
                 assert await eventually(saturated, 120), seen
             finally:
                 seen_by_checker.set()
+            await asyncio.gather(*loads)
+
+            # Asked once vLLM no longer holds the CPU: the replica's store calls may time out
+            # while it does (its answer is then a 503, the store unavailable).
+            async def status_answered() -> bool:
+                return (await http.get(f"{gateway.url}/nodes/status")).status_code == 200
+
+            assert await eventually(status_answered, 10)
             status = (await http.get(f"{gateway.url}/nodes/status")).json()[vllm_server.url]
             assert status["kv_cache_usage"] is not None and status["state"] == "active"
-            await asyncio.gather(*loads)
         assert len(answers) >= REQUESTS
         assert [a.status_code for a in answers] == [200] * len(answers)
         usages = [a.json()["usage"] for a in answers]
