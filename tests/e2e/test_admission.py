@@ -19,22 +19,24 @@ from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually, wait_until
-from tests.support.processes import Gateway, Process, SimNode, ops
+from tests.support.processes import Gateway, Process, SimNode, ops, together
 
 
 def start(
     procs: list[Process], redis_url: str, caps: list[int], *flags: str, replicas: int = 2
 ) -> tuple[list[SimNode], list[Gateway]]:
     """Nodes with these capacities (20 tokens/s) added by the ops CLI, and replicas on Redis."""
-    nodes = [SimNode("--tokens-per-s", "20", name=f"cap{cap}") for cap in caps]
-    procs += nodes
+    nodes = together(
+        procs, [SimNode("--tokens-per-s", "20", name=f"cap{cap}", listening=False) for cap in caps]
+    )
     for node, cap in zip(nodes, caps, strict=True):
         added = ops(
             redis_url, "nodes", "add", node.url, "--model", MODEL, "--max-inflight", str(cap)
         )
         assert added.returncode == 0, added.stderr
-    gateways = [Gateway("--redis-url", redis_url, *flags) for _ in range(replicas)]
-    procs += gateways
+    gateways = together(
+        procs, [Gateway("--redis-url", redis_url, *flags, listening=False) for _ in range(replicas)]
+    )
     for gateway in gateways:
         gateway.wait_models(MODEL)
     return nodes, gateways
@@ -209,12 +211,15 @@ async def test_the_embedded_store_queues_the_same_way(procs: list[Process]) -> N
 async def test_distserve_respects_prefill_and_decode_capacity(
     redis_url: str, procs: list[Process]
 ) -> None:
-    prefill = SimNode("--tokens-per-s", "40", "--role", "Prefill", name="prefill")
-    decode = SimNode("--tokens-per-s", "40", "--role", "Decode", name="decode")
-    gateways = [
-        Gateway("--redis-url", redis_url, "--serving-strategy", "DistServe") for _ in range(2)
-    ]
-    procs += [prefill, decode, *gateways]
+    prefill, decode = together(
+        procs,
+        [
+            SimNode("--tokens-per-s", "40", "--role", role, name=role.lower(), listening=False)
+            for role in ("Prefill", "Decode")
+        ],
+    )
+    flags = ("--redis-url", redis_url, "--serving-strategy", "DistServe")
+    gateways = together(procs, [Gateway(*flags, listening=False) for _ in range(2)])
     async with httpx.AsyncClient(timeout=10) as http:
         for node, role, cap in ((prefill, 2, 1), (decode, 3, 2)):
             body = {"url": node.url, "status": {"models": [MODEL], "role": role}}

@@ -29,7 +29,7 @@ from shared_state import Outcome, StoreSettings, Strategy
 from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.harness import RedisServer
-from tests.support.processes import Gateway, Process, SimNode, ops
+from tests.support.processes import Gateway, Process, SimNode, ops, together
 from tests.support.store import StoreFactory
 
 CACHE_AWARE = ("--strategy", "cache_aware")
@@ -99,9 +99,7 @@ def start(procs: list[Process], *args: str, wait: bool = True) -> Gateway:
 
 
 def sims(procs: list[Process], count: int, *flags: str) -> list[SimNode]:
-    nodes = [SimNode(*flags) for _ in range(count)]
-    procs.extend(nodes)
-    return nodes
+    return together(procs, [SimNode(*flags, listening=False) for _ in range(count)])
 
 
 def node_flags(nodes: list[SimNode]) -> list[str]:

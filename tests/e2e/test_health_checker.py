@@ -20,7 +20,7 @@ from shared_state import NodeState, Store
 from tests.support import MODEL
 from tests.support.harness import free_port, wait_for_port
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode
+from tests.support.processes import Gateway, Process, SimNode, together
 
 
 @pytest.fixture
@@ -338,8 +338,9 @@ async def test_probes_send_the_nodes_own_key(real_store: Store, procs: list[Proc
 
 
 async def test_gateway_reports_live_replicas(redis_url: str, procs: list[Process]) -> None:
-    gateways = [Gateway("--redis-url", redis_url) for _ in range(2)]
-    procs += gateways
+    gateways = together(
+        procs, [Gateway("--redis-url", redis_url, listening=False) for _ in range(2)]
+    )
 
     async def both_alive() -> bool:
         async with httpx.AsyncClient() as http:

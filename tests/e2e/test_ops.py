@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from tests.support import MODEL
 from tests.support.clients import chat
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of
+from tests.support.processes import Gateway, Process, SimNode, ops, replicas_of, together
 
 KEY_A = "key-a-0123456789abcdef"
 
@@ -68,8 +68,9 @@ async def test_keys_in_redis_are_seen_by_every_replica(
 async def test_nodes_commands_drive_every_replica(redis_url: str, procs: list[Process]) -> None:
     node = SimNode("--tokens-per-s", "20")
     procs.append(node)
-    replicas = [Gateway("--redis-url", redis_url) for _ in range(2)]
-    procs += replicas
+    replicas = together(
+        procs, [Gateway("--redis-url", redis_url, listening=False) for _ in range(2)]
+    )
 
     added = ops(redis_url, "nodes", "add", node.url)  # models asked from the node
     assert added.returncode == 0, added.stderr

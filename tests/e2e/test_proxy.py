@@ -19,7 +19,7 @@ from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.harness import RedisServer, free_port
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode
+from tests.support.processes import Gateway, Process, SimNode, together
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
@@ -28,6 +28,11 @@ def start_node(procs: list[Process], *flags: str) -> SimNode:
     node = SimNode(*flags)
     procs.append(node)
     return node
+
+
+def start_nodes(procs: list[Process], count: int, *flags: str) -> list[SimNode]:
+    """``count`` nodes alike, started together."""
+    return together(procs, [SimNode(*flags, listening=False) for _ in range(count)])
 
 
 def start_gateway(
@@ -55,8 +60,7 @@ async def unfinished(gateway: Gateway) -> int:
 
 
 async def test_openai_sdk_plain_and_streaming(redis_url: str, procs: list[Process]) -> None:
-    a = start_node(procs, "--tokens-per-s", "inf")
-    b = start_node(procs, "--tokens-per-s", "inf")
+    a, b = start_nodes(procs, 2, "--tokens-per-s", "inf")
     gateway = start_gateway(procs, redis_url, a, b)
     sdk = async_sdk(gateway.url)
     models = await sdk.models.list()
@@ -84,7 +88,7 @@ async def test_openai_sdk_plain_and_streaming(redis_url: str, procs: list[Proces
 
 
 async def test_two_replicas_share_in_flight_state(redis_url: str, procs: list[Process]) -> None:
-    nodes = [start_node(procs, "--tokens-per-s", "50") for _ in range(3)]
+    nodes = start_nodes(procs, 3, "--tokens-per-s", "50")
     one = start_gateway(procs, redis_url, *nodes)
     two = start_gateway(procs, redis_url)
     two.wait_models(MODEL)
@@ -111,7 +115,7 @@ async def test_two_replicas_share_in_flight_state(redis_url: str, procs: list[Pr
 async def test_concurrent_requests_through_two_replicas_leave_no_lease(
     redis_url: str, procs: list[Process]
 ) -> None:
-    nodes = [start_node(procs, "--tokens-per-s", "2000") for _ in range(3)]
+    nodes = start_nodes(procs, 3, "--tokens-per-s", "2000")
     one = start_gateway(procs, redis_url, *nodes)
     two = start_gateway(procs, redis_url)
     two.wait_models(MODEL)
@@ -261,8 +265,7 @@ async def test_leases_are_renewed_while_requests_run(redis_url: str, procs: list
 async def test_redis_killed_mid_run_requests_keep_succeeding(procs: list[Process]) -> None:
     server = RedisServer().start()
     try:
-        a = start_node(procs, "--tokens-per-s", "inf")
-        b = start_node(procs, "--tokens-per-s", "inf")
+        a, b = start_nodes(procs, 2, "--tokens-per-s", "inf")
         gateway = start_gateway(procs, server.url, a, b)
         sdk = async_sdk(gateway.url, timeout=10)
         for _ in range(5):
@@ -339,7 +342,7 @@ async def test_shutdown_releases_the_leases_of_cut_requests(
 async def test_route_receipts_in_headers_and_access_log(
     redis_url: str, procs: list[Process]
 ) -> None:
-    nodes = [start_node(procs, "--tokens-per-s", "inf") for _ in range(3)]
+    nodes = start_nodes(procs, 3, "--tokens-per-s", "inf")
     gateway = start_gateway(procs, redis_url, *nodes, flags=("--strategy", "session_affinity"))
     seen: dict[str, set[str]] = {}
     request_ids = {}

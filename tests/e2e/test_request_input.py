@@ -16,7 +16,7 @@ import pytest
 from tests.support import MODEL
 from tests.support.openai_errors import assert_openai_error, assert_openai_error_body
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode, ops
+from tests.support.processes import Gateway, Process, SimNode, ops, together
 
 KEY = "key-input-0123456789abcdef"
 SHARED_ID = "same-id-for-all"
@@ -25,8 +25,7 @@ RAW_TIMEOUT_S = 10.0  # a raw-socket read that takes longer means the gateway ne
 
 def start(procs: list[Process], redis_url: str, *flags: str, nodes: int = 1) -> Gateway:
     """``nodes`` slow simulated nodes (20 tokens/s) and one replica on them, ready."""
-    sims = [SimNode("--tokens-per-s", "20") for _ in range(nodes)]
-    procs += sims
+    sims = together(procs, [SimNode("--tokens-per-s", "20", listening=False) for _ in range(nodes)])
     args = ["--redis-url", redis_url, *flags]
     for sim in sims:
         args += ["--node", sim.url]

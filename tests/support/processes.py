@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -232,16 +232,26 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+Listening = TypeVar("Listening", SimNode, Gateway)
+
+
+def together(procs: list[Process], started: list[Listening]) -> list[Listening]:
+    """``started`` (made with ``listening=False``, so their start-ups overlap) added to
+    ``procs``, then each waited for until it listens."""
+    procs += started
+    for process in started:
+        process.wait_listening()
+    return started
+
+
 def replicas_of(
     procs: list[Process], redis_url: str, node: SimNode, count: int = 2
 ) -> list[Gateway]:
     """``count`` gateway replicas sharing ``redis_url``, each started with ``--node``, ready."""
-    replicas = [
-        Gateway("--redis-url", redis_url, "--node", node.url, listening=False) for _ in range(count)
-    ]
-    procs += replicas
+    flags = ("--redis-url", redis_url, "--node", node.url)
+    replicas = together(procs, [Gateway(*flags, listening=False) for _ in range(count)])
     for gateway in replicas:
-        gateway.wait_listening().wait_models(MODEL)
+        gateway.wait_models(MODEL)
     return replicas
 
 

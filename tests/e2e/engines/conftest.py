@@ -25,7 +25,7 @@ import pytest
 
 from scripts.engine.cache import EngineUnavailable
 from tests.support.engines import LlamaBuild, LlamaServer, VllmServer, VllmStart, prepare
-from tests.support.processes import Checker, Gateway, Process
+from tests.support.processes import Checker, Gateway, Process, together
 
 _prepared: list[LlamaBuild | EngineUnavailable] = []
 _vllm: list[VllmStart] = []
@@ -98,9 +98,11 @@ def start_engine(llama_build: LlamaBuild, procs: list[Process]) -> StartEngine:
 
 
 @pytest.fixture
-def engines(start_engine: StartEngine) -> list[LlamaServer]:
-    """Two engines, ready."""
-    return [start_engine(), start_engine()]
+def engines(llama_build: LlamaBuild, procs: list[Process]) -> list[LlamaServer]:
+    """Two engines, started together, ready."""
+    started = [LlamaServer(llama_build), LlamaServer(llama_build)]
+    procs.extend(started)
+    return [engine.wait_ready() for engine in started]
 
 
 StartFleet = Callable[..., list[Gateway]]
@@ -115,9 +117,10 @@ def start_fleet(
 
     def start(*flags: str) -> list[Gateway]:
         nodes = [arg for engine in engines for arg in ("--node", engine.url)]
-        replicas = [Gateway("--redis-url", redis_url, *nodes, *flags) for _ in range(2)]
-        procs.extend(replicas)
-        for replica in replicas:
+        replicas = [
+            Gateway("--redis-url", redis_url, *nodes, *flags, listening=False) for _ in range(2)
+        ]
+        for replica in together(procs, replicas):
             replica.wait_models(llama_build.name, timeout_s=20)
         return replicas
 

@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.e2e.engines.conftest import StartFleet
 from tests.support.clients import async_sdk
 from tests.support.engines import LlamaBuild, LlamaServer
-from tests.support.processes import Gateway, Process, ops
+from tests.support.processes import Gateway, Process, ops, together
 
 pytestmark = pytest.mark.engines
 
@@ -132,8 +132,9 @@ async def test_usage_and_cached_tokens_are_relayed_as_the_engine_wrote_them(
 async def test_nodes_add_learns_the_engines_models(
     redis_url: str, procs: list[Process], engines: list[LlamaServer], llama_build: LlamaBuild
 ) -> None:
-    replicas = [Gateway("--redis-url", redis_url) for _ in range(2)]
-    procs.extend(replicas)
+    replicas = together(
+        procs, [Gateway("--redis-url", redis_url, listening=False) for _ in range(2)]
+    )
     for engine in engines:
         added = ops(redis_url, "nodes", "add", engine.url)  # models asked from the engine
         assert added.returncode == 0, added.stderr

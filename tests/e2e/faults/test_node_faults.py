@@ -21,7 +21,7 @@ import pytest
 from tests.support import MODEL
 from tests.support.openai_errors import assert_openai_error, assert_openai_error_body
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode
+from tests.support.processes import Gateway, Process, SimNode, together
 
 pytestmark = pytest.mark.faults
 
@@ -32,8 +32,13 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 def start_fleet(
     procs: list[Process], redis_url: str, nodes: int, *flags: str, tokens_per_s: str = "200"
 ) -> tuple[Gateway, list[SimNode]]:
-    sims = [SimNode("--tokens-per-s", tokens_per_s, name=f"node{i}") for i in range(nodes)]
-    procs += sims
+    sims = together(
+        procs,
+        [
+            SimNode("--tokens-per-s", tokens_per_s, name=f"node{i}", listening=False)
+            for i in range(nodes)
+        ],
+    )
     args = ["--redis-url", redis_url, *flags]
     for sim in sims:
         args += ["--node", sim.url]

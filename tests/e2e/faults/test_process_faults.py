@@ -19,7 +19,7 @@ from shared_state import NodeState, Store
 from tests.support import MODEL
 from tests.support.clients import async_sdk
 from tests.support.polling import eventually
-from tests.support.processes import Checker, Gateway, Process, SimNode
+from tests.support.processes import Checker, Gateway, Process, SimNode, together
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 LEASE_S = 2.0  # replicas' lease time: short, so that expiry is seen within the test
@@ -32,16 +32,16 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
-def replica(procs: list[Process], redis_url: str, *nodes: SimNode) -> Gateway:
-    """A gateway replica on ``redis_url`` with the short lease time, its nodes registered."""
+def replicas(procs: list[Process], redis_url: str, *nodes: SimNode, count: int) -> list[Gateway]:
+    """``count`` gateway replicas on ``redis_url`` with the short lease time, started together,
+    their nodes registered."""
     flags = ["--redis-url", redis_url, "--lease-seconds", str(LEASE_S)]
     for node in nodes:
         flags += ["--node", node.url]
-    gateway = Gateway(*flags)
-    procs.append(gateway)
-    if nodes:
+    gateways = together(procs, [Gateway(*flags, listening=False) for _ in range(count)])
+    for gateway in gateways:
         gateway.wait_models(MODEL)
-    return gateway
+    return gateways
 
 
 async def stream_tokens(sdk: openai.AsyncOpenAI, max_tokens: int) -> int | Exception:
@@ -72,7 +72,7 @@ async def test_replica_killed_under_load_leases_expire_other_serves_all(
 ) -> None:
     node = SimNode("--tokens-per-s", "20", "--slots", "32")
     procs.append(node)
-    a, b = replica(procs, redis_url, node), replica(procs, redis_url, node)
+    a, b = replicas(procs, redis_url, node, count=2)
     sdk_a, sdk_b = async_sdk(a.url, timeout=30), async_sdk(b.url, timeout=30)
     through_a = [asyncio.create_task(stream_tokens(sdk_a, 40)) for _ in range(8)]
     through_b = [asyncio.create_task(stream_tokens(sdk_b, 40)) for _ in range(8)]
@@ -116,7 +116,7 @@ async def test_replica_paused_past_its_lease_counts_right_after_sigcont(
 ) -> None:
     node = SimNode("--tokens-per-s", "10", "--slots", "32")
     procs.append(node)
-    a, b = replica(procs, redis_url, node), replica(procs, redis_url, node)
+    a, b = replicas(procs, redis_url, node, count=2)
     sdk_a, sdk_b = async_sdk(a.url, timeout=60), async_sdk(b.url, timeout=60)
     through_a = [asyncio.create_task(stream_tokens(sdk_a, 40)) for _ in range(4)]
 
@@ -174,9 +174,10 @@ async def keep_asking(gateway: Gateway, stop: asyncio.Event) -> list[int]:
 async def test_leading_checker_killed_standby_takes_over(
     redis_url: str, store: Store, procs: list[Process]
 ) -> None:
-    doomed, kept = SimNode("--tokens-per-s", "inf"), SimNode("--tokens-per-s", "inf")
-    procs += [doomed, kept]
-    gateway = replica(procs, redis_url, doomed, kept)
+    doomed, kept = together(
+        procs, [SimNode("--tokens-per-s", "inf", listening=False) for _ in range(2)]
+    )
+    (gateway,) = replicas(procs, redis_url, doomed, kept, count=1)
     first = Checker(redis_url, "first", "--fall", "2", "--timeout", "0.5")
     procs.append(first)
     assert await eventually(lambda: asyncio.to_thread(first.leads), 10)
@@ -214,9 +215,10 @@ async def test_leading_checker_killed_standby_takes_over(
 async def test_paused_leader_is_fenced_when_it_wakes(
     redis_url: str, store: Store, procs: list[Process]
 ) -> None:
-    hung, kept = SimNode("--tokens-per-s", "inf"), SimNode("--tokens-per-s", "inf")
-    procs += [hung, kept]
-    gateway = replica(procs, redis_url, hung, kept)
+    hung, kept = together(
+        procs, [SimNode("--tokens-per-s", "inf", listening=False) for _ in range(2)]
+    )
+    (gateway,) = replicas(procs, redis_url, hung, kept, count=1)
     hung.fault("hang")  # its generation probe takes the whole timeout: rounds last 2 s
     flags = ("--fall", "1", "--timeout", "2", "--generate-every", "0.01")
     first = Checker(redis_url, "first", *flags)

@@ -25,7 +25,7 @@ from tests.support import MODEL
 from tests.support.harness import RedisServer
 from tests.support.openai_errors import assert_openai_error, assert_openai_error_body
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode, ops
+from tests.support.processes import Gateway, Process, SimNode, ops, together
 
 CLIENT_KEY = "team-a-key-0123456789"
 NODE_KEY = "node-2-secret"
@@ -143,11 +143,15 @@ class Fleet:
 async def start_fleet(server: RedisServer, procs: list[Process], http: httpx.AsyncClient) -> Fleet:
     """Two replicas, nodes registered every way there is (``--node``, self-registration with
     operator fields, the ops CLI), one drained, a client key with limits, a node removed."""
-    nodes = [SimNode("--tokens-per-s", "inf", name=f"n{i}") for i in (1, 3)]
-    nodes.insert(1, SimNode("--tokens-per-s", "inf", "--api-key", NODE_KEY, name="n2"))
-    procs.extend(nodes)
-    replicas = [Gateway("--redis-url", server.url, "--node", nodes[0].url) for _ in range(2)]
-    procs.extend(replicas)
+    nodes = together(
+        procs,
+        [
+            SimNode("--tokens-per-s", "inf", *extra, name=f"n{i}", listening=False)
+            for i, extra in ((1, ()), (2, ("--api-key", NODE_KEY)), (3, ()))
+        ],
+    )
+    flags = ("--redis-url", server.url, "--node", nodes[0].url)
+    replicas = together(procs, [Gateway(*flags, listening=False) for _ in range(2)])
     for gateway in replicas:
         gateway.wait_models(MODEL)
     added = await http.post(

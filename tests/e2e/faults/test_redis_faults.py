@@ -22,7 +22,7 @@ from shared_state import Store
 from tests.support import MODEL
 from tests.support.harness import RedisServer, wait_for_port
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode
+from tests.support.processes import Gateway, Process, SimNode, together
 from tests.support.traffic import Traffic, Watch, tally
 
 LEASE_S = 3.0
@@ -130,11 +130,8 @@ def durable_redis() -> Iterator[DurableRedis]:
 def start_fleet(procs: list[Process], redis_url: str) -> tuple[SimNode, list[Gateway]]:
     node = SimNode("--tokens-per-s", "200")
     procs.append(node)
-    gateways = [
-        Gateway("--redis-url", redis_url, "--node", node.url, "--lease-seconds", str(LEASE_S))
-        for _ in range(2)
-    ]
-    procs += gateways
+    flags = ("--redis-url", redis_url, "--node", node.url, "--lease-seconds", str(LEASE_S))
+    gateways = together(procs, [Gateway(*flags, listening=False) for _ in range(2)])
     for gateway in gateways:
         gateway.wait_models(MODEL)
     return node, gateways

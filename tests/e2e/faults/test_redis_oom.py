@@ -21,7 +21,7 @@ from tests.support.clients import async_sdk
 from tests.support.harness import RedisServer, free_port
 from tests.support.openai_errors import assert_openai_error
 from tests.support.polling import eventually
-from tests.support.processes import Gateway, Process, SimNode, ops
+from tests.support.processes import Gateway, Process, SimNode, ops, together
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 # Small values: a large one inflates the query buffer, which counts as used memory only while
@@ -345,8 +345,7 @@ async def test_an_admin_write_refused_for_want_of_memory_changed_nothing(
     """A removal or a drain refused with 503 left the registry as it was (a script that wrote
     before the refusal would have removed the node without telling the replicas); the
     registry can still be read (ops ``nodes list``) while Redis refuses writes."""
-    nodes = [SimNode("--tokens-per-s", "inf") for _ in range(2)]
-    procs.extend(nodes)
+    nodes = together(procs, [SimNode("--tokens-per-s", "inf", listening=False) for _ in range(2)])
     gateway = Gateway("--redis-url", oom_redis.url, *[a for n in nodes for a in ("--node", n.url)])
     procs.append(gateway)
     gateway.wait_models(MODEL)
