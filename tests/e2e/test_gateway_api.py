@@ -839,29 +839,62 @@ def test_completed_requests_are_not_counted_as_client_disconnects(
 # -- 8. start-up validation ------------------------------------------------------------------------
 
 
+BAD_CONFIGURATIONS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "strategy": (["--strategy", "nope"], {}),
+    "port": (["--port", "70000"], {}),
+    "register-allow": (["--register-allow", "notacidr"], {}),
+    "workers": (["--workers", "2"], {}),
+    "unknown-flag": (["--no-such-flag"], {}),
+    "env-max-attempts": ([], {"FLEETGATE_MAX_ATTEMPTS": "0"}),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_starts() -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """A gateway started with each bad configuration, all at once (each start is a Python
+    start-up of its own: together they take about the time of one); stopped if still running
+    at the end."""
+    started: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name, (args, env) in BAD_CONFIGURATIONS.items():
+            # A valid --port first: if validation wrongly passed, the gateway would serve
+            # until the test's timeout.
+            command = [sys.executable, "-m", "gateway", "--port", str(free_port()), *args]
+            started[name] = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env={**gateway_env(), **env},
+            )
+        yield started
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+
+
 @pytest.mark.parametrize(
-    ("args", "env", "needle"),
+    ("name", "needle"),
     [
-        (["--strategy", "nope"], {}, "strategy"),
-        (["--port", "70000"], {}, "port"),
-        (["--register-allow", "notacidr"], {}, "register-allow"),
-        (["--workers", "2"], {}, "redis-url"),
-        (["--no-such-flag"], {}, "--no-such-flag"),
-        ([], {"FLEETGATE_MAX_ATTEMPTS": "0"}, "FLEETGATE_MAX_ATTEMPTS"),
+        pytest.param("strategy", "strategy", id="strategy"),
+        pytest.param("port", "port", id="port"),
+        pytest.param("register-allow", "register-allow", id="register-allow"),
+        pytest.param("workers", "redis-url", id="workers"),
+        pytest.param("unknown-flag", "--no-such-flag", id="unknown-flag"),
+        pytest.param("env-max-attempts", "FLEETGATE_MAX_ATTEMPTS", id="env-max-attempts"),
     ],
-    ids=["strategy", "port", "register-allow", "workers", "unknown-flag", "env-max-attempts"],
 )
 def test_bad_configuration_stops_start_up_with_one_line(
-    args: list[str], env: dict[str, str], needle: str
+    bad_starts: dict[str, subprocess.Popen[str]], name: str, needle: str
 ) -> None:
-    # A valid --port first: if validation wrongly passed, the gateway would serve until timeout.
-    command = [sys.executable, "-m", "gateway", "--port", str(free_port()), *args]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=15, cwd=ROOT, env={**gateway_env(), **env}
-    )
-    assert result.returncode != 0, result
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    process = bad_starts[name]
+    stdout, stderr = process.communicate(timeout=15)
+    assert process.returncode != 0, (stdout, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
     assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
-    assert "listening" not in result.stdout and "fleetgate: gateway" not in result.stdout
+    assert "Traceback" not in stderr
+    assert "listening" not in stdout and "fleetgate: gateway" not in stdout
