@@ -70,24 +70,39 @@ def test_compose_file_is_valid() -> None:
     names = sorted({p for s in services.values() for p in s.get("profiles") or ()})
     assert {"l4", "ops", "observability"} <= set(names)
     every = [arg for name in names for arg in ("--profile", name)]
-    for profiles in ([], *(["--profile", name] for name in names), every):
-        done = subprocess.run(
-            [exe, "-f", str(COMPOSE), *profiles, "config", "-q"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
+    # Every check at once: each is a Python start-up of docker-compose's own.
+    checks = [
+        (
+            profiles,
+            subprocess.Popen(
+                [exe, "-f", str(COMPOSE), *profiles, "config", "-q"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
         )
-        assert done.returncode == 0, f"docker-compose {profiles}: {done.stderr}"
-    listed = subprocess.run(
+        for profiles in ([], *(["--profile", name] for name in names), every)
+    ]
+    listing = subprocess.Popen(
         [exe, "-f", str(COMPOSE), *every, "config", "--services"],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=True,
     )
-    assert set(listed.stdout.split()) == set(services)
+    try:
+        for profiles, check in checks:
+            _, errors = check.communicate(timeout=60)
+            assert check.returncode == 0, f"docker-compose {profiles}: {errors}"
+        listed, errors = listing.communicate(timeout=60)
+        assert listing.returncode == 0, errors
+    finally:
+        for process in (*(check for _, check in checks), listing):
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert set(listed.split()) == set(services)
 
 
 # -- the mirror: compose.yaml as local processes --------------------------------------------
