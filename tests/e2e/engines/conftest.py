@@ -10,9 +10,10 @@ fails with that reason: a missing engine never turns into a silent skip. ``-m "n
 leaves these tests out, and then nothing is built.
 
 vLLM's server, which takes 40 s or more to load, is started then too (only if a selected test
-asks for it) and loads while the unit tests run: they are put first, the tests of the vLLM
-server right after them, then the other end-to-end tests, which so never share the machine
-with a loading vLLM.
+asks for it) and loads while the unit tests run, then their rerun on a real Redis
+(tests/e2e/test_state_on_redis.py: in-process, no timing tighter than the unit tests'): they
+are put first, the tests of the vLLM server right after them, then the other end-to-end
+tests, which so never share the machine with a loading vLLM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tests.support.processes import Checker, Gateway, Process, together
 
 _prepared: list[LlamaBuild | EngineUnavailable] = []
 _vllm: list[VllmStart] = []
-_UNIT = Path(__file__).resolve().parents[2] / "unit"
+_TESTS = Path(__file__).resolve().parents[2]
+_BEFORE_VLLM = (_TESTS / "unit", _TESTS / "e2e" / "test_state_on_redis.py")
 
 
 def _wants(item: pytest.Item, fixture: str) -> bool:
@@ -37,13 +39,14 @@ def _wants(item: pytest.Item, fixture: str) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The unit tests first, then the tests of the vLLM server, then the other end-to-end
-    tests (a stable sort: each group in its order)."""
+    """The unit tests and their rerun on Redis first, then the tests of the vLLM server, then
+    the other end-to-end tests (a stable sort: each group in its order)."""
 
     def group(item: pytest.Item) -> int:
-        if item.path.is_relative_to(_UNIT):
-            return 0
-        return 1 if _wants(item, "vllm_server") else 2
+        for rank, path in enumerate(_BEFORE_VLLM):
+            if item.path.is_relative_to(path):
+                return rank
+        return len(_BEFORE_VLLM) + (0 if _wants(item, "vllm_server") else 1)
 
     items.sort(key=group)
 

@@ -185,7 +185,7 @@ async def test_the_health_checker_reads_vllms_load(
     probes would write nothing."""
     checker = Checker(redis_url, "vllm", "--timeout", "5", "--lease-seconds", "10")
     procs.append(checker)
-    store = Store.open(redis_url)
+    store = Store.open(redis_url, timeout_s=5.0)  # this process waits for the CPU too
 
     async def node_seen(check: Any) -> bool:
         return bool(check(await store.get_node(vllm_server.url)))
