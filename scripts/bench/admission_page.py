@@ -38,10 +38,11 @@ EXPLAINED = [
     "priority may fill. A slot kept for high priority idles by design until a high-priority "
     "request comes; the gaps of every slot are shown too (p99 all slots). What a gap spans "
     "with admission: the node's answer reaches its replica, which relays it to the client, "
-    "releases the lease (`release.lua`), then admits the queue's head (`admit.lua`, a second "
-    "call) and publishes the admission; the waiting request's replica hears it and forwards "
-    "the request to the node. Each run's gap p99 is in admission.json with the machine's "
-    "load average (`loadavg_1m`).",
+    "then releases the lease and admits the queue's head in one pipelined write (`release.lua` "
+    "then `admit.lua`, one round trip), which publishes the admission; a request waiting on "
+    "that replica goes on at once, one waiting on another replica when that replica hears the "
+    "publication; either forwards the request to the node. Each run's gap p99 is in "
+    "admission.json with the machine's load average (`loadavg_1m`).",
     "",
     'Set-ups: "admission" registers the nodes with their `--max-inflight`; "no admission" '
     "registers the same nodes without it (today's behaviour: each node queues what it is "
