@@ -1,7 +1,16 @@
 """What every test shares: the layout rule. A test module lives in tests/unit (in-process only,
 which tests/unit/conftest.py enforces) or in tests/e2e (real Redis, processes and loopback
 servers, with the fault-injection suite in tests/e2e/faults); the end-to-end tests carry the
-``e2e`` marker, so ``-m "not e2e"`` leaves them out, and the fault tests ``faults``."""
+``e2e`` marker, so ``-m "not e2e"`` leaves them out, and the fault tests ``faults``.
+
+And the order the tests run in. The suite runs on two pytest-xdist workers (``-n 2`` in
+pyproject.toml; ``-n 0`` runs it in one process), which are given whole modules, one at a
+time, in this order: the tests of vLLM's server first (its worker waits for it to load while
+the other runs the unit tests), then the unit tests and their rerun on a real Redis (in-process),
+the other end-to-end tests, and last the fault tests and the Sentinel failover, whose leases
+and timeouts are the tightest, so that they never share the machine with a loading vLLM. In
+one process vLLM loads while the unit tests run (tests/e2e/engines/conftest.py), so its tests
+come right after them."""
 
 from __future__ import annotations
 
@@ -11,6 +20,19 @@ import pytest
 
 TESTS = Path(__file__).parent
 FOLDERS = ("unit", "e2e")
+VLLM = TESTS / "e2e" / "engines" / "test_vllm.py"
+IN_PROCESS = (TESTS / "unit", TESTS / "e2e" / "test_state_on_redis.py")
+LATE = (TESTS / "e2e" / "faults", TESTS / "e2e" / "test_sentinel.py")
+
+
+def _rank(path: Path, on_workers: bool) -> int:
+    """Where the tests of module ``path`` run (see the module's docstring)."""
+    if path == VLLM:
+        return 0 if on_workers else 2
+    for rank, where in enumerate(IN_PROCESS, start=1):
+        if path.is_relative_to(where):
+            return rank if on_workers else rank - 1
+    return 4 if any(path.is_relative_to(where) for where in LATE) else 3
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,3 +61,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"test modules belong in tests/unit or tests/e2e: {', '.join(sorted(misplaced))}"
         )
+    on_workers = hasattr(config, "workerinput")
+    items.sort(key=lambda item: _rank(item.path, on_workers))  # stable: each group in its order

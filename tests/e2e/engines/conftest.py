@@ -10,17 +10,15 @@ fails with that reason: a missing engine never turns into a silent skip. ``-m "n
 leaves these tests out, and then nothing is built.
 
 vLLM's server, which takes 40 s or more to load, is started then too (only if a selected test
-asks for it) and loads while the unit tests run, then their rerun on a real Redis
-(tests/e2e/test_state_on_redis.py: in-process, no timing tighter than the unit tests'): they
-are put first, the tests of the vLLM server right after them, then the other end-to-end
-tests, which so never share the machine with a loading vLLM.
+asks for it) and loads while the unit tests run (the order of the tests is tests/conftest.py's).
+Under pytest-xdist it is started by the worker that runs its tests instead, when their module
+begins (the first module given out), while the other worker runs the unit tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,30 +28,15 @@ from tests.support.processes import Checker, Gateway, Process, together
 
 _prepared: list[LlamaBuild | EngineUnavailable] = []
 _vllm: list[VllmStart] = []
-_TESTS = Path(__file__).resolve().parents[2]
-_BEFORE_VLLM = (_TESTS / "unit", _TESTS / "e2e" / "test_state_on_redis.py")
 
 
 def _wants(item: pytest.Item, fixture: str) -> bool:
     return fixture in getattr(item, "fixturenames", ())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The unit tests and their rerun on Redis first, then the tests of the vLLM server, then
-    the other end-to-end tests (a stable sort: each group in its order)."""
-
-    def group(item: pytest.Item) -> int:
-        for rank, path in enumerate(_BEFORE_VLLM):
-            if item.path.is_relative_to(path):
-                return rank
-        return len(_BEFORE_VLLM) + (0 if _wants(item, "vllm_server") else 1)
-
-    items.sort(key=group)
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     start_vllm = not _vllm and any(_wants(item, "vllm_server") for item in session.items)
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         start_vllm = False
     build = not _prepared and any(_wants(item, "llama_build") for item in session.items)
     if not (start_vllm or build):
