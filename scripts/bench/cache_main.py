@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from scripts.bench.cache_charts import write_cache_charts
-from scripts.bench.cache_engines import ENGINE_WORKLOAD, run_engine_scenario
+from scripts.bench.cache_engines import CACHE_LLAMAS, ENGINE_WORKLOAD, run_engine_scenario
 from scripts.bench.cache_nodes import EQUAL_NODES, UNEQUAL_NODES, parse_cache_nodes
 from scripts.bench.cache_report import (
     cache_summary_line,
@@ -39,7 +39,7 @@ from scripts.bench.cache_targets import evaluate_cache
 from scripts.bench.cache_workload import CacheWorkload, bytes_per_token
 from scripts.bench.fleet import Fleet
 from scripts.bench.harness import ROOT, Interrupted, StartupError, interrupt_on_sigterm, progress
-from scripts.bench.llama_nodes import DEFAULT_LLAMAS, parse_llamas
+from scripts.bench.llama_nodes import parse_llamas
 from scripts.bench.load import MODEL
 from scripts.bench.report import clean
 from scripts.bench.routing import machine
@@ -95,7 +95,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     g.add_argument("--unequal-nodes", type=_nodes, default=UNEQUAL_NODES, help=_spec(UNEQUAL_NODES))
     g = p.add_argument_group("real engines (part engines)")
     g.add_argument("--engine-model", default="llama-big", help="model (default llama-big)")
-    g.add_argument("--llamas", type=parse_llamas, default=DEFAULT_LLAMAS, help="see bench_routing")
+    g.add_argument(
+        "--llamas",
+        type=parse_llamas,
+        default=CACHE_LLAMAS,
+        help="name:threads:slots:cache_mib,... (llama-1:1:1:72,llama-2:1:1:72)",
+    )
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
     g.add_argument("--engine-runs", type=int, help="runs per set-up (3; quick 1)")
     g.add_argument("--engine-load", type=float, default=0.65, help="of cold capacity (0.65)")

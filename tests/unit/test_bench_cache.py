@@ -185,10 +185,19 @@ def test_targets_pass_and_fail_on_the_paired_figures() -> None:
             },
         },
     ]
+    engines = {
+        "cache_aware/4-shared": row("cache_aware", "4 shared", [100, 120, 110], [0.85] * 3),
+        "min_expected_latency/4-shared": row(
+            "min_expected_latency", "4 shared", [300, 200, 210], [0.6] * 3
+        ),
+        "round_robin/4-shared": row("round_robin", "4 shared", [300, 300, 200], [0.6] * 3),
+        "cache_aware/4-private": row("cache_aware", "4 private", [250, 250, 240], [0.6] * 3),
+    }
     result = {
         "scenarios": {
             "chats": {"comparison": chats},
             "unequal": {"comparison": {"cache_aware/4-shared": {"runs": unequal_runs}}},
+            "engines": {"comparison": engines},
         }
     }
     targets = evaluate_cache(result)
@@ -200,7 +209,13 @@ def test_targets_pass_and_fail_on_the_paired_figures() -> None:
         "mean TTFT, min_expected_latency, 4 sharing vs cache_aware 4 sharing": True,
         "cache_aware, slow vs fast nodes: p99 latency": True,  # 1.5x
         "cache_aware, slow vs fast nodes: p99 TTFT": False,  # 3x
+        "mean TTFT, min_expected_latency vs cache_aware (4-shared)": False,  # 3, 1.67, 1.91
+        "mean TTFT, round_robin vs cache_aware (4-shared)": True,  # 3, 2.5, 1.82
+        "mean TTFT, cache_aware, 4-private vs 4-shared": True,  # 2.5, 2.08, 2.18
     }
+    assert targets["real engines: mean TTFT, cache_aware, 4-private vs 4-shared"][
+        "figure"
+    ] == pytest.approx(240 / 110)
     assert targets["chats: mean TTFT, cache_aware, 4 private stores vs cache_aware 4 sharing"][
         "figure"
     ] == pytest.approx(90 / 52)  # of 90/52, 100/58, 160/70
