@@ -99,11 +99,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
         "--llamas",
         type=parse_llamas,
         default=CACHE_LLAMAS,
-        help="name:threads:slots:cache_mib,... (llama-1:1:1:72,llama-2:1:1:72)",
+        help="name:threads:slots:cache_mib,... (llama-1:1:1:48 to llama-4:1:1:48)",
     )
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
     g.add_argument("--engine-runs", type=int, help="runs per set-up (3; quick 1)")
-    g.add_argument("--engine-load", type=float, default=0.65, help="of cold capacity (0.65)")
+    g.add_argument("--engine-load", type=float, default=0.5, help="of cold capacity (0.5)")
     g.add_argument("--engine-rate", type=float, help="turns/s instead of --engine-load")
     g.add_argument(
         "--engine-conversations",
