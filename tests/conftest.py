@@ -21,18 +21,21 @@ import pytest
 TESTS = Path(__file__).parent
 FOLDERS = ("unit", "e2e")
 VLLM = TESTS / "e2e" / "engines" / "test_vllm.py"
-IN_PROCESS = (TESTS / "unit", TESTS / "e2e" / "test_state_on_redis.py")
+UNIT = TESTS / "unit"
+ON_REDIS = TESTS / "e2e" / "test_state_on_redis.py"  # the unit tests' state tests, in-process
 LATE = (TESTS / "e2e" / "faults", TESTS / "e2e" / "test_sentinel.py")
+# The groups in the order they run: on workers vLLM's tests first, in one process after the
+# in-process tests; the tests in no group (the other end-to-end ones) between them and LATE.
+ON_WORKERS = ((VLLM,), (UNIT,), (ON_REDIS,), (), LATE)
+IN_ONE_PROCESS = ((UNIT,), (ON_REDIS,), (VLLM,), (), LATE)
 
 
-def _rank(path: Path, on_workers: bool) -> int:
-    """Where the tests of module ``path`` run (see the module's docstring)."""
-    if path == VLLM:
-        return 0 if on_workers else 2
-    for rank, where in enumerate(IN_PROCESS, start=1):
-        if path.is_relative_to(where):
-            return rank if on_workers else rank - 1
-    return 4 if any(path.is_relative_to(where) for where in LATE) else 3
+def _rank(path: Path, order: tuple[tuple[Path, ...], ...]) -> int:
+    """The group of ``order`` module ``path`` belongs to (see the module's docstring)."""
+    for rank, group in enumerate(order):
+        if any(path.is_relative_to(where) for where in group):
+            return rank
+    return order.index(())
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,5 +64,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"test modules belong in tests/unit or tests/e2e: {', '.join(sorted(misplaced))}"
         )
-    on_workers = hasattr(config, "workerinput")
-    items.sort(key=lambda item: _rank(item.path, on_workers))  # stable: each group in its order
+    order = ON_WORKERS if hasattr(config, "workerinput") else IN_ONE_PROCESS
+    items.sort(key=lambda item: _rank(item.path, order))  # stable: each group in its order

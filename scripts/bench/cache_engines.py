@@ -32,6 +32,7 @@ import aiohttp
 
 from scripts.bench.cache_figures import median_cache_runs, summarize_cache_run
 from scripts.bench.cache_runs import read_gateways, rotated, scrub, warmup_at
+from scripts.bench.cache_targets import CA, MEL
 from scripts.bench.cache_workload import CacheWorkload, make_cache_schedule
 from scripts.bench.calibration import DEFAULT_BLOCK_BYTES, Calibration, calibrate
 from scripts.bench.chat_load import drive_chats, request_body
@@ -42,8 +43,7 @@ from scripts.bench.llama_nodes import LlamaFleet, LlamaSpec, prepare
 from scripts.bench.load import client_session
 from scripts.bench.scenario import Setup
 
-CA = "cache_aware"
-ENGINE_STRATEGIES = (CA, "min_expected_latency", "round_robin")
+ENGINE_STRATEGIES = (CA, MEL, "round_robin")
 # Smaller than the simulated chats: a cold first turn takes a llama-big engine about 0.5 s on
 # one thread. 24 chats: three to each system prompt, so a prompt's prefill is paid once and
 # reused, as in the simulated chats, rather than paid by nearly every chat.
@@ -120,12 +120,10 @@ async def run_engine_setup(
     chats = workload.chats()
     try:
         await llamas.restart(session)
-        if setup.shared:
-            await fleet.reset_redis()
-            started.append(fleet.start_checker())
+        started += await fleet.shared_state(setup)
         gateways = fleet.start_gateways(setup)
         started += gateways
-        for gateway in gateways if not setup.shared else gateways[:1]:
+        for gateway in setup.registrars(gateways):
             await _register(session, gateway, llamas, calibration)
         await fleet.wait_ready(session, gateways, len(llamas.specs), model)
         t0 = asyncio.get_running_loop().time() + 0.1

@@ -161,13 +161,11 @@ async def run_sim_setup(
     fleet.check()
     chats = workload.chats()
     try:
-        if setup.shared:
-            await fleet.reset_redis()
-            started.append(fleet.start_checker())
+        started += await fleet.shared_state(setup)
         with gateway_env(setup):
             gateways = fleet.start_gateways(setup)
         started += gateways
-        await nodes.register(session, gateways if not setup.shared else gateways[:1])
+        await nodes.register(session, setup.registrars(gateways))
         await fleet.wait_ready(session, gateways, len(nodes.specs))
         await nodes.wait_idle(session)
         await nodes.reset_caches(session)

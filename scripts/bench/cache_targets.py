@@ -130,13 +130,11 @@ def evaluate_cache(result: dict[str, Any]) -> dict[str, Any]:
     ca = next((k for k in engines if k.startswith(f"{CA}/") and "shared" in k), None)
     if ca:
         replicas = ca.split("/")[1]
-        private = ca.replace("-shared", "-private")
+        private = replicas.replace("-shared", "-private")
         for name, other, what in (
-            *(
-                (f"{other} vs cache_aware ({replicas})", f"{other}/{replicas}", f"{other} / {CA}")
-                for other in (MEL, "round_robin")
-            ),
-            (f"cache_aware, {private.split('/')[1]} vs {replicas}", private, "private / shared"),
+            (f"{MEL} vs {CA} ({replicas})", f"{MEL}/{replicas}", f"{MEL} / {CA}"),
+            (f"round_robin vs {CA} ({replicas})", f"round_robin/{replicas}", f"round_robin / {CA}"),
+            (f"{CA}, {private} vs {replicas}", f"{CA}/{private}", "private / shared"),
         ):
             _paired(
                 targets,

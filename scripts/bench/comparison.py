@@ -30,14 +30,10 @@ async def run_setup(
     started: list[Child] = []
     fleet.check()
     try:
-        if setup.shared:
-            await fleet.reset_redis()
-            started.append(fleet.start_checker())
+        started += await fleet.shared_state(setup)
         gateways = fleet.start_gateways(setup)
         started += gateways
-        await fleet.register(
-            session, gateways if not setup.shared else gateways[:1], setup.strategy
-        )
+        await fleet.register(session, setup.registrars(gateways), setup.strategy)
         await fleet.wait_ready(session, gateways, len(fleet.nodes))
         for _spec, node in fleet.nodes.values():
             async with session.post(node.url + "/sim/reset") as resp:

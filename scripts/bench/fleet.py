@@ -102,6 +102,14 @@ class Fleet:
             self.procs.wait_port(child)
         return children
 
+    async def shared_state(self, setup: Setup) -> list[Child]:
+        """For a set-up sharing Redis: Redis emptied and a health-checker started (returned,
+        for the caller to stop); nothing for private stores."""
+        if not setup.shared:
+            return []
+        await self.reset_redis()
+        return [self.start_checker()]
+
     def start_checker(self) -> Child:
         """Start a health-checker on the fleet's Redis (every 0.5 s, fall 2, rise 2)."""
         argv = [self.py, "-m", "gateway.checker.health_checker", "--redis-url", self.redis_url]

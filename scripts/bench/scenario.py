@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 STRATEGIES = (
     "random",
@@ -112,6 +115,11 @@ class Setup:
     @property
     def key(self) -> str:
         return f"{self.strategy}/{self.mode.replace(' ', '-')}"
+
+    def registrars(self, gateways: Sequence[T]) -> Sequence[T]:
+        """The gateways nodes are registered with: the first when they share Redis (every
+        replica reads the one registry), each one on private stores."""
+        return gateways[:1] if self.shared else gateways
 
 
 def comparison_setups(quick: bool) -> list[Setup]:
