@@ -7,7 +7,8 @@ And the order the tests run in. The suite runs on two pytest-xdist workers (``-n
 pyproject.toml; ``-n 0`` runs it in one process), which are given whole modules, one at a
 time, in this order: the tests of vLLM's server first (its worker waits for it to load while
 the other runs the unit tests), then the unit tests and their rerun on a real Redis (in-process),
-the other end-to-end tests, and last the fault tests and the Sentinel failover, whose leases
+the other end-to-end tests, the other tests against real engines (which starved beside vLLM's
+and once ran into their timeout), and last the fault tests and the Sentinel failover, whose leases
 and timeouts are the tightest, so that they never share the machine with a loading vLLM. In
 one process vLLM loads while the unit tests run (tests/e2e/engines/conftest.py), so its tests
 come right after them."""
@@ -23,11 +24,13 @@ FOLDERS = ("unit", "e2e")
 VLLM = TESTS / "e2e" / "engines" / "test_vllm.py"
 UNIT = TESTS / "unit"
 ON_REDIS = TESTS / "e2e" / "test_state_on_redis.py"  # the unit tests' state tests, in-process
+ENGINES = TESTS / "e2e" / "engines"  # llama-servers: not beside a vLLM at work
 LATE = (TESTS / "e2e" / "faults", TESTS / "e2e" / "test_sentinel.py")
 # The groups in the order they run: on workers vLLM's tests first, in one process after the
-# in-process tests; the tests in no group (the other end-to-end ones) between them and LATE.
-ON_WORKERS = ((VLLM,), (UNIT,), (ON_REDIS,), (), LATE)
-IN_ONE_PROCESS = ((UNIT,), (ON_REDIS,), (VLLM,), (), LATE)
+# in-process tests; the tests in no group (the other end-to-end ones) after them, then the
+# other real-engine tests, then LATE.
+ON_WORKERS = ((VLLM,), (UNIT,), (ON_REDIS,), (), (ENGINES,), LATE)
+IN_ONE_PROCESS = ((UNIT,), (ON_REDIS,), (VLLM,), (), (ENGINES,), LATE)
 
 
 def _rank(path: Path, order: tuple[tuple[Path, ...], ...]) -> int:
