@@ -22,6 +22,13 @@ way on the same node; the report adds its cost against the untraced gateway of t
 CPU time per request under the req/s load, which other work on the machine moves less), the
 median over runs. It needs the ``otel`` extra.
 
+With ``--baseline REV`` another gateway worker runs from the files of commit REV (exported
+by ``git archive`` beside the logs, run with the same Python and packages, on its own Redis
+keys), measured the same way on the same node; the report adds this tree's gateway against
+it in the same run (p50/p99 at c=1, req/s and SSE events/s, CPU time per request), the median
+over runs: what the commits since REV cost, however fast or loaded the machine is, where the
+absolute 1 ms target below moves with the machine.
+
 Every figure is the median of ``--runs`` runs. It prints a table, the three targets with
 "holds" or "MISSED", any errors (status codes and sample bodies) and warnings the servers
 logged, and one JSON line (``{"bench": "gateway", ...}``). Progress goes to stderr.
@@ -46,7 +53,7 @@ something failed to start.
 
     python scripts/bench_gateway.py [--runs 3] [--duration 3] [--concurrency 32]
                                     [--store {redis,embedded}] [--strategy NAME]
-                                    [--tracing [--trace-ratio 1.0]]
+                                    [--tracing [--trace-ratio 1.0]] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench.ceiling import serve_trivial
 from scripts.bench.harness import Processes, RedisServer, StartupError, interrupt_on_sigterm
 from scripts.bench.otlp_sink import serve_otlp_sink, sink_stats
-from scripts.bench.paths import SINK, TRACED, measure, start_paths
+from scripts.bench.paths import BASELINE, SINK, TRACED, measure, start_paths
 from scripts.bench.report import print_gateway_report
 
 
@@ -83,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tracing", action="store_true", help="also a gateway with tracing on")
     p.add_argument(
         "--trace-ratio", type=float, default=1.0, help="--tracing: the share of traces sampled"
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also a gateway from commit REV's tree, compared with this one in the same run",
     )
     p.add_argument("--serve-trivial", type=int, metavar="PORT", help="only serve the trivial app")
     p.add_argument("--serve-otlp-sink", type=int, metavar="PORT", help="only serve the OTLP sink")
@@ -112,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench_gateway: start-up failed: {exc}", file=sys.stderr)
             return 1
         print(f"started: {bases}; logs in {log_dir}", file=sys.stderr, flush=True)
-        pids = {c.name: c.proc.pid for c in procs.children if c.name in ("gateway", TRACED)}
+        gateways = ("gateway", TRACED, BASELINE)
+        pids = {c.name: c.proc.pid for c in procs.children if c.name in gateways}
         result = asyncio.run(measure(args, bases, pids))
         if SINK in bases:
             result["exports"] = sink_stats(bases[SINK])

@@ -134,17 +134,22 @@ class Processes:
         self._seq = 0
 
     def start(
-        self, name: str, argv: Sequence[str], port: int = 0, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int = 0,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> Child:
-        """Start ``argv`` in the repository root, its output to a log file of its own; ``env``
-        adds to this process's environment."""
+        """Start ``argv`` in the repository root (or ``cwd``), its output to a log file of its
+        own; ``env`` adds to this process's environment."""
         self._seq += 1
         log = self.log_dir / f"{self._seq:04d}-{name}.log"
         out = log.open("wb")
         self._files.append(out)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT, env=env
+            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd, env=env
         )
         child = Child(name, proc, log, port)
         self.children.append(child)

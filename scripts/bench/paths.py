@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from scripts.bench.figures import p50_p99
@@ -41,18 +43,22 @@ from scripts.bench.load import (
 PATHS = ("direct", "gateway", "trivial")
 TRACED = "traced"  # the gateway with tracing on (--tracing)
 SINK = "otlp-sink"  # where the traced gateway exports its spans
+BASELINE = "baseline"  # the gateway of another commit's tree (--baseline REV)
 LABELS = {
     "direct": "direct",
     "gateway": "gateway",
     TRACED: "gateway, traced",
+    BASELINE: "gateway, base",
     "trivial": "trivial ceiling",
 }
 
 
 def paths_of(args: argparse.Namespace) -> tuple[str, ...]:
-    """The paths this run measures, in the order of its loads: the traced gateway right after
-    the untraced one, so that what else runs on the machine moves both alike."""
-    return ("direct", "gateway", TRACED, "trivial") if args.tracing else PATHS
+    """The paths this run measures, in the order of its loads: the traced gateway and the
+    baseline's right after this tree's, so that what else runs on the machine moves them
+    alike."""
+    extra = (TRACED,) * bool(args.tracing) + (BASELINE,) * bool(args.baseline)
+    return ("direct", "gateway", *extra, "trivial")
 
 
 def _http(url: str, body: bytes | None = None, timeout_s: float = 2.0) -> tuple[int, bytes]:
@@ -117,6 +123,8 @@ def start_paths(
     bases = {"direct": node.url, "gateway": gateway.url, "trivial": trivial.url}
     if args.tracing:
         bases[SINK], bases[TRACED] = start_traced(args, procs, node.url, redis_url)
+    if args.baseline:
+        bases[BASELINE] = start_baseline(args, procs, node.url, redis_url)
     for name in paths_of(args):
         check_answers(bases[name], name)
     return bases
@@ -145,6 +153,42 @@ def start_traced(
     procs.wait_port(traced)
     wait_model_listed(traced, traced.url)
     return sink.url, traced.url
+
+
+def export_tree(revision: str, into: Path) -> Path:
+    """The files of commit ``revision`` of this repository, written under ``into`` (``git
+    archive``: no checkout touched); StartupError with git's words if it names no commit."""
+    tree = into / "baseline-tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", revision],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise StartupError(f"--baseline {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def start_baseline(
+    args: argparse.Namespace, procs: Processes, node_url: str, redis_url: str | None
+) -> str:
+    """A second gateway worker run from the tree of commit ``--baseline`` (exported beside
+    the logs; the same Python and installed packages), on its own Redis keys; its URL. This
+    tree's gateway is compared with it in the same run: what a change costs, whatever the
+    machine's speed."""
+    tree = export_tree(args.baseline, procs.log_dir)
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway", "--port", str(port), "--node", node_url]
+    argv += ["--strategy", args.strategy]
+    if redis_url is not None:
+        argv += ["--redis-url", redis_url, "--prefix", "fleetgate-baseline"]
+    # ``python -m`` puts the working folder first on sys.path: the exported tree's packages.
+    baseline = procs.start(BASELINE, argv, port, cwd=tree)
+    procs.wait_port(baseline)
+    wait_model_listed(baseline, baseline.url)
+    return baseline.url
 
 
 async def measure(

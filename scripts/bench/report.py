@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scripts.bench.load import Tally
-from scripts.bench.paths import LABELS, TRACED
+from scripts.bench.paths import BASELINE, LABELS, TRACED
 from scripts.bench.tables import comparison_rows, drill_lines, scale_rows, text_table
 from scripts.bench.targets import GatewayTargets, StateTarget, verdict
 
@@ -163,6 +163,16 @@ def print_gateway_report(
             f"{exports.get('exports', 0):,} OTLP exports ({exports.get('bytes', 0):,} bytes) "
             "received"
         )
+    against_base = path_cost(result["runs"], "gateway", BASELINE) if BASELINE in paths else None
+    if against_base is not None:
+        print(
+            f"this tree vs {args.baseline} (same run, median of {args.runs}): p50 at c=1 "
+            f"{against_base['added_p50_ms']:+.3f} ms (p99 {against_base['added_p99_ms']:+.3f} "
+            f"ms), req/s {against_base['rps_vs_off']:.1%}, SSE events/s "
+            f"{against_base['sse_vs_off']:.1%} of the baseline's; CPU per request "
+            f"{against_base['cpu_us_on']:.0f} us against {against_base['cpu_us_off']:.0f} us "
+            f"({against_base['cpu_vs_off']:.2f}x)"
+        )
     n_errors = {name: sum(t.errors.values()) for name, t in errors.items()}
     for name, tally in errors.items():
         if tally.errors:
@@ -203,26 +213,36 @@ def print_gateway_report(
     }
     if tracing is not None:
         line["tracing"] = {"sampled": args.trace_ratio, **tracing, **result.get("exports", {})}
+    if against_base is not None:
+        line["against_baseline"] = {"revision": args.baseline, **against_base}
     print(json.dumps(line))
 
 
 def tracing_cost(runs: list[dict[str, float]]) -> dict[str, float]:
-    """What tracing costs the gateway, each figure the median over runs of the traced gateway
-    against the untraced one measured in the same run: latency added at concurrency 1 (ms)
-    and the share of requests/s and SSE events/s kept; the gateway process's CPU time per
-    request under the req/s load, off and on, and their ratio."""
+    """What tracing costs the gateway: the traced gateway against the untraced one."""
+    return path_cost(runs, TRACED, "gateway")
+
+
+def path_cost(runs: list[dict[str, float]], path: str, base: str) -> dict[str, float]:
+    """What gateway ``path`` costs against gateway ``base``, each figure the median over runs
+    of the two measured in the same run: latency added at concurrency 1 (ms) and the share of
+    requests/s and SSE events/s kept; each process's CPU time per request under the req/s
+    load (``off``: base's, ``on``: path's), and their ratio."""
 
     def median(of: Callable[[dict[str, float]], float]) -> float:
         return statistics.median(of(r) for r in runs)
 
+    def ratio(figure: str) -> float:
+        return round(median(lambda r: r[f"{path}.{figure}"] / r[f"{base}.{figure}"]), 4)
+
     return {
-        "added_p50_ms": round(median(lambda r: r["traced.p50"] - r["gateway.p50"]), 3),
-        "added_p99_ms": round(median(lambda r: r["traced.p99"] - r["gateway.p99"]), 3),
-        "rps_vs_off": round(median(lambda r: r["traced.rps"] / r["gateway.rps"]), 4),
-        "sse_vs_off": round(median(lambda r: r["traced.sse"] / r["gateway.sse"]), 4),
-        "cpu_us_off": round(median(lambda r: r["gateway.cpu_us"]), 1),
-        "cpu_us_on": round(median(lambda r: r["traced.cpu_us"]), 1),
-        "cpu_vs_off": round(median(lambda r: r["traced.cpu_us"] / r["gateway.cpu_us"]), 4),
+        "added_p50_ms": round(median(lambda r: r[f"{path}.p50"] - r[f"{base}.p50"]), 3),
+        "added_p99_ms": round(median(lambda r: r[f"{path}.p99"] - r[f"{base}.p99"]), 3),
+        "rps_vs_off": ratio("rps"),
+        "sse_vs_off": ratio("sse"),
+        "cpu_us_off": round(median(lambda r: r[f"{base}.cpu_us"]), 1),
+        "cpu_us_on": round(median(lambda r: r[f"{path}.cpu_us"]), 1),
+        "cpu_vs_off": ratio("cpu_us"),
     }
 
 
