@@ -27,7 +27,9 @@ by ``git archive`` beside the logs, run with the same Python and packages, on it
 keys), measured the same way on the same node; the report adds this tree's gateway against
 it in the same run (p50/p99 at c=1, req/s and SSE events/s, CPU time per request), the median
 over runs: what the commits since REV cost, however fast or loaded the machine is, where the
-absolute 1 ms target below moves with the machine.
+absolute 1 ms target below moves with the machine. ``--baseline-strategy`` gives the baseline
+another strategy (``--baseline HEAD --baseline-strategy round_robin``: what this tree's
+``--strategy`` costs against round robin).
 
 Every figure is the median of ``--runs`` runs. It prints a table, the three targets with
 "holds" or "MISSED", any errors (status codes and sample bodies) and warnings the servers
@@ -53,7 +55,8 @@ something failed to start.
 
     python scripts/bench_gateway.py [--runs 3] [--duration 3] [--concurrency 32]
                                     [--store {redis,embedded}] [--strategy NAME]
-                                    [--tracing [--trace-ratio 1.0]] [--baseline REV]
+                                    [--tracing [--trace-ratio 1.0]]
+                                    [--baseline REV [--baseline-strategy NAME]]
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="REV",
         help="also a gateway from commit REV's tree, compared with this one in the same run",
     )
+    p.add_argument("--baseline-strategy", help="--baseline: its strategy (default --strategy)")
     p.add_argument("--serve-trivial", type=int, metavar="PORT", help="only serve the trivial app")
     p.add_argument("--serve-otlp-sink", type=int, metavar="PORT", help="only serve the OTLP sink")
     args = p.parse_args(argv)

@@ -175,13 +175,13 @@ def start_baseline(
     args: argparse.Namespace, procs: Processes, node_url: str, redis_url: str | None
 ) -> str:
     """A second gateway worker run from the tree of commit ``--baseline`` (exported beside
-    the logs; the same Python and installed packages), on its own Redis keys; its URL. This
-    tree's gateway is compared with it in the same run: what a change costs, whatever the
-    machine's speed."""
+    the logs; the same Python and installed packages), on its own Redis keys, with
+    ``--baseline-strategy`` if given; its URL. This tree's gateway is compared with it in the
+    same run: what a change (or a strategy) costs, whatever the machine's speed."""
     tree = export_tree(args.baseline, procs.log_dir)
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "--port", str(port), "--node", node_url]
-    argv += ["--strategy", args.strategy]
+    argv += ["--strategy", args.baseline_strategy or args.strategy]
     if redis_url is not None:
         argv += ["--redis-url", redis_url, "--prefix", "fleetgate-baseline"]
     # ``python -m`` puts the working folder first on sys.path: the exported tree's packages.

@@ -1,9 +1,9 @@
 """A smoke run of the gateway benchmark (scripts/bench_gateway.py) with ``--baseline``: the
 instant node, a real Redis, this tree's gateway, the gateway of a commit's tree exported by
-``git archive`` and the trivial ceiling, each load for a fraction of a second. The figures of
-so short a run mean little; that every path answers without an error and that the report
-compares this tree with the baseline's in the same run does. A revision that names no commit
-stops the run with git's reason."""
+``git archive`` (here HEAD's, with another strategy) and the trivial ceiling, each load for a
+fraction of a second. The figures of so short a run mean little; that every path answers
+without an error and that the report compares this tree with the baseline's in the same run
+does. A revision that names no commit stops the run with git's reason."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ COST = {
 
 
 def test_the_gateway_benchmark_compares_this_tree_with_a_commits() -> None:
-    command = [*BENCH, *SHORT, "--baseline", "HEAD"]
+    command = [*BENCH, *SHORT, "--strategy", "cache_aware", "--baseline", "HEAD"]
+    command += ["--baseline-strategy", "round_robin"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=100, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     line = json.loads(done.stdout.strip().splitlines()[-1])
@@ -38,10 +39,12 @@ def test_the_gateway_benchmark_compares_this_tree_with_a_commits() -> None:
     assert line["errors"] == {"direct": 0, "gateway": 0, "baseline": 0, "trivial": 0}
     assert not any(line["log_findings"].values()), done.stdout
     against = line["against_baseline"]
-    assert against["revision"] == "HEAD" and set(against) == COST | {"revision"}
+    assert set(against) == COST | {"revision", "strategy"}
+    assert against["revision"] == "HEAD" and against["strategy"] == "round_robin"
     rps_ratio = line["gateway"]["rps"] / line["baseline"]["rps"]  # of figures rounded to 0.1
     assert abs(against["rps_vs_off"] - rps_ratio) < 0.01
-    assert "this tree vs HEAD (same run, median of 1)" in done.stdout
+    assert "this tree vs HEAD with round_robin (same run, median of 1)" in done.stdout
+    assert "strategy cache_aware" in done.stdout.splitlines()[0]
 
 
 def test_a_baseline_that_names_no_commit_stops_the_run_with_the_reason() -> None:
