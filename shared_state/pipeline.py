@@ -140,7 +140,14 @@ class AutoPipeline:
         if self._writer is None:
             self._fail(rexc.ConnectionError("connection to Redis lost"))
             return
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except (OSError, RuntimeError) as exc:
+            # The server went away after the last write and before the reader heard of it:
+            # uvloop raises on a write to the closed transport (in a callback, so it would
+            # only be logged, and the calls would wait for the reader to fail them).
+            self._abort(rexc.ConnectionError(f"connection to Redis lost: {exc}"))
+            return
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s, self._check)
 
