@@ -49,6 +49,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "faults: a fault-injection test (tests/e2e/faults): a dependency broken",
     )
+    config.addinivalue_line(
+        "markers",
+        "exclusive: an end-to-end test that takes the machine's CPU: under xdist no other "
+        "end-to-end test runs beside it (tests/e2e/conftest.py, machine_share)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

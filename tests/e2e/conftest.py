@@ -4,7 +4,10 @@ self-signed certificate for TLS on loopback."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -36,6 +39,24 @@ def leaks_stay_with_their_test(
     collector happens to run in (warnings are errors here)."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def machine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist, an end-to-end test marked ``exclusive`` (vLLM at work takes both
+    cores of a 2-core machine) runs while no other end-to-end test runs on the other worker,
+    and the others run side by side: a shared lock for these, an exclusive one for those, on
+    one file per test run (``PYTEST_XDIST_TESTRUNUID``, the same on every worker). Beside
+    vLLM's load a replica once waited over 0.5 s for a Redis reply, and niced vLLM missed its
+    own deadlines instead. In one process there is nothing to share."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    mode = fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH
+    with open(Path(tempfile.gettempdir()) / f"fleetgate-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, mode)  # released when the file closes, after the test's teardown
+        yield
 
 
 @pytest.fixture

@@ -112,9 +112,6 @@ class VllmServer:
         )
 
 
-NICE = 10  # vLLM's niceness in the tests: a tenth of the CPU weight of the tests beside it
-
-
 class VllmStart:
     """vLLM's OpenAI server serving the tiny model on a free loopback port, started now (its
     environment and model prepared first if the cache has none) and left loading: it takes
@@ -133,11 +130,7 @@ class VllmStart:
         port = free_port()
         argv, env = vllm.start_command(python, model, port)
         self.url = f"http://127.0.0.1:{port}"
-        # Niced: at work vLLM's threads take both cores of a 2-core machine, and the other
-        # worker's tests beside it once waited over 0.5 s for a Redis reply (the store's
-        # timeout: its breaker answered 503). Idle, vLLM takes no CPU; niced, it takes what
-        # the other worker leaves, and its own tests wait on conditions, not on the clock.
-        self.process = Process(["nice", "-n", str(NICE), *argv], f"vllm-{port}", env)
+        self.process = Process(argv, f"vllm-{port}", env)
         watch = [sys.executable, "-m", "tests.support.health_watch", self.url]
         self.watcher = Process([*watch, str(vllm.START_TIMEOUT_S)], f"vllm-watch-{port}")
 

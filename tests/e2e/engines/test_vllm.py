@@ -37,7 +37,8 @@ from tests.support.engines import VllmServer
 from tests.support.polling import eventually
 from tests.support.processes import Checker, Gateway, Process
 
-pytestmark = [pytest.mark.engines, pytest.mark.timeout(900)]
+# Exclusive: at work vLLM takes both cores (tests/e2e/conftest.py, machine_share).
+pytestmark = [pytest.mark.engines, pytest.mark.exclusive, pytest.mark.timeout(900)]
 
 MODEL = vllm.MODEL_NAME
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
