@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import gc
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -42,19 +40,21 @@ def leaks_stay_with_their_test(
 
 
 @pytest.fixture(autouse=True)
-def machine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+def machine_share(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     """Under pytest-xdist, an end-to-end test marked ``exclusive`` (vLLM at work takes both
     cores of a 2-core machine) runs while no other end-to-end test runs on the other worker,
     and the others run side by side: a shared lock for these, an exclusive one for those, on
-    one file per test run (``PYTEST_XDIST_TESTRUNUID``, the same on every worker). Beside
-    vLLM's load a replica once waited over 0.5 s for a Redis reply, and niced vLLM missed its
-    own deadlines instead. In one process there is nothing to share."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
+    one file in the folder the workers' temporary folders share (one per test run, which
+    pytest clears with it). Beside vLLM's load a replica once waited over 0.5 s for a Redis
+    reply, and niced vLLM missed its own deadlines instead. In one process there is nothing
+    to share."""
+    if not hasattr(request.config, "workerinput"):
         yield
         return
     mode = fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH
-    with open(Path(tempfile.gettempdir()) / f"fleetgate-tests-{run}.lock", "a") as lock:
+    with open(tmp_path_factory.getbasetemp().parent / "machine-share.lock", "a") as lock:
         fcntl.flock(lock, mode)  # released when the file closes, after the test's teardown
         yield
 
