@@ -32,10 +32,10 @@ def test_demo_serves_the_printed_examples_and_stops_on_ctrl_c() -> None:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 200, response.text
         model = response.json()["model"]
-        client = sdk(f"http://127.0.0.1:{port}")
-        chat = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}]
-        )
+        with sdk(f"http://127.0.0.1:{port}") as client:  # its socket closed before the demo
+            chat = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}]
+            )
         assert chat.choices[0].message.content
         status = httpx.get(f"http://127.0.0.1:{port}/nodes/status").json()
         assert len(status) == 3 and all(entry["state"] == "active" for entry in status.values())
