@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_trivial(args.serve_trivial)
     if args.serve_otlp_sink is not None:
         return serve_otlp_sink(args.serve_otlp_sink)
+    if args.baseline_strategy and not args.baseline:
+        p.error("--baseline-strategy goes with --baseline")
+    args.baseline_strategy = args.baseline_strategy or args.strategy
     if not 0 < args.trace_ratio <= 1:
         p.error("--trace-ratio is a share of traces: more than 0, at most 1")
     if args.runs < 1 or args.duration <= 0 or args.concurrency < 1 or args.latency_requests < 2:

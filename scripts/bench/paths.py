@@ -99,6 +99,20 @@ def check_answers(base: str, name: str) -> None:
         raise StartupError(f"{name}: first request answered {status}: {body[:500]!r}")
 
 
+def gateway_argv(
+    port: int, node_url: str, strategy: str, redis_url: str | None, prefix: str | None
+) -> list[str]:
+    """A gateway worker in front of the node; on Redis under its own ``prefix`` of keys when
+    given (gateways measured side by side share no state)."""
+    argv = [sys.executable, "-m", "gateway", "--port", str(port), "--node", node_url]
+    argv += ["--strategy", strategy]
+    if redis_url is not None:
+        argv += ["--redis-url", redis_url]
+        if prefix is not None:
+            argv += ["--prefix", prefix]
+    return argv
+
+
 def start_paths(
     args: argparse.Namespace, procs: Processes, redis_url: str | None
 ) -> dict[str, str]:
@@ -112,10 +126,7 @@ def start_paths(
     trivial_argv = [py, here, "--serve-trivial", str(trivial_port)]
     trivial = procs.start("trivial", trivial_argv, trivial_port)
     procs.wait_port(node)
-    argv = [py, "-m", "gateway", "--port", str(gateway_port), "--node", node.url]
-    argv += ["--strategy", args.strategy]
-    if redis_url is not None:
-        argv += ["--redis-url", redis_url]
+    argv = gateway_argv(gateway_port, node.url, args.strategy, redis_url, prefix=None)
     gateway = procs.start("gateway", argv, gateway_port)
     procs.wait_port(gateway)
     wait_model_listed(gateway, gateway.url)
@@ -141,10 +152,7 @@ def start_traced(
     here = str(ROOT / "scripts" / "bench_gateway.py")
     sink = procs.start("otlp-sink", [py, here, "--serve-otlp-sink", str(sink_port)], sink_port)
     procs.wait_port(sink)
-    argv = [py, "-m", "gateway", "--port", str(port), "--node", node_url]
-    argv += ["--strategy", args.strategy]
-    if redis_url is not None:  # its own keys: the two gateways share no state
-        argv += ["--redis-url", redis_url, "--prefix", "fleetgate-traced"]
+    argv = gateway_argv(port, node_url, args.strategy, redis_url, prefix="fleetgate-traced")
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_SERVICE_NAME": "fleetgate-bench"}
     if args.trace_ratio < 1:
         env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
@@ -176,14 +184,11 @@ def start_baseline(
 ) -> str:
     """A second gateway worker run from the tree of commit ``--baseline`` (exported beside
     the logs; the same Python and installed packages), on its own Redis keys, with
-    ``--baseline-strategy`` if given; its URL. This tree's gateway is compared with it in the
+    ``--baseline-strategy``; its URL. This tree's gateway is compared with it in the
     same run: what a change (or a strategy) costs, whatever the machine's speed."""
     tree = export_tree(args.baseline, procs.log_dir)
     port = free_port()
-    argv = [sys.executable, "-m", "gateway", "--port", str(port), "--node", node_url]
-    argv += ["--strategy", args.baseline_strategy or args.strategy]
-    if redis_url is not None:
-        argv += ["--redis-url", redis_url, "--prefix", "fleetgate-baseline"]
+    argv = gateway_argv(port, node_url, args.baseline_strategy, redis_url, "fleetgate-baseline")
     # ``python -m`` puts the working folder first on sys.path: the exported tree's packages.
     baseline = procs.start(BASELINE, argv, port, cwd=tree)
     procs.wait_port(baseline)

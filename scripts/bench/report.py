@@ -164,10 +164,10 @@ def print_gateway_report(
             "received"
         )
     against_base = path_cost(result["runs"], "gateway", BASELINE) if BASELINE in paths else None
-    base_name = args.baseline
-    if args.baseline_strategy and args.baseline_strategy != args.strategy:
-        base_name += f" with {args.baseline_strategy}"
     if against_base is not None:
+        base_name = args.baseline
+        if args.baseline_strategy != args.strategy:
+            base_name += f" with {args.baseline_strategy}"
         print(
             f"this tree vs {base_name} (same run, median of {args.runs}): p50 at c=1 "
             f"{against_base['added_p50_ms']:+.3f} ms (p99 {against_base['added_p99_ms']:+.3f} "
@@ -217,8 +217,11 @@ def print_gateway_report(
     if tracing is not None:
         line["tracing"] = {"sampled": args.trace_ratio, **tracing, **result.get("exports", {})}
     if against_base is not None:
-        strategy = args.baseline_strategy or args.strategy
-        line["against_baseline"] = {"revision": args.baseline, "strategy": strategy, **against_base}
+        line["against_baseline"] = {
+            "revision": args.baseline,
+            "strategy": args.baseline_strategy,
+            **against_base,
+        }
     print(json.dumps(line))
 
 
