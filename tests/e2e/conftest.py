@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,10 +59,32 @@ def machine_share(
         yield
 
 
+# The processes of the running test (see procs), for the post-mortem of a failed test.
+STARTED = pytest.StashKey[list[Process]]()
+POST_MORTEM_LINES = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A test that failed (or erred) in its set-up or call shows, beside its own output, the
+    last lines each process it started wrote: read now, before the processes are stopped and
+    their logs removed. A flake seen once in CI is then seen whole in its report."""
+    report = yield
+    started = item.stash.get(STARTED, [])
+    if report.failed and report.when != "teardown":
+        for proc in started:
+            lines = proc.output().splitlines()[-POST_MORTEM_LINES:]
+            report.sections.append((f"{proc.log_path.name}, last lines", "\n".join(lines)))
+    return report
+
+
 @pytest.fixture
-def procs() -> Iterator[list[Process]]:
+def procs(request: pytest.FixtureRequest) -> Iterator[list[Process]]:
     """Processes a test starts; all stopped when it ends, last started first."""
     started: list[Process] = []
+    request.node.stash[STARTED] = started
     yield started
     for proc in reversed(started):
         proc.close()

@@ -117,39 +117,38 @@ async def test_replica_paused_past_its_lease_counts_right_after_sigcont(
     node = SimNode("--tokens-per-s", "10", "--slots", "32")
     procs.append(node)
     a, b = replicas(procs, redis_url, node, count=2)
-    sdk_a, sdk_b = async_sdk(a.url, timeout=60), async_sdk(b.url, timeout=60)
-    through_a = [asyncio.create_task(stream_tokens(sdk_a, 40)) for _ in range(4)]
+    # Closed however the test ends: a client left open is reported by a later test.
+    async with async_sdk(a.url, timeout=60) as sdk_a, async_sdk(b.url, timeout=60) as sdk_b:
+        through_a = [asyncio.create_task(stream_tokens(sdk_a, 40)) for _ in range(4)]
 
-    async def in_flight_is(n: int) -> bool:
-        return await store.in_flight(node.url) == n
+        async def in_flight_is(n: int) -> bool:
+            return await store.in_flight(node.url) == n
 
-    assert await eventually(lambda: in_flight_is(4), 5)
-    a.proc.send_signal(signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    try:
-        # A paused replica cannot renew: its leases expire, the node looks idle again.
-        assert await eventually(lambda: in_flight_is(0), LEASE_S + 3)
-        expired_s = time.monotonic() - stopped_at
-        through_b = [asyncio.create_task(stream_tokens(sdk_b, 60)) for _ in range(3)]
-        assert await eventually(lambda: in_flight_is(3), 5)
-    finally:
-        a.proc.send_signal(signal.SIGCONT)
-    # Expired leases are not revived by the renewals that follow: never counted twice.
-    samples = []
-    for _ in range(10):
-        samples.append(await store.in_flight(node.url))
-        await asyncio.sleep(0.1)
-    assert samples == [3] * len(samples), samples
-    # The clients of the paused replica got whole answers, only late.
-    assert await asyncio.gather(*through_a) == [40] * len(through_a)
-    assert await asyncio.gather(*through_b) == [60] * len(through_b)
-    assert await store.in_flight(node.url) == 0
-    # Each replica's own count went back to zero, not below.
-    assert gauge(a, "fleetgate_in_flight_total") == 0
-    assert gauge(b, "fleetgate_in_flight_total") == 0
-    print(f"replica SIGSTOPped: its leases expired {expired_s:.2f}s after (lease {LEASE_S}s)")
-    await sdk_a.close()
-    await sdk_b.close()
+        assert await eventually(lambda: in_flight_is(4), 5)
+        a.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            # A paused replica cannot renew: its leases expire, the node looks idle again.
+            assert await eventually(lambda: in_flight_is(0), LEASE_S + 3)
+            expired_s = time.monotonic() - stopped_at
+            through_b = [asyncio.create_task(stream_tokens(sdk_b, 60)) for _ in range(3)]
+            assert await eventually(lambda: in_flight_is(3), 5)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        # Expired leases are not revived by the renewals that follow: never counted twice.
+        samples = []
+        for _ in range(10):
+            samples.append(await store.in_flight(node.url))
+            await asyncio.sleep(0.1)
+        assert samples == [3] * len(samples), samples
+        # The clients of the paused replica got whole answers, only late.
+        assert await asyncio.gather(*through_a) == [40] * len(through_a)
+        assert await asyncio.gather(*through_b) == [60] * len(through_b)
+        assert await store.in_flight(node.url) == 0
+        # Each replica's own count went back to zero, not below.
+        assert gauge(a, "fleetgate_in_flight_total") == 0
+        assert gauge(b, "fleetgate_in_flight_total") == 0
+        print(f"replica SIGSTOPped: its leases expired {expired_s:.2f}s after (lease {LEASE_S}s)")
 
 
 async def leader_of(store: Store) -> str:
