@@ -89,7 +89,7 @@ def describe(result: dict[str, Any], name: str) -> str:
         cal = s["calibration"]
         engines = ", ".join(
             f"{e['name']} ({e['threads']} thread, {e['parallel']} slot, {e['cache_mib']} MiB of "
-            "prompt cache)"
+            "prompt cache" + (", every prompt saved to it" if e.get("save_prompts") else "") + ")"
             for e in s["engines"]
         )
         return (

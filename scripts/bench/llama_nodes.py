@@ -36,13 +36,21 @@ KV_BYTES = 2  # llama-server's KV cache is f16 unless told otherwise
 
 @dataclass(frozen=True, slots=True)
 class LlamaSpec:
-    """One engine: CPU ``threads``, request slots (``parallel``) and the MiB of RAM its
-    prompt cache may take (``cache_mib``)."""
+    """One engine: CPU ``threads``, request slots (``parallel``), the MiB of RAM its prompt
+    cache may take (``cache_mib``) and whether it saves every prompt there (``save_prompts``).
+
+    llama-server's default hands a request the idle slot whose prompt it shares most of (at
+    least 10%) and, when that keeps half or more of the slot's prompt, overwrites the rest
+    without saving it: a chat sharing its system prompt with the one before it on that engine
+    loses its own history there. ``save_prompts`` turns that choice off
+    (``--slot-prompt-similarity 0``): the slot's prompt is saved to the prompt cache before each
+    request, and the request resumes the saved prompt it shares most of."""
 
     name: str
     threads: int
     parallel: int
     cache_mib: int
+    save_prompts: bool = False
 
     def describe(self) -> dict[str, object]:
         return {
@@ -50,6 +58,7 @@ class LlamaSpec:
             "threads": self.threads,
             "parallel": self.parallel,
             "cache_mib": self.cache_mib,
+            "save_prompts": self.save_prompts,
         }
 
 
@@ -59,11 +68,14 @@ DEFAULT_LLAMAS = (LlamaSpec("llama-1", 1, 1, 96), LlamaSpec("llama-2", 1, 1, 96)
 
 
 def parse_llamas(text: str) -> tuple[LlamaSpec, ...]:
-    """``name:threads:parallel:cache_mib`` items, comma-separated."""
+    """``name:threads:parallel:cache_mib[:save]`` items, comma-separated (``save``: the engine
+    saves every prompt to its prompt cache, see :class:`LlamaSpec`)."""
     specs = []
     for item in text.split(","):
-        name, threads, parallel, cache_mib = item.strip().split(":")
-        specs.append(LlamaSpec(name, int(threads), int(parallel), int(cache_mib)))
+        name, threads, parallel, cache_mib, *rest = item.strip().split(":")
+        if rest not in ([], ["save"]):
+            raise ValueError(f"{item.strip()!r}: after cache_mib only ':save' may follow")
+        specs.append(LlamaSpec(name, int(threads), int(parallel), int(cache_mib), bool(rest)))
     if not specs or len({s.name for s in specs}) != len(specs):
         raise ValueError("engine names must be distinct")
     if any(s.threads < 1 or s.parallel < 1 or s.cache_mib < 0 for s in specs):
@@ -122,7 +134,10 @@ class LlamaFleet:
             parallel=spec.parallel,
             threads=spec.threads,
         )
-        return [*argv, "--cache-ram", str(spec.cache_mib)]
+        argv += ["--cache-ram", str(spec.cache_mib)]
+        if spec.save_prompts:
+            argv += ["--slot-prompt-similarity", "0"]
+        return argv
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from scripts.bench.engine_runs import (
     recorded_command,
     rotated,
 )
+from scripts.bench.harness import Processes
 from scripts.bench.hits import (
     CounterReset,
     PromptTokens,
@@ -29,7 +31,13 @@ from scripts.bench.hits import (
     total,
     usage_tokens,
 )
-from scripts.bench.llama_nodes import LlamaSpec, kv_bytes_per_token, parse_llamas
+from scripts.bench.llama_nodes import (
+    LlamaBuild,
+    LlamaFleet,
+    LlamaSpec,
+    kv_bytes_per_token,
+    parse_llamas,
+)
 
 WORKLOAD = ChatWorkload(prompts=4, prompt_words=50, turns=3, conversations=5, min_gap_s=2.0)
 
@@ -205,3 +213,19 @@ def test_alike_engines_are_registered_alike_whatever_their_calibration_says() ->
     )
     with pytest.raises(ValueError):
         parse_llamas("a:1:1:96,a:1:1:96")
+
+
+def test_an_engine_that_saves_every_prompt_turns_slot_similarity_off(tmp_path: Path) -> None:
+    assert parse_llamas("a:1:1:48:save,b:1:1:48") == (
+        LlamaSpec("a", 1, 1, 48, save_prompts=True),
+        LlamaSpec("b", 1, 1, 48),
+    )
+    for bad in ("a:1:1:48:keep", "a:1:1:48:save:save"):
+        with pytest.raises(ValueError):
+            parse_llamas(bad)
+    fleet = LlamaFleet(Processes(tmp_path), LlamaBuild(Path("llama-server"), Path("m.gguf"), "m"))
+    saving = fleet.command(LlamaSpec("a", 1, 1, 48, save_prompts=True), 8080)
+    default = fleet.command(LlamaSpec("b", 1, 1, 48), 8081)
+    assert saving[saving.index("--slot-prompt-similarity") + 1] == "0"
+    assert "--slot-prompt-similarity" not in default
+    assert saving[saving.index("--cache-ram") + 1] == default[default.index("--cache-ram") + 1]
