@@ -77,9 +77,11 @@ CACHE_LLAMAS = tuple(LlamaSpec(f"llama-{i}", 1, 1, 48) for i in range(1, 5))
 
 
 def engine_setups(replicas: int) -> list[Setup]:
-    """The strategies compared on ``replicas`` replicas sharing Redis, and ``cache_aware`` on as
-    many replicas each on its own embedded store (every router keeping its own picture)."""
-    return [*(Setup(s, replicas, True) for s in ENGINE_STRATEGIES), Setup(CA, replicas, False)]
+    """``cache_aware`` on 1 replica, the strategies compared on ``replicas`` (2 or more)
+    replicas sharing Redis, and ``cache_aware`` on as many replicas each on its own embedded
+    store (every router keeping its own picture)."""
+    shared = [Setup(s, replicas, True) for s in ENGINE_STRATEGIES]
+    return [Setup(CA, 1, True), *shared, Setup(CA, replicas, False)]
 
 
 async def _register(

@@ -134,8 +134,8 @@ def settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.only = [x.strip() for x in (args.only or "").split(",") if x.strip()]
     if args.runs < 1 or args.engine_runs < 1 or not 0 < args.load < 1.5:
         p.error("--runs, --engine-runs >= 1; 0 < --load < 1.5")
-    if not 0 < args.engine_load < 1.5 or args.engine_replicas < 1:
-        p.error("0 < --engine-load < 1.5; --engine-replicas >= 1")
+    if not 0 < args.engine_load < 1.5 or args.engine_replicas < 2:
+        p.error("0 < --engine-load < 1.5; --engine-replicas >= 2 (1 replica runs anyway)")
     if args.engine_rate is not None and args.engine_rate <= 0:
         p.error("--engine-rate > 0")
     try:

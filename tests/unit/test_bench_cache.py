@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from scripts.bench.cache_engines import engine_setups
 from scripts.bench.cache_figures import (
     gateway_counters,
     paired_ratio,
@@ -186,6 +187,9 @@ def test_targets_pass_and_fail_on_the_paired_figures() -> None:
         },
     ]
     engines = {
+        "cache_aware/1-replica": row(
+            "cache_aware", "1 replica", [100, 110, 100], [0.85, 0.9, 0.85]
+        ),
         "cache_aware/4-shared": row("cache_aware", "4 shared", [100, 120, 110], [0.85] * 3),
         "min_expected_latency/4-shared": row(
             "min_expected_latency", "4 shared", [300, 200, 210], [0.6] * 3
@@ -212,6 +216,8 @@ def test_targets_pass_and_fail_on_the_paired_figures() -> None:
         "mean TTFT, min_expected_latency vs cache_aware (4-shared)": False,  # 3, 1.67, 1.91
         "mean TTFT, round_robin vs cache_aware (4-shared)": True,  # 3, 2.5, 1.82
         "mean TTFT, cache_aware, 4-private vs 4-shared": True,  # 2.5, 2.08, 2.18
+        "cache_aware, 4-shared vs 1 replica: hit rate": True,  # median of 1, 0.94, 1
+        "cache_aware, 4-shared vs 1 replica: mean TTFT": False,  # median of 1, 1.09, 1.1
     }
     assert targets["real engines: mean TTFT, cache_aware, 4-private vs 4-shared"][
         "figure"
@@ -247,3 +253,15 @@ def test_log_lines_kept_in_the_results_name_no_host_and_no_path() -> None:
         'gw-0: Traceback: File "<path>", line 3',
         lines[2],
     ]
+
+
+def test_the_engines_compare_sharing_replicas_with_one_and_with_private_stores() -> None:
+    keys = [s.key for s in engine_setups(4)]
+    assert keys == [
+        "cache_aware/1-replica",
+        "cache_aware/4-shared",
+        "min_expected_latency/4-shared",
+        "round_robin/4-shared",
+        "cache_aware/4-private",
+    ]
+    assert len({s.key for s in engine_setups(2)}) == 5
