@@ -32,12 +32,14 @@ Parts (``--parts``, all by default):
   with its load bound out of reach, to see what the bound does), ``min_expected_latency`` and
   ``round_robin`` on 4 sharing replicas, with the p99 of the turns the slow and the fast nodes
   answered.
-* ``engines``: the same chats, fewer (12 conversations of 800-word system prompts), on real
-  llama.cpp ``llama-server``s serving the random ``llama-big`` model (scripts/engines.py; the
-  routing benchmark's engine scenario: one thread, one slot and a 96 MiB prompt cache each,
-  calibrated first), at ``--engine-load`` (0.65) of their measured cold capacity:
-  ``cache_aware``, ``min_expected_latency`` and ``round_robin`` on ``--engine-replicas`` (4)
-  replicas sharing Redis; hit rates from the engines' own ``cached_tokens`` and counters.
+* ``engines``: the same chats, fewer (24 conversations over 8 system prompts of 800 words, 6
+  open at once, answers of 16 tokens), on real llama.cpp ``llama-server``s serving the random
+  ``llama-big`` model (scripts/engines.py): four of one thread, one slot and a 48 MiB prompt
+  cache each, every prompt saved to it (``--slot-prompt-similarity 0``), calibrated first, at
+  ``--engine-load`` (0.5) of their measured cold capacity: ``cache_aware`` on 1 replica, on
+  ``--engine-replicas`` (4) sharing Redis and on as many private stores;
+  ``min_expected_latency`` and ``round_robin`` on the sharing replicas; hit rates from the
+  engines' own ``cached_tokens`` and counters.
 
 Figures: hit rate from the answers' ``cached_tokens`` and from the nodes' own counters
 (``vllm:prefix_cache_hits_total`` / ``queries_total``; llama.cpp's names), TTFT mean, p50, p90
@@ -46,8 +48,8 @@ medians of ``--runs`` (3) runs. Targets (printed with pass or FAIL; the exit sta
 way, non-zero only when something failed to start): ``cache_aware`` on 4 sharing replicas within
 5% of 1 replica on hit rate and mean TTFT, and at least 2x better mean TTFT than 4 private
 replicas and than ``min_expected_latency``; on unequal nodes the slow nodes' p99 within 2x of
-the fast nodes'; on real engines ``cache_aware``'s mean TTFT at least 2x better than the
-cache-blind strategies'.
+the fast nodes'; on real engines the same as on the alike simulated nodes, and
+``round_robin``'s mean TTFT at least 2x ``cache_aware``'s too.
 
 Outputs: tables and one JSON line on stdout (progress on stderr) and, in ``--out`` (default
 docs/benchmarks; nothing with ``--quick`` unless ``--out`` is given): cache.json (every run),

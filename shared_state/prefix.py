@@ -35,6 +35,9 @@ class PrefixSettings:
     ``default_capacity_blocks``: a node's capacity when its record has no ``cache_blocks``;
     ``balance``: a node takes a request only while its requests in flight (this one included)
     stay within (1 + balance) x the candidates' mean, rounded up, so a hot prefix spreads;
+    ``balance_slack``: or within the mean + this, rounded down, whichever is more (at a low
+    load the relative bound alone is 1, and a chat's next turn would leave its busy node for
+    one that must prefill the whole prompt, where waiting for one request costs far less);
     ``request_blocks``: the cost of one request in flight on a node, in blocks of prefill;
     ``evict_cost``: the cost of evicting one block of another prompt from a full node, in
     blocks of prefill (1: it will be prefilled again; a partial hit on a full node then beats
@@ -45,6 +48,7 @@ class PrefixSettings:
 
     default_capacity_blocks: int = 4096
     balance: float = 0.5
+    balance_slack: float = 2.0
     request_blocks: float = 4.0
     evict_cost: float = 1.0
     touch_ms: int = 1000
@@ -58,6 +62,7 @@ def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
         settings.request_blocks,
         settings.evict_cost,
         settings.touch_ms,
+        settings.balance_slack,
         *blocks[:MAX_CHAIN_BLOCKS],
     ]
 

@@ -82,6 +82,7 @@ class Gateway:
             prefix=PrefixSettings(
                 default_capacity_blocks=settings.prefix_cache_blocks,
                 balance=settings.prefix_balance,
+                balance_slack=settings.prefix_balance_slack,
                 request_blocks=settings.prefix_request_blocks,
             ),
         )

@@ -157,6 +157,13 @@ OPTIONS: tuple[Option, ...] = (
         "(1 + this) x the mean of the candidates, so a hot prefix spreads",
     ),
     Option(
+        "prefix-balance-slack",
+        _balance,
+        2.0,
+        "cache_aware: or within the mean + this many requests, whichever is more, so a chat's "
+        "turn waits for its busy node at a low load rather than prefill its prompt elsewhere",
+    ),
+    Option(
         "prefix-request-blocks",
         positive_float,
         4.0,
@@ -255,6 +262,7 @@ class GatewaySettings:
     prefix_block_bytes: int = 256
     prefix_cache_blocks: int = 4096
     prefix_balance: float = 0.5
+    prefix_balance_slack: float = 2.0
     prefix_request_blocks: float = 4.0
     node: tuple[str, ...] = ()
     api_key: tuple[str, ...] = ()

@@ -99,7 +99,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
         "--llamas",
         type=parse_llamas,
         default=CACHE_LLAMAS,
-        help="name:threads:slots:cache_mib,... (llama-1:1:1:48 to llama-4:1:1:48)",
+        help="name:threads:slots:cache_mib[:save],... (llama-1:1:1:48:save to llama-4)",
     )
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
     g.add_argument("--engine-runs", type=int, help="runs per set-up (3; quick 1)")

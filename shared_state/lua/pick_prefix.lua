@@ -11,12 +11,16 @@
 -- ARGV[14] capacity in blocks of a node whose hash has no `cache_blocks`
 -- ARGV[15] load bound, balance >= 0: a node takes the request only while its requests in
 --          flight, this one included, stay within ceil((1 + balance) x the candidates' mean)
+--          or within the mean + slack (ARGV[19]), rounded down, whichever is more
 -- ARGV[16] cost of one request in flight, in blocks of prefill
 -- ARGV[17] cost of evicting one block another prompt may need, in blocks of prefill (1: it
 --          will be prefilled again)
 -- ARGV[18] touch interval, ms: blocks the winner held that were used more recently than this
 --          keep their scores (a hot prefix costs O(new blocks) per pick, not O(all blocks))
--- ARGV[19..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+-- ARGV[19] load bound's slack, requests >= 0: what a node may carry above the mean however
+--          low the load (at a mean of 0.5, a bound of ceil(1.5 x 0.5) = 1 would send the next
+--          turn of a chat away from its busy node to prefill its whole prompt elsewhere)
+-- ARGV[20..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, full, matched,
 --   total}: the first eight as pick.lua; score = the winner's expected time to first token in blocks
@@ -46,7 +50,8 @@ local balance = tonumber(ARGV[15])
 local request_blocks = tonumber(ARGV[16])
 local evict_cost = tonumber(ARGV[17])
 local touch_ms = tonumber(ARGV[18])
-local FIRST = 18 -- ARGV[FIRST + k] is block k
+local slack = tonumber(ARGV[19])
+local FIRST = 19 -- ARGV[FIRST + k] is block k
 local MAX_BLOCKS = 2048
 local total = math.min(#ARGV - FIRST, MAX_BLOCKS)
 
@@ -99,7 +104,8 @@ end
 local mean_speed = speeds / n -- speeds are relative: their scale must not weigh against evictions
 -- A node far above the mean passes the request on, so a popular prefix spreads instead of
 -- pinning its first node; the least loaded node always stays within the bound.
-local bound = math.ceil((1 + balance) * (load + 1) / n)
+local mean = (load + 1) / n
+local bound = math.max(math.ceil((1 + balance) * mean), math.floor(mean + slack))
 local within = {}
 for _, c in ipairs(eligible) do
   if c.inflight + 1 <= bound then

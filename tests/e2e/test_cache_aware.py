@@ -160,11 +160,12 @@ async def test_the_load_bound_spreads_a_hot_prefix(
 
     answers = await asyncio.gather(*(one(i) for i in range(8)))
     counts = {node.url: sum(a.node == node.url for a in answers) for node in nodes}
-    # A balance of 0.5: the first node takes three, then the mean bounds it (docs/state.md).
+    # A balance of 0.5 and a slack of 2: the first node takes four (a fourth in flight is
+    # within the mean of 2 + 2), then the mean bounds it (docs/state.md).
     assert sorted(counts.values()) == [4, 4], [a.route for a in answers]
     first = answers[0].node
-    assert [a.node for a in answers[:3]] == [first] * 3 and answers[3].node != first
-    assert answers[3].matched == "0" and answers[4].matched == str(answers[4].total)
+    assert [a.node for a in answers[:4]] == [first] * 4 and answers[4].node != first
+    assert answers[4].matched == "0" and answers[5].matched == str(answers[5].total)
     held = [entry["prefix_blocks"] for entry in (await status(replicas[0])).values()]
     assert held == [answers[0].total] * 2
 

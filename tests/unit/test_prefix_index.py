@@ -124,7 +124,8 @@ class TestCacheAwarePick:
         assert (await pick_release(store, chain("other", 30), "q3"))[0] == B
 
     async def test_the_load_bound_spreads_a_hot_prefix(self, store_factory: StoreFactory) -> None:
-        store = store_factory(StoreSettings(prefix=PrefixSettings(balance=0.5)))
+        no_slack = PrefixSettings(balance=0.5, balance_slack=0)
+        store = store_factory(StoreSettings(prefix=no_slack))
         await store.add_node(A, ["m"])
         await store.add_node(B, ["m"])
         hot = chain("hot", 200)
@@ -138,6 +139,24 @@ class TestCacheAwarePick:
         # The first request went where it went; the prefix followed it until the bound.
         assert nodes[:3] == [nodes[0]] * 3 and picks[3].node.id != nodes[0]
         assert len(await held(store, A)) == len(await held(store, B)) == 200
+
+    @pytest.mark.parametrize(("slack", "stays"), [(0, False), (2, True)])
+    async def test_at_a_low_load_the_slack_keeps_a_turn_on_its_busy_node(
+        self, store_factory: StoreFactory, slack: float, stays: bool
+    ) -> None:
+        store = store_factory(StoreSettings(prefix=PrefixSettings(balance_slack=slack)))
+        nodes = [f"http://127.0.0.1:{p}" for p in (9511, 9512, 9513, 9514)]
+        for url in nodes:
+            await store.add_node(url, ["m"])
+        home = nodes[0]
+        await store.client.zadd(store.keys.prefix_blocks(home), {b: 1 for b in chain("chat", 30)})
+        await hold(store, home, 1)  # one request in flight on four nodes: a mean of 0.5
+        # The relative bound alone is ceil(1.5 x 0.5) = 1: the turn would leave its node to
+        # prefill 30 blocks where waiting for one request costs 4; the mean + 2 lets it wait.
+        node, matched, _ = await pick_release(store, chain("chat", 32), "turn")
+        assert (node == home, matched) == (stays, 30 if stays else 0)
+        await hold(store, home, 2)  # two in flight: 3 would pass floor(0.75 + 2) = 2
+        assert (await pick_release(store, chain("chat", 32), "next"))[0] != home
 
     async def test_a_partial_hit_on_a_full_node_does_not_beat_room_elsewhere(
         self, store_factory: StoreFactory
