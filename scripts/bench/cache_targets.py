@@ -68,29 +68,21 @@ def _paired(
 def _as_one(targets: dict[str, Any], rows: dict[str, Any], name: str, shared: str) -> None:
     """``shared`` (``cache_aware`` on replicas sharing Redis) within 5% of 1 replica on hit rate
     and on mean TTFT."""
-    one = f"{CA}/1-replica"
-    _paired(
-        targets,
-        rows,
-        f"{name}: hit rate",
-        shared,
-        one,
-        "hit_rate",
-        ">= 0.95x",
-        lambda r: r >= 0.95,
-        "shared / 1 replica",
-    )
-    _paired(
-        targets,
-        rows,
-        f"{name}: mean TTFT",
-        shared,
-        one,
-        "ttft_mean_ms",
-        "<= 1.05x",
-        lambda r: r <= 1.05,
-        "shared / 1 replica",
-    )
+    for label, path, bound, holds in (
+        ("hit rate", "hit_rate", ">= 0.95x", lambda r: r >= 0.95),
+        ("mean TTFT", "ttft_mean_ms", "<= 1.05x", lambda r: r <= 1.05),
+    ):
+        _paired(
+            targets,
+            rows,
+            f"{name}: {label}",
+            shared,
+            f"{CA}/1-replica",
+            path,
+            bound,
+            holds,
+            "shared / 1 replica",
+        )
 
 
 def evaluate_cache(result: dict[str, Any]) -> dict[str, Any]:
