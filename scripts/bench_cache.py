@@ -38,8 +38,9 @@ Parts (``--parts``, all by default):
   cache each, every prompt saved to it (``--slot-prompt-similarity 0``), calibrated first, at
   ``--engine-load`` (0.5) of their measured cold capacity: ``cache_aware`` on 1 replica, on
   ``--engine-replicas`` (4) sharing Redis and on as many private stores;
-  ``min_expected_latency`` and ``round_robin`` on the sharing replicas; hit rates from the
-  engines' own ``cached_tokens`` and counters.
+  ``min_expected_latency`` and ``round_robin`` on the sharing replicas; the gateways count
+  the engines' caches in whole prompts (``--engine-cache-unit``, default ``prompts``: their
+  ``--prefix-cache-unit``); hit rates from the engines' own ``cached_tokens`` and counters.
 
 Figures: hit rate from the answers' ``cached_tokens`` and from the nodes' own counters
 (``vllm:prefix_cache_hits_total`` / ``queries_total``; llama.cpp's names), TTFT mean, p50, p90

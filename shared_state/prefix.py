@@ -33,6 +33,9 @@ class PrefixSettings:
     """Tunables of the cache_aware pick; every replica must use the same values.
 
     ``default_capacity_blocks``: a node's capacity when its record has no ``cache_blocks``;
+    ``whole_prompts``: the nodes' caches keep whole prompts, each charged in full and moved out
+    when a request resumes from it (llama.cpp's llama-server; pick_prefix.lua's "Whole
+    prompts"), rather than distinct blocks evicted least recently used first;
     ``balance``: a node takes a request only while its requests in flight (this one included)
     stay within (1 + balance) x the candidates' mean, rounded up, so a hot prefix spreads;
     ``balance_slack``: or within the mean + this, rounded down, whichever is more (at a low
@@ -47,6 +50,7 @@ class PrefixSettings:
     """
 
     default_capacity_blocks: int = 4096
+    whole_prompts: bool = False
     balance: float = 0.5
     balance_slack: float = 2.0
     request_blocks: float = 4.0
@@ -63,6 +67,7 @@ def pick_args(settings: PrefixSettings, blocks: Sequence[str]) -> list[Any]:
         settings.evict_cost,
         settings.touch_ms,
         settings.balance_slack,
+        "prompts" if settings.whole_prompts else "blocks",
         *blocks[:MAX_CHAIN_BLOCKS],
     ]
 

@@ -81,6 +81,7 @@ class Gateway:
             priority_reserve=settings.priority_reserve,
             prefix=PrefixSettings(
                 default_capacity_blocks=settings.prefix_cache_blocks,
+                whole_prompts=settings.prefix_cache_unit == "prompts",
                 balance=settings.prefix_balance,
                 balance_slack=settings.prefix_balance_slack,
                 request_blocks=settings.prefix_request_blocks,

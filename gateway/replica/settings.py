@@ -78,6 +78,13 @@ def _balance(text: str) -> float:
     return value
 
 
+def _cache_unit(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("blocks", "prompts"):
+        raise ValueError(f"expected blocks or prompts, got {text!r}")
+    return value
+
+
 def _reserve(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 0.9:
@@ -148,6 +155,13 @@ OPTIONS: tuple[Option, ...] = (
         int_range(1, MAX_CAPACITY),
         4096,
         "cache_aware: a node's prefix-cache capacity in blocks when its record sets none",
+    ),
+    Option(
+        "prefix-cache-unit",
+        _cache_unit,
+        "blocks",
+        "cache_aware: what the nodes' prefix caches keep, blocks (vLLM, SGLang) or whole "
+        "prompts (llama.cpp's llama-server); every replica must use the same",
     ),
     Option(
         "prefix-balance",
@@ -261,6 +275,7 @@ class GatewaySettings:
     strategy: Strategy = Strategy.MIN_EXPECTED_LATENCY
     prefix_block_bytes: int = 256
     prefix_cache_blocks: int = 4096
+    prefix_cache_unit: str = "blocks"
     prefix_balance: float = 0.5
     prefix_balance_slack: float = 2.0
     prefix_request_blocks: float = 4.0

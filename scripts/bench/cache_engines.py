@@ -121,6 +121,7 @@ async def run_engine_setup(
     workload: CacheWorkload,
     calibration: Calibration,
     warmup_turns: int,
+    cache_unit: str = "prompts",
 ) -> tuple[dict[str, Any], list[str]]:
     """Restart the engines, start the checker and gateways, drive one schedule, stop them; the
     run's figures with the engines' own counts, and what was logged."""
@@ -131,7 +132,7 @@ async def run_engine_setup(
     try:
         await llamas.restart(session)
         started += await fleet.shared_state(setup)
-        gateways = fleet.start_gateways(setup)
+        gateways = fleet.start_gateways(setup, options=("--prefix-cache-unit", cache_unit))
         started += gateways
         for gateway in setup.registrars(gateways):
             await _register(session, gateway, llamas, calibration)
@@ -181,6 +182,7 @@ async def run_engine_scenario(
         "engines": [spec.describe() for spec in specs],
         "workload": workload.describe(),
         "replicas": args.engine_replicas,
+        "cache_unit": args.engine_cache_unit,
         "setups": [s.key for s in setups],
     }
     try:
@@ -220,6 +222,7 @@ async def run_engine_scenario(
                         workload,
                         calibration,
                         args.engine_warmup_turns,
+                        args.engine_cache_unit,
                     )
                     per_setup[setup.key].append(summary)
                     findings[setup.key] += found

@@ -102,6 +102,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
         help="name:threads:slots:cache_mib[:save],... (llama-1:1:1:48:save to llama-4)",
     )
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
+    g.add_argument(
+        "--engine-cache-unit",
+        choices=("prompts", "blocks"),
+        default="prompts",
+        help="the gateways' --prefix-cache-unit (prompts: llama-server keeps whole prompts)",
+    )
     g.add_argument("--engine-runs", type=int, help="runs per set-up (3; quick 1)")
     g.add_argument("--engine-load", type=float, default=0.5, help="of cold capacity (0.5)")
     g.add_argument("--engine-rate", type=float, help="turns/s instead of --engine-load")

@@ -94,7 +94,10 @@ def describe(result: dict[str, Any], name: str) -> str:
         )
         return (
             f"Real engines: llama.cpp llama-servers serving the random {s['model']}, {engines}; "
-            f"{s['replicas']} gateway replicas sharing Redis; {s['turns']} turns at "
+            f"{s['replicas']} gateway replicas sharing Redis; the gateways count the engines' "
+            f"caches in {s.get('cache_unit', 'blocks')} (`--prefix-cache-unit`, "
+            f"{cal['engines'][s['engines'][0]['name']]['cache_blocks']} blocks each); "
+            f"{s['turns']} turns at "
             f"{s['rate_rps']:.2f}/s ({s['load']:.0%} of the cold capacity, "
             f"{cal['cold_capacity_rps']:.2f}/s, measured); medians of {len(_runs(s))} run(s)"
         )

@@ -86,14 +86,17 @@ class Fleet:
         self.nodes[spec.name] = (spec, child)
         return child
 
-    def start_gateways(self, setup: Setup, *, lease_s: float = 30.0, tag: str = "") -> list[Child]:
-        """Start the set-up's replicas (on Redis when it is shared) and wait until they listen."""
+    def start_gateways(
+        self, setup: Setup, *, lease_s: float = 30.0, tag: str = "", options: Sequence[str] = ()
+    ) -> list[Child]:
+        """Start the set-up's replicas (on Redis when it is shared), with the gateway's
+        command-line ``options`` besides, and wait until they listen."""
         children = []
         for i in range(setup.replicas):
             port = free_port()
             argv = [self.py, "-m", "gateway", "--port", str(port), "--strategy", setup.strategy]
             argv += ["--replica-id", f"gw-{i}", "--lease-seconds", f"{lease_s:g}"]
-            argv += ["--shutdown-timeout", "2", "--log-level", "warning"]
+            argv += ["--shutdown-timeout", "2", "--log-level", "warning", *options]
             if setup.shared:
                 argv += ["--redis-url", self.redis_url]
             name = f"gw-{i}-{setup.key.replace('/', '-')}{tag}"

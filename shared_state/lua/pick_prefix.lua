@@ -20,7 +20,11 @@
 -- ARGV[19] load bound's slack, requests >= 0: what a node may carry above the mean however
 --          low the load (at a mean of 0.5, a bound of ceil(1.5 x 0.5) = 1 would send the next
 --          turn of a chat away from its busy node to prefill its whole prompt elsewhere)
--- ARGV[20..] the prompt's chain of block hashes, first block first (the first 2048 are used)
+-- ARGV[20] "prompts": the nodes' caches hold whole prompts (llama.cpp's llama-server: every
+--          prompt saved whole, each with its own copy of a shared system prompt, the oldest
+--          dropped first, a saved prompt moved out into the slot that resumes from it), see
+--          "Whole prompts" below; else "blocks" (vLLM, SGLang: distinct blocks, LRU)
+-- ARGV[21..] the prompt's chain of block hashes, first block first (the first 2048 are used)
 --
 -- Returns {node_id, in_flight_after, score, epoch, eligible, reused, known, full, matched,
 --   total}: the first eight as pick.lua; score = the winner's expected time to first token in blocks
@@ -38,6 +42,20 @@
 -- as engines evict; the longest held prefix is then found by binary search, O(log total)
 -- lookups per node. Scores stay exact: doubles hold ms + k/2048 exactly while TIME in ms is
 -- below 2^42 (the year 2109).
+--
+-- Whole prompts (ARGV[20] "prompts"). A node's set holds, besides the blocks, one marker per
+-- prompt recorded there, "~<seq>:<blocks>" scored <seq> (an integer, increasing per node: the
+-- pick's ms, or one past the node's newest), and "~occ" scored -1 - (the blocks of all its
+-- prompts, each charged whole). Every pick scores all its blocks <seq>, so a block's score
+-- names the newest prompt holding it. The prompt a pick's held prefix ends in (its last held
+-- block's score) is then gone from the node's cache: superseded when the new prompt contains
+-- it all, moved out into the slot when it is not the node's newest (the engine resumes from
+-- it and overwrites the rest; the newest is the slot's own and stays saved), so its marker
+-- and the blocks still scored as it go. Past the capacity the oldest prompts go, each with
+-- every block scored at or below it (no newer prompt holds those). Markers sort after the
+-- hex block hashes of the same score. Such a removal can leave an older prompt that shared
+-- more with the removed one than the new prompt does without a middle part; its blocks past
+-- the gap may then be predicted held, and the engine's feedback removes them.
 local member = ARGV[1]
 local lease_ms = tonumber(ARGV[3])
 local seed = tonumber(ARGV[4])
@@ -51,7 +69,8 @@ local request_blocks = tonumber(ARGV[16])
 local evict_cost = tonumber(ARGV[17])
 local touch_ms = tonumber(ARGV[18])
 local slack = tonumber(ARGV[19])
-local FIRST = 19 -- ARGV[FIRST + k] is block k
+local whole = ARGV[20] == 'prompts'
+local FIRST = 20 -- ARGV[FIRST + k] is block k
 local MAX_BLOCKS = 2048
 local total = math.min(#ARGV - FIRST, MAX_BLOCKS)
 
@@ -95,6 +114,25 @@ local function held_prefix(key)
   return lo, tonumber(at)
 end
 
+-- Whole prompts: the node's occupancy, its newest prompt's seq, and what a pick whose held
+-- prefix of ``held`` blocks ends in a block scored ``at`` does to the prompt it resumes from:
+-- ``freed`` its blocks, ``lost`` its blocks past this prompt's, ``gone`` its seq (or nil).
+local function prompts_of(key, held, at)
+  local occ = redis.call('ZSCORE', key, '~occ')
+  local p = {occ = occ and (-tonumber(occ) - 1) or 0, freed = 0, lost = 0, newest = 0}
+  local top = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  if top[2] and tonumber(top[2]) > 0 then p.newest = tonumber(top[2]) end
+  if held > 0 then
+    local marker = redis.call('ZREVRANGEBYSCORE', key, at, at, 'LIMIT', 0, 1)[1]
+    local size = marker and tonumber(string.match(marker, '^~%d+:(%d+)$'))
+    if size and (size <= held or at ~= p.newest) then
+      p.freed, p.gone, p.marker = size, at, marker
+      if size > held then p.lost = size - held end
+    end
+  end
+  return p
+end
+
 fill_speeds(eligible)
 local load, speeds = 0, 0
 for _, c in ipairs(eligible) do
@@ -113,8 +151,16 @@ for _, c in ipairs(eligible) do
     if not c.capacity or c.capacity < 1 then c.capacity = default_capacity end
     c.held, c.held_at = held_prefix(key)
     local new = total - c.held
-    local evicted = new - (c.capacity - redis.call('ZCARD', key))
-    if evicted < 0 then evicted = 0 end
+    local evicted
+    if whole then
+      c.prompts = prompts_of(key, c.held, c.held_at)
+      local p = c.prompts
+      -- The whole prompt is charged; the prompt it resumes from frees its own blocks, and
+      -- when that prompt is not contained in this one, its tail is lost too.
+      evicted = math.max(0, p.occ - p.freed + total - c.capacity) + p.lost
+    else
+      evicted = math.max(0, new - (c.capacity - redis.call('ZCARD', key)))
+    end
     c.score = (c.inflight * request_blocks + new) * mean_speed / c.speed + evict_cost * evicted
     within[#within + 1] = c
   end
@@ -123,7 +169,33 @@ local winner = argmin(within, rnd)
 
 local lkey, bkey = KEYS[3 * winner.i + 1], KEYS[3 * winner.i + 2]
 redis.call('ZADD', lkey, now + lease_ms, member)
-if total > winner.held or winner.held_at < now - touch_ms then
+if whole and total > 0 then
+  local p = winner.prompts
+  local seq = math.max(math.floor(now), p.newest + 1)
+  for first = 1, total, 256 do
+    local args = {}
+    for k = first, math.min(first + 255, total) do
+      args[#args + 1] = seq
+      args[#args + 1] = block(k)
+    end
+    redis.call('ZADD', bkey, unpack(args))
+  end
+  if p.gone then
+    -- Its blocks this prompt holds too are now scored seq: the rest were its alone.
+    redis.call('ZREMRANGEBYSCORE', bkey, p.gone, p.gone)
+  end
+  local occ = p.occ - p.freed + total
+  redis.call('ZADD', bkey, seq, '~' .. seq .. ':' .. total)
+  while occ > winner.capacity do
+    local oldest = redis.call('ZRANGEBYSCORE', bkey, 0, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local at = tonumber(oldest[2])
+    if not at or at >= seq then break end -- the new prompt stays, alone if it must
+    local marker = redis.call('ZREVRANGEBYSCORE', bkey, at, at, 'LIMIT', 0, 1)[1]
+    occ = occ - (tonumber(string.match(marker or '', '^~%d+:(%d+)$')) or 0)
+    redis.call('ZREMRANGEBYSCORE', bkey, 0, at)
+  end
+  redis.call('ZADD', bkey, -1 - occ, '~occ')
+elseif total > winner.held or winner.held_at < now - touch_ms then
   -- The held blocks were used a while ago: all are touched now. Else only the new ones are
   -- added, just below the last held block, as recent as it.
   local from, top = 1, now + total / 2048

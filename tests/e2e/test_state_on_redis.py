@@ -122,5 +122,9 @@ class TestCacheAwarePick(test_prefix_index.TestCacheAwarePick):
     """The cache_aware pick, recording and eviction, on Redis."""
 
 
+class TestWholePrompts(test_prefix_index.TestWholePrompts):
+    """Caches of whole prompts (llama-server's), on Redis."""
+
+
 class TestIndexStaysTrue(test_prefix_index.TestIndexStaysTrue):
     """Blocks forgotten at release and dropped with their node, on Redis."""

@@ -273,6 +273,106 @@ class TestCacheAwarePick:
         )
 
 
+WHOLE = StoreSettings(prefix=PrefixSettings(whole_prompts=True))
+
+
+async def prompts_on(store: Store, node: str) -> tuple[int, list[int]]:
+    """Whole prompts: (the node's occupancy in blocks, the sizes of its prompts, oldest first)."""
+    key = store.keys.prefix_blocks(node)
+    occupancy, sizes = 0, []
+    for pair in await store.client.zrange(key, 0, -1, withscores=True):
+        member, score = pair[0], pair[1]
+        name = member.decode() if isinstance(member, bytes) else str(member)
+        if name == "~occ":
+            occupancy = int(-float(score)) - 1
+        elif name.startswith("~"):
+            sizes.append(int(name.split(":")[1]))
+    return occupancy, sizes
+
+
+async def blocks_on(store: Store, node: str) -> list[str]:
+    """Whole prompts: the node's blocks without the prompts' markers."""
+    return [b for b in await held(store, node) if not b.startswith("~")]
+
+
+class TestWholePrompts:
+    """``--prefix-cache-unit prompts``: caches of whole prompts, as llama.cpp's llama-server
+    keeps them (each prompt charged in full, one resumed from moved out of the cache)."""
+
+    async def test_a_turn_supersedes_the_prompt_it_extends(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(WHOLE)
+        await store.add_node(A, ["m"], cache_blocks=100)
+        turn = chain("chat", 30)
+        for n, tag in ((10, "t1"), (20, "t2"), (30, "t3")):
+            node, matched, total = await pick_release(store, turn[:n], tag)
+            assert (node, matched, total) == (A, n - 10, n)
+            assert await prompts_on(store, A) == (n, [n])
+        assert sorted(await blocks_on(store, A)) == sorted(turn)
+
+    async def test_siblings_are_charged_whole_and_the_oldest_goes_first(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(WHOLE)
+        await store.add_node(A, ["m"], cache_blocks=30)
+        system = chain("sys", 10)
+        x, y, z = ([*system, *chain(name, 5)] for name in "xyz")
+        await pick_release(store, x, "x")
+        await pick_release(store, y, "y")
+        assert await prompts_on(store, A) == (30, [15, 15])
+        # z resumes from y, the newest prompt (the slot's: it stays saved); x, the oldest,
+        # makes room, with the blocks that were its alone.
+        assert (await pick_release(store, z, "z"))[1] == 10
+        assert await prompts_on(store, A) == (30, [15, 15])
+        assert sorted(await blocks_on(store, A)) == sorted({*system, *y[10:], *z[10:]})
+        assert (await pick_release(store, x, "x2"))[1] == 10
+
+    async def test_resuming_from_an_older_prompt_moves_it_out(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(WHOLE)
+        await store.add_node(A, ["m"], cache_blocks=100)
+        system = chain("sys", 10)
+        x, w = [*system, *chain("x", 5)], [*system, *chain("w", 5)]
+        await pick_release(store, x, "x")
+        await pick_release(store, chain("other", 8), "o")  # now the newest prompt
+        # w resumes from x, a saved prompt: the engine overwrites x's history with its own.
+        assert (await pick_release(store, w, "w"))[1] == 10
+        assert await prompts_on(store, A) == (23, [8, 15])
+        assert not set(x[10:]) & set(await blocks_on(store, A))
+        assert (await pick_release(store, [*x, *chain("x2", 3)], "x2"))[1] == 10
+
+    async def test_a_long_history_is_not_overwritten_when_there_is_room_elsewhere(
+        self, store_factory: StoreFactory
+    ) -> None:
+        for whole, expected in ((True, B), (False, A)):
+            store = store_factory(StoreSettings(prefix=PrefixSettings(whole_prompts=whole)))
+            for url in (A, B):
+                await store.add_node(url, ["m"], cache_blocks=200)
+            system = chain(f"sys{whole}", 10)
+            x = [*system, *chain(f"x{whole}", 20)]
+            await hold(store, B, 1)  # x goes to A, and then another prompt: x is saved
+            assert (await pick_release(store, x, f"x{whole}"))[0] == A
+            assert (await pick_release(store, chain(f"other{whole}", 8), f"o{whole}"))[0] == A
+            await store.client.delete(store.keys.leases(B))
+            # On A a new sibling costs its 5 new blocks plus, with whole prompts, x's 20
+            # blocks of history it would overwrite; on B all its 15.
+            w = [*system, *chain(f"w{whole}", 5)]
+            assert (await pick_release(store, w, f"w{whole}"))[0] == expected
+
+    async def test_a_prompt_over_the_capacity_stays_alone(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(WHOLE)
+        await store.add_node(A, ["m"], cache_blocks=20)
+        await pick_release(store, chain("x", 8), "x")
+        big = chain("big", 25)
+        await pick_release(store, big, "big")
+        assert await prompts_on(store, A) == (25, [25])
+        assert sorted(await blocks_on(store, A)) == sorted(big)
+
+
 class TestIndexStaysTrue:
     async def test_release_forgets_what_the_engine_did_not_hold(
         self, store_factory: StoreFactory
