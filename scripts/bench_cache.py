@@ -55,7 +55,7 @@ the fast nodes'; on real engines the same as on the alike simulated nodes, and
 Outputs: tables and one JSON line on stdout (progress on stderr) and, in ``--out`` (default
 docs/benchmarks; nothing with ``--quick`` unless ``--out`` is given): cache.json (every run),
 cache.md, and cache.png, cache_unequal.png and cache_engines.png (matplotlib: ``pip install -e
-".[bench]"``). About 46 minutes on 2 cores; ``--quick`` about 1. ``--replot cache.json``
+".[bench]"``). About 49 minutes on 2 cores; ``--quick`` about 1. ``--replot cache.json``
 redraws the charts and cache.md.
 
     python scripts/bench_cache.py [--quick] [--parts chats,unequal,engines] [--runs 3]

@@ -8,10 +8,11 @@ script call seen by the client one at a time, and the server's own microseconds 
 With ``--strategy cache_aware`` it measures the cache_aware pick instead, by fleet size and
 prompt length (1k, 8k, 32k, 128k tokens): microseconds per pick seen by the client and by the
 server, pick+release pairs/s, and the replica's own cost of hashing the prompt
-(scripts/bench/prefix_cost.py); ``--pairs`` defaults to 400 there.
+(scripts/bench/prefix_cost.py); ``--pairs`` defaults to 400 there; ``--prefix-cache-unit
+prompts`` measures the index counting whole prompts (llama-server's caches).
 
     python scripts/bench_state.py [--runs 5] [--pairs 2000] [--concurrency 32]
-    python scripts/bench_state.py --strategy cache_aware [--runs 3]
+    python scripts/bench_state.py --strategy cache_aware [--runs 3] [--prefix-cache-unit prompts]
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="default 2000 (cache_aware: 400)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--strategy", type=Strategy, default=Strategy.MIN_EXPECTED_LATENCY)
+    parser.add_argument(
+        "--prefix-cache-unit",
+        choices=("blocks", "prompts"),
+        default="blocks",
+        help="cache_aware: the index counting blocks or whole prompts (the gateway's option)",
+    )
     args = parser.parse_args(argv)
     if args.strategy is Strategy.CACHE_AWARE:
         pairs = args.pairs or 400
-        found = asyncio.run(prefix_cost.measure(args.runs, pairs, args.concurrency))
-        prefix_cost.print_report(args.runs, args.concurrency, found)
+        whole = args.prefix_cache_unit == "prompts"
+        found = asyncio.run(prefix_cost.measure(args.runs, pairs, args.concurrency, whole))
+        prefix_cost.print_report(args.runs, args.concurrency, found, args.prefix_cache_unit)
         return 0
     args.pairs = args.pairs or 2000
     results = asyncio.run(measure(args.strategy, args.runs, args.pairs, args.concurrency))

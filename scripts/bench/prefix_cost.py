@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway.replica.prefix import derive_chain
 from scripts.bench.harness import RedisServer, script_stats
-from shared_state import Outcome, Store, Strategy
+from shared_state import Outcome, PrefixSettings, Store, StoreSettings, Strategy
 
 SIZES = (4, 16, 64, 256)
 PROMPT_TOKENS = (1_000, 8_000, 32_000, 128_000)
@@ -52,13 +52,15 @@ def hash_us(tokens: int) -> float:
 
 
 async def one_run(
-    url: str, nodes: int, tokens: int, pairs: int, concurrency: int
+    url: str, nodes: int, tokens: int, pairs: int, concurrency: int, whole_prompts: bool = False
 ) -> dict[str, float]:
     """On an emptied Redis with ``nodes`` registered: client and server microseconds per
-    cache_aware pick one at a time, and pick+release pairs/s at ``concurrency``."""
+    cache_aware pick one at a time, and pick+release pairs/s at ``concurrency``; with
+    ``whole_prompts``, the index counting whole prompts (``--prefix-cache-unit prompts``)."""
     admin = aioredis.Redis.from_url(url)
     await admin.flushall()
-    store = Store.open(url, timeout_s=5.0)
+    settings = StoreSettings(prefix=PrefixSettings(whole_prompts=whole_prompts))
+    store = Store.open(url, timeout_s=5.0, settings=settings)
     for i in range(nodes):
         # Alike: the cost of a pick in a steady state where each node keeps its prefixes.
         await store.add_node(f"http://10.0.{i // 250}.{i % 250}:8000", ["m"])
@@ -134,7 +136,7 @@ async def one_run(
     }
 
 
-async def measure(runs: int, pairs: int, concurrency: int) -> Results:
+async def measure(runs: int, pairs: int, concurrency: int, whole_prompts: bool = False) -> Results:
     """On a throwaway redis-server, ``runs`` runs of every (fleet size, prompt tokens): the
     medians of the :func:`one_run` figures, with the replica's hashing cost."""
     server = RedisServer().start()
@@ -143,7 +145,7 @@ async def measure(runs: int, pairs: int, concurrency: int) -> Results:
         for nodes in SIZES:
             for tokens in PROMPT_TOKENS:
                 figures = [
-                    await one_run(server.url, nodes, tokens, pairs, concurrency)
+                    await one_run(server.url, nodes, tokens, pairs, concurrency, whole_prompts)
                     for _ in range(runs)
                 ]
                 found = {k: statistics.median(r[k] for r in figures) for k in figures[0]}
@@ -154,11 +156,11 @@ async def measure(runs: int, pairs: int, concurrency: int) -> Results:
     return results
 
 
-def print_report(runs: int, concurrency: int, results: Results) -> None:
+def print_report(runs: int, concurrency: int, results: Results, unit: str = "blocks") -> None:
     """The table by fleet size and prompt length, then one JSON line."""
     print(
         f"cache_aware pick, {BLOCK_BYTES}-byte blocks ({BYTES_PER_TOKEN} bytes a token), "
-        f"{PREFIXES} shared prefixes, medians of {runs} runs"
+        f"{PREFIXES} shared prefixes, caches counted in {unit}, medians of {runs} runs"
     )
     print(
         f"{'nodes':>6} {'tokens':>8} {'blocks':>7} {'pairs/s (c=' + str(concurrency) + ')':>18} "
@@ -175,6 +177,7 @@ def print_report(runs: int, concurrency: int, results: Results) -> None:
         json.dumps(
             {
                 "bench": "state_prefix",
+                "cache_unit": unit,
                 "runs": runs,
                 "concurrency": concurrency,
                 "results": {
