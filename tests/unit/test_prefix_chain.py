@@ -12,11 +12,14 @@ from typing import cast
 import orjson
 import pytest
 
+from gateway.common.config import ConfigError
 from gateway.replica import proxy
+from gateway.replica.app import Gateway
 from gateway.replica.exchange import Exchange
 from gateway.replica.prefix import PrefixChain, canonical_prompt, derive_chain, read_prompt
 from gateway.replica.proxy import ProxyHandler
 from gateway.replica.routing import Route
+from gateway.replica.settings import load_settings
 from shared_state import MAX_CHAIN_BLOCKS, Lease, Node
 
 CHAT = "/v1/chat/completions"
@@ -156,3 +159,15 @@ def test_only_cache_aware_reads_the_prompt(monkeypatch: pytest.MonkeyPatch) -> N
     exchange.prefix = None
     assert handler._read_view(b'{"model": "m", "messages": 7}', exchange).model == "m"
     assert exchange.prefix is None  # not a prompt it reads: routed without a chain
+
+
+def test_the_cache_unit_is_an_option_the_store_is_built_with() -> None:
+    assert load_settings([], {}).prefix_cache_unit == "blocks"
+    assert load_settings(["--prefix-cache-unit", "prompts"], {}).prefix_cache_unit == "prompts"
+    env = {"FLEETGATE_PREFIX_CACHE_UNIT": " Prompts "}
+    settings = load_settings([], env)
+    assert settings.prefix_cache_unit == "prompts"
+    with pytest.raises(ConfigError, match="blocks or prompts"):
+        load_settings(["--prefix-cache-unit", "tokens"], {})
+    assert Gateway(settings).store.settings.prefix.whole_prompts
+    assert not Gateway(load_settings([], {})).store.settings.prefix.whole_prompts
