@@ -361,6 +361,23 @@ class TestWholePrompts:
             w = [*system, *chain(f"w{whole}", 5)]
             assert (await pick_release(store, w, f"w{whole}"))[0] == expected
 
+    async def test_what_the_engine_did_not_hold_is_forgotten_and_its_prompt_still_ages_out(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = store_factory(WHOLE)
+        await store.add_node(A, ["m"], cache_blocks=30)
+        x, y, z = chain("x", 15), chain("y", 15), chain("z", 15)
+        p = await store.pick("m", strategy=CACHED, replica="r", request_id="x", blocks=x)
+        assert p is not None
+        await store.release(p.lease, Outcome.OK, 0.01, forget=x[5:])
+        assert sorted(await blocks_on(store, A)) == sorted(x[:5])
+        assert (await pick_release(store, [*x[:5], *chain("x2", 3)], "x2"))[1] == 5
+        # The prompt x was charged whole; with y and z it ages out, and nothing is left of it.
+        await pick_release(store, y, "y")
+        await pick_release(store, z, "z")
+        assert await prompts_on(store, A) == (30, [15, 15])
+        assert sorted(await blocks_on(store, A)) == sorted(y + z)
+
     async def test_a_prompt_over_the_capacity_stays_alone(
         self, store_factory: StoreFactory
     ) -> None:
