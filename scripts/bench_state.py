@@ -30,6 +30,7 @@ from scripts.bench import prefix_cost
 from scripts.bench.pick_cost import measure
 from scripts.bench.report import print_state_report
 from shared_state import Strategy
+from shared_state.prefix import CACHE_UNITS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", type=Strategy, default=Strategy.MIN_EXPECTED_LATENCY)
     parser.add_argument(
         "--prefix-cache-unit",
-        choices=("blocks", "prompts"),
+        choices=CACHE_UNITS,
         default="blocks",
         help="cache_aware: the index counting blocks or whole prompts (the gateway's option)",
     )

@@ -24,6 +24,9 @@ from .errors import InvalidInput
 # MAX_CHAIN_BLOCKS blocks only (2048 blocks of 256 bytes: about 128k tokens), so a huge prompt
 # costs at most one bounded Lua call. pick_prefix.lua enforces it too.
 MAX_CHAIN_BLOCKS = 2048
+# What a node's prefix cache keeps (PrefixSettings.whole_prompts): distinct blocks, or whole
+# prompts as llama.cpp's llama-server keeps them; the gateway's --prefix-cache-unit.
+CACHE_UNITS = ("blocks", "prompts")
 # The largest capacity a node may be given: about 100 MB of Redis memory (docs/state.md).
 MAX_CAPACITY = 1 << 20
 

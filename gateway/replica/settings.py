@@ -21,7 +21,7 @@ from gateway.common.config import (
 from shared_state import Strategy, normalize_url
 from shared_state.connection import is_embedded
 from shared_state.errors import InvalidInput
-from shared_state.prefix import MAX_CAPACITY
+from shared_state.prefix import CACHE_UNITS, MAX_CAPACITY
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -80,8 +80,8 @@ def _balance(text: str) -> float:
 
 def _cache_unit(text: str) -> str:
     value = text.strip().lower()
-    if value not in ("blocks", "prompts"):
-        raise ValueError(f"expected blocks or prompts, got {text!r}")
+    if value not in CACHE_UNITS:
+        raise ValueError(f"expected {' or '.join(CACHE_UNITS)}, got {text!r}")
     return value
 
 

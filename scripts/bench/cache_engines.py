@@ -121,7 +121,7 @@ async def run_engine_setup(
     workload: CacheWorkload,
     calibration: Calibration,
     warmup_turns: int,
-    cache_unit: str = "prompts",
+    cache_unit: str,
 ) -> tuple[dict[str, Any], list[str]]:
     """Restart the engines, start the checker and gateways, drive one schedule, stop them; the
     run's figures with the engines' own counts, and what was logged."""

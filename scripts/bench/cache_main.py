@@ -43,6 +43,7 @@ from scripts.bench.llama_nodes import parse_llamas
 from scripts.bench.load import MODEL
 from scripts.bench.report import clean
 from scripts.bench.routing import machine
+from shared_state.prefix import CACHE_UNITS
 
 PARTS = ("chats", "unequal", "engines")
 
@@ -104,7 +105,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     g.add_argument("--engine-replicas", type=int, default=4, help="gateways sharing Redis (4)")
     g.add_argument(
         "--engine-cache-unit",
-        choices=("prompts", "blocks"),
+        choices=CACHE_UNITS,
         default="prompts",
         help="the gateways' --prefix-cache-unit (prompts: llama-server keeps whole prompts)",
     )

@@ -114,6 +114,24 @@ local function held_prefix(key)
   return lo, tonumber(at)
 end
 
+-- Blocks ``from``..total of the chain added to set ``key``, block k scored ``score(k)``; in
+-- batches, as a Lua call takes a bounded number of arguments.
+local function record(key, from, score)
+  for first = from, total, 256 do
+    local args = {}
+    for k = first, math.min(first + 255, total) do
+      args[#args + 1] = score(k)
+      args[#args + 1] = block(k)
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+end
+
+-- Whole prompts: the blocks of the prompt whose marker is ``marker`` (nil: not a marker).
+local function prompt_size(marker)
+  return marker and tonumber(string.match(marker, '^~%d+:(%d+)$'))
+end
+
 -- Whole prompts: the node's occupancy, its newest prompt's seq, and what a pick whose held
 -- prefix of ``held`` blocks ends in a block scored ``at`` does to the prompt it resumes from:
 -- ``freed`` its blocks, ``lost`` its blocks past this prompt's, ``gone`` its seq (or nil).
@@ -123,10 +141,9 @@ local function prompts_of(key, held, at)
   local top = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
   if top[2] and tonumber(top[2]) > 0 then p.newest = tonumber(top[2]) end
   if held > 0 then
-    local marker = redis.call('ZREVRANGEBYSCORE', key, at, at, 'LIMIT', 0, 1)[1]
-    local size = marker and tonumber(string.match(marker, '^~%d+:(%d+)$'))
+    local size = prompt_size(redis.call('ZREVRANGEBYSCORE', key, at, at, 'LIMIT', 0, 1)[1])
     if size and (size <= held or at ~= p.newest) then
-      p.freed, p.gone, p.marker = size, at, marker
+      p.freed, p.gone = size, at
       if size > held then p.lost = size - held end
     end
   end
@@ -172,14 +189,7 @@ redis.call('ZADD', lkey, now + lease_ms, member)
 if whole and total > 0 then
   local p = winner.prompts
   local seq = math.max(math.floor(now), p.newest + 1)
-  for first = 1, total, 256 do
-    local args = {}
-    for k = first, math.min(first + 255, total) do
-      args[#args + 1] = seq
-      args[#args + 1] = block(k)
-    end
-    redis.call('ZADD', bkey, unpack(args))
-  end
+  record(bkey, 1, function() return seq end)
   if p.gone then
     -- Its blocks this prompt holds too are now scored seq: the rest were its alone.
     redis.call('ZREMRANGEBYSCORE', bkey, p.gone, p.gone)
@@ -191,7 +201,7 @@ if whole and total > 0 then
     local at = tonumber(oldest[2])
     if not at or at >= seq then break end -- the new prompt stays, alone if it must
     local marker = redis.call('ZREVRANGEBYSCORE', bkey, at, at, 'LIMIT', 0, 1)[1]
-    occ = occ - (tonumber(string.match(marker or '', '^~%d+:(%d+)$')) or 0)
+    occ = occ - (prompt_size(marker) or 0)
     redis.call('ZREMRANGEBYSCORE', bkey, 0, at)
   end
   redis.call('ZADD', bkey, -1 - occ, '~occ')
@@ -202,15 +212,7 @@ elseif total > winner.held or winner.held_at < now - touch_ms then
   if winner.held > 0 and winner.held_at >= now - touch_ms then
     from, top = winner.held + 1, winner.held_at + winner.held / 2048
   end
-  -- In batches: a Lua call takes a bounded number of arguments.
-  for first = from, total, 256 do
-    local args = {}
-    for k = first, math.min(first + 255, total) do
-      args[#args + 1] = top - k / 2048
-      args[#args + 1] = block(k)
-    end
-    redis.call('ZADD', bkey, unpack(args))
-  end
+  record(bkey, from, function(k) return top - k / 2048 end)
   local over = redis.call('ZCARD', bkey) - winner.capacity
   if over > 0 then
     redis.call('ZREMRANGEBYRANK', bkey, 0, over - 1)

@@ -295,6 +295,13 @@ async def blocks_on(store: Store, node: str) -> list[str]:
     return [b for b in await held(store, node) if not b.startswith("~")]
 
 
+async def whole_prompts_node(store_factory: StoreFactory, capacity: int) -> Store:
+    """A store counting whole prompts, with node A of ``capacity`` blocks."""
+    store = store_factory(WHOLE)
+    await store.add_node(A, ["m"], cache_blocks=capacity)
+    return store
+
+
 class TestWholePrompts:
     """``--prefix-cache-unit prompts``: caches of whole prompts, as llama.cpp's llama-server
     keeps them (each prompt charged in full, one resumed from moved out of the cache)."""
@@ -302,8 +309,7 @@ class TestWholePrompts:
     async def test_a_turn_supersedes_the_prompt_it_extends(
         self, store_factory: StoreFactory
     ) -> None:
-        store = store_factory(WHOLE)
-        await store.add_node(A, ["m"], cache_blocks=100)
+        store = await whole_prompts_node(store_factory, 100)
         turn = chain("chat", 30)
         for n, tag in ((10, "t1"), (20, "t2"), (30, "t3")):
             node, matched, total = await pick_release(store, turn[:n], tag)
@@ -314,8 +320,7 @@ class TestWholePrompts:
     async def test_siblings_are_charged_whole_and_the_oldest_goes_first(
         self, store_factory: StoreFactory
     ) -> None:
-        store = store_factory(WHOLE)
-        await store.add_node(A, ["m"], cache_blocks=30)
+        store = await whole_prompts_node(store_factory, 30)
         system = chain("sys", 10)
         x, y, z = ([*system, *chain(name, 5)] for name in "xyz")
         await pick_release(store, x, "x")
@@ -331,8 +336,7 @@ class TestWholePrompts:
     async def test_resuming_from_an_older_prompt_moves_it_out(
         self, store_factory: StoreFactory
     ) -> None:
-        store = store_factory(WHOLE)
-        await store.add_node(A, ["m"], cache_blocks=100)
+        store = await whole_prompts_node(store_factory, 100)
         system = chain("sys", 10)
         x, w = [*system, *chain("x", 5)], [*system, *chain("w", 5)]
         await pick_release(store, x, "x")
@@ -364,8 +368,7 @@ class TestWholePrompts:
     async def test_what_the_engine_did_not_hold_is_forgotten_and_its_prompt_still_ages_out(
         self, store_factory: StoreFactory
     ) -> None:
-        store = store_factory(WHOLE)
-        await store.add_node(A, ["m"], cache_blocks=30)
+        store = await whole_prompts_node(store_factory, 30)
         x, y, z = chain("x", 15), chain("y", 15), chain("z", 15)
         p = await store.pick("m", strategy=CACHED, replica="r", request_id="x", blocks=x)
         assert p is not None
@@ -381,8 +384,7 @@ class TestWholePrompts:
     async def test_a_prompt_over_the_capacity_stays_alone(
         self, store_factory: StoreFactory
     ) -> None:
-        store = store_factory(WHOLE)
-        await store.add_node(A, ["m"], cache_blocks=20)
+        store = await whole_prompts_node(store_factory, 20)
         await pick_release(store, chain("x", 8), "x")
         big = chain("big", 25)
         await pick_release(store, big, "big")
